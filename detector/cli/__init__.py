@@ -1,0 +1,1 @@
+"""Command-line entry points (argument parsing only; tools/*.py and console scripts call these)."""

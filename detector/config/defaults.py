@@ -1,0 +1,229 @@
+"""Every config key, its type and its default, documented where the default is set.
+
+The groups follow detectron2 (MODEL, INPUT, DATASETS, DATALOADER, SOLVER, TEST, OUTPUT_DIR,
+SEED). Config files (YAML, with ``_BASE_`` inheritance) and command-line ``KEY VALUE`` pairs
+override these defaults; OmegaConf checks every override against the types declared here, so
+a typo in a key or a value of the wrong type is an error that names the key and the file.
+
+Defaults are chosen for nuclei (5 to 60 px across, hundreds per field) at native resolution,
+not for COCO street scenes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+# --------------------------------------------------------------------------------------- MODEL
+@dataclass
+class BackboneConfig:
+    # ResNet depth of the FPN backbone: "resnet18", "resnet34" or "resnet50".
+    # resnet50 with the "_v2" heads reproduces torchvision's maskrcnn_resnet50_fpn_v2.
+    NAME: str = "resnet50"
+    # Normalisation in the backbone: "FrozenBN" (fine-tuning from pretrained weights),
+    # "BN", "SyncBN" (several GPUs) or "GN" (GroupNorm; training from scratch, as in
+    # He et al., "Rethinking ImageNet Pre-training", 2019).
+    NORM: str = "GN"
+    # How many ResNet stages (from the top, 0..5) are trained; 5 = all (from scratch).
+    TRAINABLE_LAYERS: int = 5
+
+
+@dataclass
+class AnchorConfig:
+    # One tuple of anchor sizes (px) per FPN level (P2..P6). Nuclei are 5 to 60 px.
+    SIZES: List[List[int]] = field(default_factory=lambda: [[8], [16], [32], [64], [128]])
+    # Aspect ratios (h/w) at every level.
+    ASPECT_RATIOS: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+
+
+@dataclass
+class RPNConfig:
+    # Proposals kept per FPN level before NMS, in training and at test time.
+    PRE_NMS_TOPK_TRAIN: int = 4000
+    PRE_NMS_TOPK_TEST: int = 3000
+    # Proposals kept after NMS (per image); a dense field holds several hundred nuclei.
+    POST_NMS_TOPK_TRAIN: int = 3000
+    POST_NMS_TOPK_TEST: int = 3000
+    NMS_THRESH: float = 0.7
+    # Anchors sampled per image for the RPN loss, and the positive fraction among them.
+    BATCH_SIZE_PER_IMAGE: int = 256
+    POSITIVE_FRACTION: float = 0.5
+
+
+@dataclass
+class ROIHeadsConfig:
+    # RoIs sampled per image for the box/mask heads, and the positive fraction among them.
+    BATCH_SIZE_PER_IMAGE: int = 512
+    POSITIVE_FRACTION: float = 0.25
+    # Detections below this score are dropped at test time.
+    SCORE_THRESH_TEST: float = 0.05
+    # Class-wise NMS IoU threshold at test time.
+    NMS_THRESH_TEST: float = 0.5
+    # Maximum detections per image (dense nuclei fields need many).
+    DETECTIONS_PER_IMAGE: int = 1000
+    # Threshold on the mask head's probability to binarise masks.
+    MASK_THRESHOLD: float = 0.5
+
+
+@dataclass
+class UNetConfig:
+    # Number of resolution levels (the paper: 5, i.e. 4 poolings).
+    DEPTH: int = 5
+    # Channels of the first level; doubled at every level (the paper: 64).
+    BASE_CHANNELS: int = 64
+    # "valid": the paper's unpadded 3x3 convolutions (output smaller than input);
+    # "same": padded convolutions with batch normalisation (a modern variant, not default).
+    PADDING: str = "valid"
+    # Width in px of the boundary class drawn around (and between touching) nuclei.
+    BOUNDARY_WIDTH: int = 2
+    # Weight map of the paper: w0 and sigma (px at the training mpp).
+    W0: float = 10.0
+    SIGMA: float = 5.0
+    # Output tile size (px) for overlap-tile prediction; the input tile adds the border.
+    TILE_SIZE: int = 256
+    # Watershed post-processing: probability threshold for the interior seeds and the
+    # foreground, and the smallest instance kept (px).
+    SEED_THRESH: float = 0.5
+    FOREGROUND_THRESH: float = 0.5
+    MIN_SIZE: int = 10
+
+
+@dataclass
+class ModelConfig:
+    # "MaskRCNN", "FasterRCNN" or "UNet".
+    META_ARCHITECTURE: str = "MaskRCNN"
+    # Initial weights: a checkpoint of ours, a torchvision state dict (.pth), a torchvision
+    # weights name (e.g. "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1", downloaded only when
+    # the network allows) or "" for training from scratch.
+    WEIGHTS: str = ""
+    # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
+    DEVICE: str = "auto"
+    # Number of foreground classes; 0 = taken from the training data's categories.
+    NUM_CLASSES: int = 0
+    # Per-channel pixel mean and std (on 0..1 RGB) used to normalise the input.
+    PIXEL_MEAN: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    PIXEL_STD: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    BACKBONE: BackboneConfig = field(default_factory=BackboneConfig)
+    ANCHOR_GENERATOR: AnchorConfig = field(default_factory=AnchorConfig)
+    RPN: RPNConfig = field(default_factory=RPNConfig)
+    ROI_HEADS: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
+    UNET: UNetConfig = field(default_factory=UNetConfig)
+
+
+# --------------------------------------------------------------------------------------- INPUT
+@dataclass
+class AugmentationConfig:
+    # Random horizontal/vertical flips and 90-degree rotations (cells have no orientation).
+    FLIP: bool = True
+    ROT90: bool = True
+    # Random scale factor range; [1.0, 1.0] disables scale jitter.
+    SCALE_RANGE: List[float] = field(default_factory=lambda: [0.8, 1.25])
+    # Probability and strength (alpha in px, sigma in px) of elastic deformation.
+    ELASTIC_PROB: float = 0.0
+    ELASTIC_ALPHA: float = 30.0
+    ELASTIC_SIGMA: float = 5.0
+    # Brightness/contrast/saturation/hue jitter amounts (torchvision ColorJitter); 0 = off.
+    COLOR_JITTER: List[float] = field(default_factory=lambda: [0.2, 0.2, 0.2, 0.02])
+    # H&E stain jitter (per-stain scale/shift in optical density space); 0 = off.
+    STAIN_JITTER: float = 0.05
+
+
+@dataclass
+class InputConfig:
+    # Side (px) of the random crops that training images are cut to (larger images are
+    # cropped, never resized down); smaller images are padded.
+    CROP_SIZE: int = 256
+    # Resize policy: images are used at native resolution unless SCALE != 1.0
+    # (e.g. 2.0 to upsample very small nuclei). No upscaling to 800 px as for COCO.
+    SCALE: float = 1.0
+    # Microns per pixel the model is trained at; null = taken from the data when known.
+    MPP: Optional[float] = None
+    AUG: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+
+# ------------------------------------------------------------------------------------ DATASETS
+@dataclass
+class DatasetsConfig:
+    # COCO instance files (each names its image root in info.image_root).
+    TRAIN: List[str] = field(default_factory=list)
+    TEST: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DataloaderConfig:
+    # Worker processes that read and augment images while the model trains.
+    NUM_WORKERS: int = 2
+    # Fraction of the sampled images that may have no instances (negatives are kept).
+    FILTER_EMPTY: bool = False
+
+
+# -------------------------------------------------------------------------------------- SOLVER
+@dataclass
+class AMPConfig:
+    # Mixed precision on CUDA (ignored on CPU).
+    ENABLED: bool = True
+    # "bf16" or "fp16" (fp16 uses a gradient scaler).
+    DTYPE: str = "bf16"
+
+
+@dataclass
+class ClipConfig:
+    ENABLED: bool = True
+    # Maximum total gradient norm.
+    MAX_NORM: float = 10.0
+
+
+@dataclass
+class SolverConfig:
+    # "SGD" or "AdamW".
+    OPTIMIZER: str = "SGD"
+    BASE_LR: float = 0.01
+    MOMENTUM: float = 0.9
+    WEIGHT_DECAY: float = 1e-4
+    # Images per step over all processes (divided among GPUs / ranks).
+    IMS_PER_BATCH: int = 4
+    MAX_ITER: int = 20000
+    # "step" (multiply by GAMMA at each of STEPS) or "cosine" (down to 0 at MAX_ITER).
+    LR_SCHEDULER: str = "cosine"
+    STEPS: List[int] = field(default_factory=lambda: [15000, 18000])
+    GAMMA: float = 0.1
+    # Linear warm-up from WARMUP_FACTOR * BASE_LR over WARMUP_ITERS iterations.
+    WARMUP_ITERS: int = 500
+    WARMUP_FACTOR: float = 0.001
+    CLIP_GRADIENTS: ClipConfig = field(default_factory=ClipConfig)
+    AMP: AMPConfig = field(default_factory=AMPConfig)
+    # Write model_<iter>.pth every CHECKPOINT_PERIOD iterations (a killed run loses at most
+    # one period).
+    CHECKPOINT_PERIOD: int = 1000
+    # Log losses to console, metrics.json and TensorBoard every LOG_PERIOD iterations.
+    LOG_PERIOD: int = 20
+
+
+# ---------------------------------------------------------------------------------------- TEST
+@dataclass
+class TestConfig:
+    # Evaluate on DATASETS.TEST every EVAL_PERIOD iterations (0 = only at the end); the
+    # checkpoint with the best TEST.BEST_METRIC is kept as model_best.pth.
+    EVAL_PERIOD: int = 2000
+    BEST_METRIC: str = "f1"
+    # maxDets for COCO AP (dense nuclei need far more than COCO's 100).
+    MAX_DETS: int = 1000
+    # IoU threshold for object-level precision/recall/F1.
+    IOU_THRESH: float = 0.5
+    # Score threshold applied before object-level matching (AP uses all detections).
+    SCORE_THRESH: float = 0.5
+
+
+@dataclass
+class Config:
+    MODEL: ModelConfig = field(default_factory=ModelConfig)
+    INPUT: InputConfig = field(default_factory=InputConfig)
+    DATASETS: DatasetsConfig = field(default_factory=DatasetsConfig)
+    DATALOADER: DataloaderConfig = field(default_factory=DataloaderConfig)
+    SOLVER: SolverConfig = field(default_factory=SolverConfig)
+    TEST: TestConfig = field(default_factory=TestConfig)
+    # Where checkpoints, logs and metrics are written.
+    OUTPUT_DIR: str = "output"
+    # Random seed (data split order, augmentation, initialisation); -1 = random.
+    SEED: int = 42
+    # Allowed values checked after merging (see detector.config.config.CHOICES).

@@ -1,0 +1,1 @@
+"""Data: annotation converters, COCO files, image reading, datasets and augmentation."""

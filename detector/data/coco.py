@@ -1,0 +1,228 @@
+"""COCO instance files: reading, writing and the mask <-> annotation conversions.
+
+A COCO file of ours is loadable by pycocotools and carries ``info.image_root``: the folder that
+every ``images[].file_name`` is relative to (absolute, or relative to the JSON file). Images may
+carry ``mpp`` (microns per pixel) and ``slide`` (the group id used for splits). Category ids start
+at 1. Boxes are XYWH in the file and XYXY in the library.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_utils
+
+from ..structures.instances import rle_from_json, rle_to_json
+
+
+class CocoFormatError(ValueError):
+    """A COCO file that cannot be used; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------- masks <-> COCO
+def encode_mask(mask: np.ndarray) -> Dict[str, Any]:
+    """Binary H x W mask to a JSON-ready COCO RLE (``counts`` as str)."""
+    m = np.asfortranarray(mask.astype(np.uint8, copy=False))
+    return rle_to_json(mask_utils.encode(m))
+
+
+def mask_to_polygons(mask: np.ndarray, min_points: int = 3) -> List[List[float]]:
+    """Outer contours of a binary mask as COCO polygons ``[x0, y0, x1, y1, ...]`` (pixel
+    corners: a polygon traced through pixel centres would shrink the object by half a pixel,
+    so contours are traced on pixel centres and rasterise back to the same pixels within a
+    one-pixel border)."""
+    m = mask.astype(np.uint8, copy=False)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polys = []
+    for c in contours:
+        c = c.reshape(-1, 2).astype(np.float64)
+        if len(c) < min_points:
+            # a one- or two-pixel-wide object: use its pixel square(s) outline
+            x0, y0 = c.min(0)
+            x1, y1 = c.max(0) + 1
+            c = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+        polys.append([float(v) for v in c.reshape(-1)])
+    return polys
+
+
+def bbox_of_mask(mask: np.ndarray) -> Optional[List[float]]:
+    """XYWH box of the mask's pixels (pixel edges), or None for an empty mask."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    if ys.size == 0:
+        return None
+    xs = np.flatnonzero(mask.any(axis=0))
+    return [float(xs[0]), float(ys[0]), float(xs[-1] + 1 - xs[0]), float(ys[-1] + 1 - ys[0])]
+
+
+def mask_annotation(
+    mask: np.ndarray,
+    image_id: int,
+    category_id: int,
+    mask_format: str = "rle",
+    ann_id: Optional[int] = None,
+) -> Optional[Dict[str, Any]]:
+    """A COCO annotation (segmentation, bbox XYWH, area, iscrowd 0) of one binary mask, or
+    None when the mask is empty."""
+    mask = mask.astype(bool, copy=False)
+    bbox = bbox_of_mask(mask)
+    if bbox is None:
+        return None
+    if mask_format == "rle":
+        seg: Any = encode_mask(mask)
+    elif mask_format == "polygon":
+        seg = mask_to_polygons(mask)
+    else:
+        raise ValueError(f"mask_format must be 'rle' or 'polygon', got {mask_format!r}")
+    ann = {
+        "image_id": int(image_id),
+        "category_id": int(category_id),
+        "segmentation": seg,
+        "bbox": bbox,
+        "area": float(mask.sum()),
+        "iscrowd": 0,
+    }
+    if ann_id is not None:
+        ann["id"] = int(ann_id)
+    return ann
+
+
+def box_annotation(box_xyxy: Sequence[float], image_id: int, category_id: int,
+                   ann_id: Optional[int] = None) -> Dict[str, Any]:
+    """A box-only COCO annotation (no segmentation, as for mitosis points)."""
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    ann = {
+        "image_id": int(image_id),
+        "category_id": int(category_id),
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "area": (x1 - x0) * (y1 - y0),
+        "iscrowd": 0,
+    }
+    if ann_id is not None:
+        ann["id"] = int(ann_id)
+    return ann
+
+
+def annotation_to_rle(ann: Dict[str, Any], height: int, width: int) -> Optional[Dict[str, Any]]:
+    """The annotation's segmentation as a pycocotools RLE (bytes counts), or None if it has
+    none (box-only annotation)."""
+    seg = ann.get("segmentation")
+    if seg is None or (isinstance(seg, list) and len(seg) == 0):
+        return None
+    if isinstance(seg, list):  # polygons
+        rles = mask_utils.frPyObjects(seg, height, width)
+        return mask_utils.merge(rles)
+    return rle_from_json(seg)
+
+
+def annotation_to_mask(ann: Dict[str, Any], height: int, width: int) -> Optional[np.ndarray]:
+    """The annotation's segmentation decoded to an H x W bool mask, or None without one."""
+    rle = annotation_to_rle(ann, height, width)
+    return None if rle is None else mask_utils.decode(rle).astype(bool)
+
+
+# ------------------------------------------------------------------------------- files
+def new_coco(categories: Sequence[Dict[str, Any]], image_root: str,
+             description: str = "") -> Dict[str, Any]:
+    return {
+        "info": {"description": description, "image_root": image_root, "version": "1.0"},
+        "licenses": [],
+        "images": [],
+        "annotations": [],
+        "categories": [dict(c) for c in categories],
+    }
+
+
+def image_entry(image_id: int, file_name: str, height: int, width: int,
+                mpp: Optional[float] = None, slide: Optional[str] = None) -> Dict[str, Any]:
+    e: Dict[str, Any] = {"id": int(image_id), "file_name": file_name,
+                         "height": int(height), "width": int(width)}
+    if mpp is not None:
+        e["mpp"] = float(mpp)
+    if slide is not None:
+        e["slide"] = str(slide)
+    return e
+
+
+def save_coco(data: Dict[str, Any], path: str) -> None:
+    """Write a COCO file atomically (temporary file in the same folder, then rename), giving
+    annotations consecutive ids from 1 when they have none."""
+    next_id = 1 + max((a.get("id", 0) for a in data["annotations"]), default=0)
+    for a in data["annotations"]:
+        if "id" not in a:
+            a["id"] = next_id
+            next_id += 1
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def resolve_image_root(data: Dict[str, Any], json_path: str) -> str:
+    """Absolute image root of a COCO file: ``info.image_root`` (relative to the JSON file's
+    folder when relative), or the JSON file's folder when absent."""
+    base = os.path.dirname(os.path.abspath(json_path))
+    root = (data.get("info") or {}).get("image_root")
+    if not root:
+        return base
+    return root if os.path.isabs(root) else os.path.normpath(os.path.join(base, root))
+
+
+def load_coco(path: str) -> Dict[str, Any]:
+    """Read and sanity-check a COCO instance file. The returned dict gets ``_image_root``
+    (absolute) and ``_path`` keys; they are not written back by :func:`save_coco` users who
+    copy only the standard keys."""
+    if not os.path.isfile(path):
+        raise CocoFormatError(f"{path}: COCO file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CocoFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{path}: a COCO instance file is a JSON object; this looks like a "
+                              "results list (use it as predictions, not as ground truth)")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise CocoFormatError(f"{path}: missing the '{key}' list of a COCO instance file")
+    image_ids = {im["id"] for im in data["images"]}
+    cat_ids = {c["id"] for c in data["categories"]}
+    for a in data["annotations"]:
+        if a["image_id"] not in image_ids:
+            raise CocoFormatError(f"{path}: annotation {a.get('id')} refers to image "
+                                  f"{a['image_id']}, which is not in 'images'")
+        if a["category_id"] not in cat_ids:
+            raise CocoFormatError(f"{path}: annotation {a.get('id')} has category "
+                                  f"{a['category_id']}, which is not in 'categories'")
+    data["_image_root"] = resolve_image_root(data, path)
+    data["_path"] = os.path.abspath(path)
+    return data
+
+
+def strip_private(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy without the ``_image_root``/``_path`` keys added by :func:`load_coco`."""
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def to_pycocotools(data: Dict[str, Any]):
+    """A ``pycocotools.coco.COCO`` object built from an in-memory dict (no file round trip)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = strip_private(data)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco

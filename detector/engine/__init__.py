@@ -1,0 +1,1 @@
+"""Training engine: loop, optimisation, checkpoints, logging, distributed training."""

@@ -1,0 +1,1 @@
+"""Evaluation: object matching, metrics and the model comparison report."""

@@ -1,0 +1,1 @@
+"""Whole-slide inference: slide readers, tiles, merging, counts and exports."""

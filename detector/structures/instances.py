@@ -1,0 +1,132 @@
+"""The one prediction structure of every model (Mask R-CNN, Faster R-CNN, U-Net).
+
+Coordinates are pixels with the origin at the top-left of the image (or of the slide's level 0),
+x to the right and y down. Boxes are XYXY floats. Masks are COCO RLE dicts in the same
+coordinates and image size, or ``None`` for box-only models. Evaluation, merging and export take
+this structure and nothing model-specific.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pycocotools.mask as mask_utils
+
+
+@dataclass
+class Instances:
+    """Detections of one image or slide.
+
+    Attributes:
+        image_size: ``(height, width)`` of the image the coordinates refer to.
+        boxes: ``(N, 4)`` float32, XYXY in pixels.
+        scores: ``(N,)`` float32 confidences in [0, 1].
+        labels: ``(N,)`` int64, the COCO category ids of the training data (1-based).
+        masks: list of N COCO RLE dicts (``{"size": [h, w], "counts": bytes|str}``) of size
+            ``image_size``, or ``None`` for box-only models.
+    """
+
+    image_size: Tuple[int, int]
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    masks: Optional[List[Dict[str, Any]]] = None
+
+    def __post_init__(self) -> None:
+        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        n = len(self.boxes)
+        if len(self.scores) != n or len(self.labels) != n:
+            raise ValueError(
+                f"Instances: {n} boxes but {len(self.scores)} scores and {len(self.labels)} labels"
+            )
+        if self.masks is not None and len(self.masks) != n:
+            raise ValueError(f"Instances: {n} boxes but {len(self.masks)} masks")
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks is not None
+
+    def __getitem__(self, idx: Any) -> "Instances":
+        """Select instances by a boolean mask, an index array or a slice."""
+        idx_arr = np.arange(len(self))[idx]
+        idx_arr = np.atleast_1d(idx_arr)
+        masks = None if self.masks is None else [self.masks[i] for i in idx_arr]
+        return Instances(self.image_size, self.boxes[idx_arr], self.scores[idx_arr],
+                         self.labels[idx_arr], masks)
+
+    @staticmethod
+    def cat(items: Sequence["Instances"], image_size: Optional[Tuple[int, int]] = None) -> "Instances":
+        """Concatenate instances that share one image size (or the given one)."""
+        if not items:
+            if image_size is None:
+                raise ValueError("Instances.cat of nothing needs image_size")
+            return Instances(image_size)
+        size = image_size or items[0].image_size
+        with_masks = [it.masks is not None for it in items]
+        if any(with_masks) and not all(with_masks):
+            raise ValueError("Instances.cat: some items have masks and some do not")
+        masks = None
+        if all(with_masks):
+            masks = [m for it in items for m in it.masks]
+        return Instances(
+            size,
+            np.concatenate([it.boxes for it in items]) if items else None,
+            np.concatenate([it.scores for it in items]),
+            np.concatenate([it.labels for it in items]),
+            masks,
+        )
+
+    def areas(self) -> np.ndarray:
+        """Mask areas in px when masks exist, else box areas."""
+        if self.masks is not None and len(self.masks):
+            return mask_utils.area(self.masks).astype(np.float64)
+        wh = np.clip(self.boxes[:, 2:] - self.boxes[:, :2], 0, None)
+        return (wh[:, 0] * wh[:, 1]).astype(np.float64)
+
+    def centroids(self) -> np.ndarray:
+        """``(N, 2)`` x, y centre of each box (px)."""
+        return np.stack(
+            [(self.boxes[:, 0] + self.boxes[:, 2]) / 2, (self.boxes[:, 1] + self.boxes[:, 3]) / 2],
+            axis=1,
+        ) if len(self) else np.zeros((0, 2), np.float32)
+
+    def to_coco_results(self, image_id: int) -> List[Dict[str, Any]]:
+        """COCO results entries (bbox XYWH, score, category_id, segmentation RLE if any)."""
+        out = []
+        for i in range(len(self)):
+            x0, y0, x1, y1 = (float(v) for v in self.boxes[i])
+            r: Dict[str, Any] = {
+                "image_id": int(image_id),
+                "category_id": int(self.labels[i]),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(self.scores[i]),
+            }
+            if self.masks is not None:
+                r["segmentation"] = rle_to_json(self.masks[i])
+            out.append(r)
+        return out
+
+
+def rle_to_json(rle: Dict[str, Any]) -> Dict[str, Any]:
+    """An RLE whose ``counts`` is a str, so that it can be written with json."""
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
+
+
+def rle_from_json(rle: Dict[str, Any]) -> Dict[str, Any]:
+    """The inverse of :func:`rle_to_json` (pycocotools wants bytes or uncompressed lists)."""
+    counts = rle["counts"]
+    if isinstance(counts, list):  # uncompressed RLE
+        return mask_utils.frPyObjects(rle, *rle["size"])
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
