@@ -31,10 +31,11 @@ def encode_mask(mask: np.ndarray) -> Dict[str, Any]:
 
 
 def mask_to_polygons(mask: np.ndarray, min_points: int = 3) -> List[List[float]]:
-    """Outer contours of a binary mask as COCO polygons ``[x0, y0, x1, y1, ...]`` (pixel
-    corners: a polygon traced through pixel centres would shrink the object by half a pixel,
-    so contours are traced on pixel centres and rasterise back to the same pixels within a
-    one-pixel border)."""
+    """Outer contours of a binary mask as COCO polygons ``[x0, y0, x1, y1, ...]``.
+
+    Contours run through the centres of the border pixels (OpenCV), so a polygon rasterised
+    back loses part of the one-pixel border (IoU about 0.85 to 0.95 for nuclei of 10 to 30 px);
+    holes are dropped. RLE is exact and is the default everywhere."""
     m = mask.astype(np.uint8, copy=False)
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     polys = []
