@@ -1,0 +1,357 @@
+"""Parts shared by every converter: the result object, errors, categories, mask formats, the
+parallel map, reading masks quickly, and the printed summary."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_utils
+
+from ..coco import mask_to_polygons, new_coco
+from ..image_io import ImageReadError, read_array
+
+IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+class ConversionError(ValueError):
+    """Input that cannot be converted. ``str(e)`` is one line: the file, the problem, the fix."""
+
+    def __init__(self, path: str, reason: str, fix: str = ""):
+        self.path = str(path)
+        self.reason = reason
+        self.fix = fix
+        msg = f"{path}: {reason}"
+        if fix:
+            msg += f" ({fix})"
+        super().__init__(msg)
+
+
+@dataclass
+class Conversion:
+    """What a converter produces.
+
+    Attributes:
+        coco: the COCO dict (``info.image_root`` absolute, ``file_name`` relative to it;
+            annotations without ids until saved).
+        skipped: ``(path, reason)`` of every file left out under ``--skip-invalid``.
+        notes: lines for the summary (overlaps, degenerate regions, points outside images...).
+        per_file: optional rows ``(file, {column: value})`` printed as a table (e.g. MoNuSeg).
+        counters: named counts (``overlap_images``, ``degenerate_regions``, ...).
+    """
+
+    coco: Dict[str, Any]
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    per_file: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)
+    counters: Dict[str, int] = field(default_factory=dict)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + int(n)
+
+    def fail(self, path: str, reason: str, skip_invalid: bool, fix: str = "") -> None:
+        """Record a bad file when skipping invalid input, else raise :class:`ConversionError`."""
+        if skip_invalid:
+            self.skipped.append((str(path), reason))
+        else:
+            raise ConversionError(path, reason, fix or "fix or remove the file, or pass "
+                                  "--skip-invalid to leave it out")
+
+
+def empty_conversion(categories: Sequence[Dict[str, Any]], image_root: str,
+                     description: str) -> Conversion:
+    return Conversion(new_coco(categories, os.path.abspath(image_root), description))
+
+
+def add_image(conv: Conversion, file_name: str, height: int, width: int,
+              mpp: Optional[float] = None, slide: Optional[str] = None) -> int:
+    """Append an image entry (next id from 1) and return its id."""
+    image_id = len(conv.coco["images"]) + 1
+    e: Dict[str, Any] = {"id": image_id, "file_name": file_name.replace(os.sep, "/"),
+                         "height": int(height), "width": int(width)}
+    if mpp is not None:
+        e["mpp"] = float(mpp)
+    if slide is not None:
+        e["slide"] = str(slide)
+    conv.coco["images"].append(e)
+    return image_id
+
+
+# ------------------------------------------------------------------------------ reading
+def read_label_array(path: str, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    """Read a mask or label image fast with OpenCV (PNG/TIFF, 8/16-bit), falling back to
+    :func:`read_array` (PIL/tifffile: 32-bit, odd modes) whose error names the file.
+
+    OpenCV's libpng decoder refuses truncated or CRC-damaged PNGs (``imread`` returns None), so
+    the fast path does not hide corrupt files.
+    """
+    if path.lower().endswith((".tif", ".tiff")):
+        return read_array(path)  # tifffile: 32-bit and float labels, multi-page
+    arr = cv2.imread(path, flags)
+    if arr is None:
+        arr = read_array(path)  # raises ImageReadError naming the file when it is bad
+        if flags == cv2.IMREAD_GRAYSCALE and arr.ndim == 3:
+            arr = arr[..., 0]
+        return arr
+    if arr.ndim == 3 and arr.shape[2] >= 3:
+        arr = arr[..., [2, 1, 0] + list(range(3, arr.shape[2]))]  # BGR(A) -> RGB(A)
+    return arr
+
+
+def check_image(path: str) -> Tuple[int, int]:
+    """Decode an image completely (corrupt or truncated files raise :class:`ImageReadError`
+    naming it) and return its ``(height, width)``. RGBA, gray and 16-bit are all fine."""
+    arr = read_label_array(path)
+    return int(arr.shape[0]), int(arr.shape[1])
+
+
+# ------------------------------------------------------------------------------ masks
+def encode_masks(masks: np.ndarray) -> List[Dict[str, Any]]:
+    """``(H, W, N)`` binary masks (uint8/bool, best Fortran-ordered) to the JSON parts of N COCO
+    annotations: ``{"segmentation": RLE (str counts), "bbox": XYWH px, "area": pixels}``."""
+    if masks.shape[-1] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks, dtype=np.uint8))
+    boxes = mask_utils.toBbox(rles)
+    # pixel counts from the masks: pycocotools.mask.area overflows with numpy 2 on some builds
+    areas = np.count_nonzero(masks.reshape(-1, masks.shape[-1], order="F"), axis=0)
+    out = []
+    for rle, box, area in zip(rles, boxes, areas):
+        rle["counts"] = rle["counts"].decode("ascii")
+        out.append({"segmentation": rle, "bbox": [float(v) for v in box], "area": float(area)})
+    return out
+
+
+def labels_to_masks(label: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Instance label image ``(H, W)`` (0 = background) -> (ids ``(N,)``, masks ``(H, W, N)``
+    uint8 Fortran-ordered, ready for ``pycocotools.mask.encode``)."""
+    ids = np.unique(label)
+    ids = ids[ids != 0]
+    masks = np.zeros(label.shape + (len(ids),), dtype=np.uint8, order="F")
+    if len(ids):
+        # one pass: the index of each pixel's id, then scatter
+        idx = np.searchsorted(ids, label)
+        fg = label != 0
+        ys, xs = np.nonzero(fg)
+        masks[ys, xs, idx[fg]] = 1
+    return ids, masks
+
+
+def rle_to_polygons(rle: Dict[str, Any]) -> List[List[float]]:
+    """A COCO RLE (str or bytes counts) as polygons, traced on the object's bounding box only."""
+    r = dict(rle)
+    if isinstance(r["counts"], str):
+        r["counts"] = r["counts"].encode("ascii")
+    m = mask_utils.decode(r)
+    x, y, w, h = (int(v) for v in mask_utils.toBbox(r))
+    if w == 0 or h == 0:
+        return []
+    polys = mask_to_polygons(m[y:y + h, x:x + w])
+    return [[v + (x if i % 2 == 0 else y) for i, v in enumerate(p)] for p in polys]
+
+
+def to_polygon_format(coco: Dict[str, Any]) -> None:
+    """Replace every RLE segmentation by polygons (in place); bbox and area stay those of the
+    exact mask."""
+    for a in coco["annotations"]:
+        seg = a.get("segmentation")
+        if isinstance(seg, dict):
+            a["segmentation"] = rle_to_polygons(seg)
+
+
+# ------------------------------------------------------------------------------ categories
+def parse_category_spec(spec: str) -> List[Tuple[Optional[str], str]]:
+    """``"nucleus"`` or ``"mitotic figure=mitosis,hard negative=-,2=tumour"`` -> pairs
+    ``(source or None, target name)``. A target ``-`` drops the source class."""
+    pairs: List[Tuple[Optional[str], str]] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        src, sep, dst = part.partition("=")
+        if sep:
+            if not src.strip() or not dst.strip():
+                raise ValueError(f"--categories {spec!r}: entry {part!r} must be SOURCE=NAME "
+                                 "(NAME '-' drops SOURCE)")
+            pairs.append((src.strip(), dst.strip()))
+        else:
+            pairs.append((None, part))
+    if not pairs:
+        raise ValueError(f"--categories {spec!r}: give NAME or SOURCE=NAME[,SOURCE=NAME...]")
+    return pairs
+
+
+def remap_categories(coco: Dict[str, Any], spec: Optional[str]) -> Dict[str, int]:
+    """Rename, merge, drop or reorder the categories of a COCO dict in place.
+
+    ``spec`` entries are ``SOURCE=NAME`` (SOURCE a category name or id of the input; NAME ``-``
+    drops it), or plain ``NAME``s: a single plain name renames a one-class data set; several
+    plain names fix the order (ids 1..K) of the output categories. Unlisted categories keep
+    their names. Output ids are 1..K in the order the names first appear in ``spec``, then the
+    remaining input categories in their id order. Returns ``{name: instances dropped}``.
+    """
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    if not spec:
+        return {}
+    pairs = parse_category_spec(spec)
+    by_name = {c["name"]: c for c in cats}
+    by_id = {str(c["id"]): c for c in cats}
+    plain = [dst for src, dst in pairs if src is None]
+    mapping: Dict[int, Optional[str]] = {c["id"]: c["name"] for c in cats}
+    order: List[str] = []
+    if plain and len(pairs) == 1 and len(cats) == 1 and plain[0] not in by_name:
+        mapping[cats[0]["id"]] = plain[0]
+        order.append(plain[0])
+    else:
+        for src, dst in pairs:
+            if src is None:
+                if dst not in by_name and dst not in {d for s, d in pairs if s is not None}:
+                    known = ", ".join(repr(c["name"]) for c in cats)
+                    raise ValueError(f"--categories: {dst!r} is not a category of the input "
+                                     f"({known}); use SOURCE=NAME to rename")
+                if dst not in order:
+                    order.append(dst)
+                continue
+            c = by_name.get(src) or by_id.get(src)
+            if c is None:
+                known = ", ".join(repr(c["name"]) for c in cats)
+                raise ValueError(f"--categories: source class {src!r} is not in the input "
+                                 f"(its classes: {known})")
+            mapping[c["id"]] = None if dst == "-" else dst
+            if dst != "-" and dst not in order:
+                order.append(dst)
+    for c in cats:
+        name = mapping[c["id"]]
+        if name is not None and name not in order:
+            order.append(name)
+    new_ids = {name: i + 1 for i, name in enumerate(order)}
+    old_to_new = {cid: (None if name is None else new_ids[name]) for cid, name in mapping.items()}
+    dropped: Dict[str, int] = {}
+    old_names = {c["id"]: c["name"] for c in cats}
+    anns = []
+    for a in coco["annotations"]:
+        nid = old_to_new.get(a["category_id"])
+        if nid is None:
+            dropped[old_names[a["category_id"]]] = dropped.get(old_names[a["category_id"]], 0) + 1
+            continue
+        a["category_id"] = nid
+        anns.append(a)
+    coco["annotations"] = anns
+    supercats = {}
+    for c in cats:
+        if mapping[c["id"]] is not None and "supercategory" in c:
+            supercats.setdefault(mapping[c["id"]], c["supercategory"])
+    coco["categories"] = [{"id": i, "name": n, "supercategory": supercats.get(n, "cell")}
+                          for n, i in new_ids.items()]
+    return dropped
+
+
+# ------------------------------------------------------------------------------ files
+def list_images(folder: str) -> List[str]:
+    """Image files directly in ``folder`` (sorted names)."""
+    return sorted(f for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+
+
+def copy_images(coco: Dict[str, Any], dest: str, dest_rel: str) -> None:
+    """Copy every referenced image under ``dest`` (keeping relative paths) and point
+    ``info.image_root`` at ``dest_rel`` (relative to the JSON file)."""
+    root = coco["info"]["image_root"]
+    for im in coco["images"]:
+        src = os.path.join(root, im["file_name"])
+        dst = os.path.join(dest, im["file_name"])
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy2(src, dst)
+    coco["info"]["image_root"] = dest_rel
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
+                 desc: str, progress: bool = True) -> Iterator[Any]:
+    """``map(fn, items)`` in order, in ``workers`` processes when > 1, with a tqdm bar."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        if workers > 1 and len(items) > 1:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+            with ctx.Pool(workers, initializer=_worker_init) as pool:
+                for r in pool.imap(fn, items, chunksize=4):
+                    bar.update(1)
+                    yield r
+        else:
+            for it in items:
+                r = fn(it)
+                bar.update(1)
+                yield r
+    finally:
+        bar.close()
+
+
+def _worker_init() -> None:
+    cv2.setNumThreads(1)
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+# ------------------------------------------------------------------------------ summary
+def summary_text(conv: Conversion, outputs: Iterable[Tuple[str, Dict[str, Any]]] = ()) -> str:
+    """The printed summary: images (negatives), instances per class, area distribution (px and
+    um^2 where mpp is known), notes, per-file table, skipped files, and output files."""
+    coco = conv.coco
+    lines: List[str] = []
+    n_img = len(coco["images"])
+    with_ann = {a["image_id"] for a in coco["annotations"]}
+    lines.append(f"images:    {n_img} ({n_img - len(with_ann)} without instances, kept as "
+                 "negatives)")
+    lines.append(f"instances: {len(coco['annotations'])}")
+    counts: Dict[int, int] = {}
+    for a in coco["annotations"]:
+        counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
+    lines.append("  id  category                    instances")
+    for c in sorted(coco["categories"], key=lambda c: c["id"]):
+        lines.append(f"  {c['id']:>2}  {c['name'][:26]:<26} {counts.get(c['id'], 0):>10}")
+    if coco["annotations"]:
+        areas = np.array([a["area"] for a in coco["annotations"]], dtype=np.float64)
+        q = np.percentile(areas, [0, 5, 25, 50, 75, 95, 100])
+        lines.append("instance area (px):   min {:.0f}  p5 {:.0f}  p25 {:.0f}  median {:.0f}  "
+                     "p75 {:.0f}  p95 {:.0f}  max {:.0f}".format(*q))
+        mpp = {im["id"]: im.get("mpp") for im in coco["images"]}
+        um = np.array([a["area"] * mpp[a["image_id"]] ** 2 for a in coco["annotations"]
+                       if mpp.get(a["image_id"])], dtype=np.float64)
+        if len(um):
+            q = np.percentile(um, [0, 5, 50, 95, 100])
+            lines.append("instance area (um^2): min {:.1f}  p5 {:.1f}  median {:.1f}  p95 {:.1f}"
+                         "  max {:.1f}  ({} instances with mpp)".format(*q, len(um)))
+    if conv.per_file:
+        cols: List[str] = []
+        for _, row in conv.per_file:
+            cols += [k for k in row if k not in cols]
+        width = max(len(f) for f, _ in conv.per_file)
+        lines.append("per file:")
+        lines.append("  " + "file".ljust(width) + "".join(f"  {c:>12}" for c in cols))
+        for f, row in conv.per_file:
+            lines.append("  " + f.ljust(width) + "".join(f"  {str(row.get(c, '')):>12}"
+                                                         for c in cols))
+    for note in conv.notes:
+        lines.append(f"note: {note}")
+    for path, data in outputs:
+        lines.append(f"wrote {path}: {len(data['images'])} images, {len(data['annotations'])} "
+                     "instances")
+    if conv.skipped:
+        lines.append(f"skipped {len(conv.skipped)} invalid file(s):")
+        for path, reason in conv.skipped:
+            lines.append(f"  {path}: {reason}")
+    else:
+        lines.append("skipped: none")
+    return "\n".join(lines)
+
+
+def read_error_reason(e: Exception) -> str:
+    return e.reason if isinstance(e, ImageReadError) else f"{type(e).__name__}: {e}"

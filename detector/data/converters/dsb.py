@@ -1,0 +1,120 @@
+"""Data Science Bowl 2018 layout: ``<id>/images/<id>.png`` + ``<id>/masks/*.png``, one binary
+mask (0/255) per nucleus.
+
+Every mask becomes one annotation whose RLE is the mask pixel for pixel (overlapping masks are
+kept as they are and reported). Images are RGBA PNGs; they are referenced, not rewritten. DSB has
+no mpp; the split group of an image is the image itself.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+import cv2
+import numpy as np
+
+from .common import (Conversion, ConversionError, add_image, check_image, default_workers,
+                     empty_conversion, encode_masks, parallel_map, read_error_reason,
+                     read_label_array)
+
+DEFAULT_CATEGORY = "nucleus"
+
+
+def find_samples(root: str) -> List[str]:
+    """Sample folder names under ``root`` (those with an ``images`` sub-folder), sorted."""
+    if not os.path.isdir(root):
+        raise ConversionError(root, "folder not found", "give the DSB stage1_train folder that "
+                              "holds <id>/images/<id>.png and <id>/masks/*.png")
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "images")))
+    if not names:
+        raise ConversionError(root, "no <id>/images/ folders found", "is this a DSB2018 "
+                              "stage1_train folder? for other layouts use --format labels")
+    return names
+
+
+def _convert_sample(args) -> Dict[str, Any]:
+    """Worker: read one sample's image and masks; return its image size and annotation parts,
+    or the bad file and why."""
+    root, name = args
+    folder = os.path.join(root, name)
+    img_dir = os.path.join(folder, "images")
+    imgs = sorted(f for f in os.listdir(img_dir) if not f.startswith("."))
+    if not imgs:
+        return {"error": (img_dir, "no image file in the images/ folder")}
+    preferred = [f for f in imgs if os.path.splitext(f)[0] == name]
+    img_name = (preferred or imgs)[0]
+    img_path = os.path.join(img_dir, img_name)
+    try:
+        h, w = check_image(img_path)
+    except Exception as e:  # ImageReadError and anything a decoder throws
+        return {"error": (img_path, read_error_reason(e))}
+    mask_dir = os.path.join(folder, "masks")
+    mask_files = sorted(f for f in os.listdir(mask_dir) if not f.startswith(".")) \
+        if os.path.isdir(mask_dir) else []
+    masks = np.zeros((h, w, len(mask_files)), dtype=np.uint8, order="F")
+    empty: List[str] = []
+    for i, mf in enumerate(mask_files):
+        mp = os.path.join(mask_dir, mf)
+        try:
+            m = read_label_array(mp, cv2.IMREAD_GRAYSCALE)
+        except Exception as e:
+            return {"error": (mp, read_error_reason(e))}
+        if m.ndim == 3:
+            m = m[..., 0]
+        if m.shape != (h, w):
+            return {"error": (mp, f"mask is {m.shape[1]}x{m.shape[0]} px but its image "
+                              f"{img_name} is {w}x{h} px")}
+        np.greater(m, 0, out=masks[:, :, i], casting="unsafe")
+        if not masks[:, :, i].any():
+            empty.append(mp)
+    keep = [i for i, mf in enumerate(mask_files) if os.path.join(mask_dir, mf) not in empty]
+    if len(keep) != len(mask_files):
+        masks = np.asfortranarray(masks[:, :, keep])
+    cover = masks.sum(axis=2, dtype=np.uint16) if masks.shape[2] else None
+    overlap_px = int((cover > 1).sum()) if cover is not None else 0
+    return {"file_name": os.path.join(name, "images", img_name), "height": h, "width": w,
+            "anns": encode_masks(masks), "empty": empty, "overlap_px": overlap_px}
+
+
+def convert_dsb(root: str, *, skip_invalid: bool = False, workers: Optional[int] = None,
+                progress: bool = True) -> Conversion:
+    """Convert a DSB2018-layout folder.
+
+    Args:
+        root: the folder holding ``<id>/images/<id>.png`` and ``<id>/masks/*.png``.
+        skip_invalid: leave out samples with an unreadable image or mask (listed in
+            ``Conversion.skipped``) instead of raising :class:`ConversionError`.
+        workers: processes (default: up to 2).
+    Returns:
+        a :class:`Conversion` with one category ``nucleus`` (id 1); RLE segmentations exact to
+        the source masks; ``slide`` = the sample id (each image is its own split group).
+    """
+    root = os.path.abspath(root)
+    names = find_samples(root)
+    conv = empty_conversion([{"id": 1, "name": DEFAULT_CATEGORY, "supercategory": "cell"}],
+                            root, f"DSB2018 layout converted from {root}")
+    workers = default_workers() if workers is None else workers
+    overlap_images = 0
+    n_empty = 0
+    for name, r in zip(names, parallel_map(_convert_sample, [(root, n) for n in names], workers,
+                                           "dsb", progress)):
+        if "error" in r:
+            conv.fail(*r["error"], skip_invalid=skip_invalid)
+            continue
+        image_id = add_image(conv, r["file_name"], r["height"], r["width"], slide=name)
+        for part in r["anns"]:
+            conv.coco["annotations"].append({"image_id": image_id, "category_id": 1, **part,
+                                             "iscrowd": 0})
+        if r["overlap_px"]:
+            overlap_images += 1
+            conv.count("overlap_pixels", r["overlap_px"])
+        n_empty += len(r["empty"])
+    if overlap_images:
+        conv.notes.append(f"{overlap_images} image(s) have overlapping instance masks "
+                          f"({conv.counters['overlap_pixels']} pixels in more than one mask); "
+                          "each annotation keeps its full mask")
+    conv.counters["overlap_images"] = overlap_images
+    if n_empty:
+        conv.notes.append(f"{n_empty} empty mask file(s) (no foreground pixel) were ignored")
+    conv.counters["empty_masks"] = n_empty
+    return conv
