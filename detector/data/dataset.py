@@ -1,0 +1,249 @@
+"""COCO instance files as a training dataset of ``torchvision.tv_tensors``.
+
+Each item is ``(image, target)``: ``image`` a ``[3, H, W]`` float32 tensor in 0..1 and ``target``
+``{"boxes": BoundingBoxes (N, 4) XYXY px, "labels": int64 (N,) contiguous 1..K (index into
+classes + 1), "masks": Mask (N, H, W) uint8 (only when the data has masks), "image_id": int}``.
+Images without instances are kept (negatives; N = 0). Everything that can be wrong with the data
+(missing image files, categories that differ between files or from the config, an empty data
+set) is checked when the dataset is built, before any training starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from .coco import CocoFormatError, annotation_to_mask, load_coco
+from .image_io import read_image
+from .transforms import build_train_transforms, masks_to_boxes_xyxy
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A data set that cannot be trained or evaluated on; the message names the file and fix."""
+
+
+def coco_classes(data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The categories of a loaded COCO dict as ``[{"id", "name"}]`` sorted by id."""
+    return sorted(({"id": int(c["id"]), "name": str(c["name"])} for c in data["categories"]),
+                  key=lambda c: c["id"])
+
+
+def check_classes(found: List[Dict[str, Any]], expected: List[Dict[str, Any]], where: str,
+                  expected_from: str) -> None:
+    """Raise :class:`DatasetError` when two category lists differ (ids and names)."""
+    if found == expected:
+        return
+    exp = {c["id"]: c["name"] for c in expected}
+    got = {c["id"]: c["name"] for c in found}
+    unknown = [f"{i}:{n}" for i, n in got.items() if exp.get(i) != n]
+    absent = [f"{i}:{n}" for i, n in exp.items() if got.get(i) != n]
+    raise DatasetError(
+        f"{where}: its categories differ from {expected_from}: "
+        f"{'unknown ' + ', '.join(unknown) if unknown else ''}"
+        f"{'; ' if unknown and absent else ''}{'missing ' + ', '.join(absent) if absent else ''}. "
+        "Every COCO file of a run (and the checkpoint it starts from or resumes) must have the "
+        "same categories with the same ids; convert them with the same category list.")
+
+
+def _records(data: Dict[str, Any], path: str) -> List[Dict[str, Any]]:
+    anns: Dict[int, List[Dict[str, Any]]] = {}
+    for a in data["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    root = data["_image_root"]
+    out = []
+    for im in data["images"]:
+        out.append({
+            "file": os.path.join(root, im["file_name"]),
+            "image_id": int(im["id"]),
+            "height": int(im["height"]),
+            "width": int(im["width"]),
+            "mpp": im.get("mpp"),
+            "anns": [a for a in anns.get(im["id"], []) if not a.get("iscrowd", 0)],
+            "source": path,
+        })
+    return out
+
+
+def check_images_exist(records: Sequence[Dict[str, Any]], path: str, root: str) -> None:
+    """Raise :class:`DatasetError` listing the first missing image files of a COCO file."""
+    missing = [r["file"] for r in records if not os.path.isfile(r["file"])]
+    if missing:
+        show = "\n  ".join(missing[:5])
+        raise DatasetError(
+            f"{path}: {len(missing)} of {len(records)} image files are missing, e.g.\n  {show}\n"
+            f"file_name is read relative to the image root {root} (info.image_root of the COCO "
+            "file, relative to the JSON file's folder); fix info.image_root or the files.")
+
+
+class CocoInstanceDataset(Dataset):
+    """Images and instances of one or more COCO files (same categories).
+
+    Args:
+        coco_paths: COCO instance files (``info.image_root`` names their image folder).
+        cfg: the config (``INPUT`` for augmentation, ``MODEL`` for the architecture).
+        train: apply the training augmentation (``build_train_transforms(cfg)``); else images
+            are returned whole and unaugmented.
+        classes: expected categories (``[{"id", "name"}]``, e.g. from a checkpoint); default:
+            those of the first file.
+        target_fn: called as ``target_fn(image, target) -> target`` after augmentation (the
+            U-Net's targets); default: ``UNetTargets(cfg)`` when the architecture is UNet.
+
+    Items are looked up by index, or by ``(index, seed)``: the augmentation then draws its
+    random numbers from ``seed`` alone (the global RNG is left untouched), so that the
+    sample at a given position of the training stream is the same in a resumed run.
+    """
+
+    def __init__(self, coco_paths: Sequence[str], cfg: Any, train: bool = True,
+                 classes: Optional[List[Dict[str, Any]]] = None,
+                 target_fn: Optional[Callable[[torch.Tensor, Dict[str, Any]], Dict[str, Any]]] = None,
+                 transforms: Optional[Callable] = None) -> None:
+        paths = [str(p) for p in coco_paths]
+        if not paths:
+            raise DatasetError(f"DATASETS.{'TRAIN' if train else 'TEST'} is empty: name at least "
+                               "one COCO instance file (see tools/convert_to_coco.py)")
+        self.paths = paths
+        self.records: List[Dict[str, Any]] = []
+        self.classes: List[Dict[str, Any]] = list(classes) if classes else []
+        expected_from = "the expected categories (checkpoint/config)" if classes else None
+        self.has_masks = True
+        n_anns = 0
+        for path in paths:
+            try:
+                data = load_coco(path)
+            except CocoFormatError as e:
+                raise DatasetError(str(e)) from None
+            found = coco_classes(data)
+            if not found:
+                raise DatasetError(f"{path}: has no categories")
+            if not self.classes:
+                self.classes, expected_from = found, f"those of {paths[0]}"
+            else:
+                check_classes(found, self.classes, path, expected_from or paths[0])
+            recs = _records(data, path)
+            check_images_exist(recs, path, data["_image_root"])
+            for r in recs:
+                for a in r["anns"]:
+                    seg = a.get("segmentation")
+                    if not seg:
+                        self.has_masks = False
+                n_anns += len(r["anns"])
+            self.records.extend(recs)
+        if not self.records:
+            raise DatasetError(f"{', '.join(paths)}: no images; the data set is empty")
+        if train and n_anns == 0:
+            raise DatasetError(f"{', '.join(paths)}: {len(self.records)} images but no "
+                               "annotations; nothing to learn from (check the conversion)")
+        n_cfg = int(cfg.MODEL.NUM_CLASSES)
+        if n_cfg and n_cfg != len(self.classes):
+            raise DatasetError(f"{paths[0]}: {len(self.classes)} categories "
+                               f"{[c['name'] for c in self.classes]} but MODEL.NUM_CLASSES is "
+                               f"{n_cfg}; set MODEL.NUM_CLASSES 0 to take them from the data")
+        self.cat_to_label = {c["id"]: i + 1 for i, c in enumerate(self.classes)}
+        self.train = train
+        self.cfg = cfg
+        arch = cfg.MODEL.META_ARCHITECTURE
+        if train and arch == "MaskRCNN" and not self.has_masks:
+            raise DatasetError(f"{', '.join(paths)}: some annotations have no segmentation "
+                               "(box/point data), which Mask R-CNN cannot learn from; train "
+                               "MODEL.META_ARCHITECTURE FasterRCNN on it "
+                               "(e.g. configs/mitosis/faster_rcnn_R_50_FPN.yaml)")
+        self.with_masks = self.has_masks and arch != "FasterRCNN"
+        self.transforms = transforms if transforms is not None else (
+            build_train_transforms(cfg) if train else None)
+        if target_fn is None and arch == "UNet":
+            from .unet_targets import UNetTargets  # written with the U-Net; imported lazily
+
+            target_fn = UNetTargets(cfg)
+        self.target_fn = target_fn
+
+    # ------------------------------------------------------------------------------ info
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def mpp(self) -> Optional[float]:
+        """Median ``mpp`` of the images when all have one, else None."""
+        vals = [r["mpp"] for r in self.records]
+        if vals and all(v is not None for v in vals):
+            return float(np.median(np.asarray(vals, dtype=np.float64)))
+        return None
+
+    # ------------------------------------------------------------------------------ items
+    def load(self, idx: int) -> Tuple[tv_tensors.Image, Dict[str, Any]]:
+        """Image (uint8 ``[3, H, W]``) and target of record ``idx`` before augmentation."""
+        rec = self.records[idx]
+        img = read_image(rec["file"])
+        h, w = img.shape[:2]
+        image = tv_tensors.Image(torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1))
+        anns = rec["anns"]
+        boxes = np.zeros((len(anns), 4), np.float32)
+        for i, a in enumerate(anns):
+            x, y, bw, bh = a["bbox"]
+            boxes[i] = [x, y, x + bw, y + bh]
+        target: Dict[str, Any] = {
+            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY",
+                                              canvas_size=(h, w)),
+            "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns],
+                                   dtype=torch.int64),
+            "image_id": rec["image_id"],
+        }
+        if self.with_masks:
+            masks = np.zeros((len(anns), h, w), np.uint8)
+            for i, a in enumerate(anns):
+                m = annotation_to_mask(a, h, w)
+                if m is not None:
+                    masks[i] = m
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
+        return image, target
+
+    def _clean(self, image: torch.Tensor, target: Dict[str, Any]) -> Dict[str, Any]:
+        """Drop instances emptied by cropping; boxes of masked data become the masks' boxes."""
+        h, w = image.shape[-2:]
+        if "masks" in target:
+            masks = target["masks"]
+            keep = masks.as_subclass(torch.Tensor).flatten(1).bool().any(dim=1) if len(masks) else torch.zeros(0, dtype=torch.bool)
+            masks = masks[keep]
+            boxes = masks_to_boxes_xyxy(masks)
+            target["masks"] = tv_tensors.Mask(masks.as_subclass(torch.Tensor).to(torch.uint8))
+        else:
+            b = target["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4).clone()
+            b[:, 0::2] = b[:, 0::2].clamp(0, w)
+            b[:, 1::2] = b[:, 1::2].clamp(0, h)
+            keep = ((b[:, 2] - b[:, 0]) >= 1) & ((b[:, 3] - b[:, 1]) >= 1)
+            boxes = b[keep]
+        target["boxes"] = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
+        target["labels"] = target["labels"][keep]
+        return target
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        if isinstance(key, (tuple, list)):
+            idx, seed = int(key[0]), int(key[1])
+        else:
+            idx, seed = int(key), None
+        image, target = self.load(idx)
+        if seed is None:
+            return self._finish(image, target)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._finish(image, target)
+
+    def _finish(self, image: torch.Tensor, target: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        target = self._clean(image, target)
+        image = image.as_subclass(torch.Tensor).float().div_(255.0)
+        if self.target_fn is not None:
+            target = self.target_fn(image, target)
+        return image, target
+
+
+def collate_list(batch: List[Tuple[torch.Tensor, Dict[str, Any]]]) -> Tuple[List[torch.Tensor], List[Dict[str, Any]]]:
+    """Batches as lists (images of different sizes are fine for the detection models)."""
+    return [b[0] for b in batch], [b[1] for b in batch]

@@ -1,0 +1,134 @@
+"""Checkpoints: a dict of tensors and plain types, written atomically, read with
+``torch.load(weights_only=True)``.
+
+Keys: ``model`` (state dict), ``config`` (resolved YAML string), ``classes`` (list of
+``{"id", "name"}``), ``mpp`` (float or None), ``iteration`` (iterations done), and for resuming
+``optimizer``, ``scheduler``, ``scaler``, ``rng`` states, plus ``extra`` (a plain dict).
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+LAST_CHECKPOINT = "last_checkpoint"
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not one of our checkpoints, or a missing one; the message names it."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _config_text(cfg: Any) -> str:
+    if isinstance(cfg, str):
+        return cfg
+    from ..config.config import cfg_to_yaml
+
+    return cfg_to_yaml(cfg)
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """Python, numpy, torch (and CUDA) random states as tensors and plain types."""
+    np_state = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Inverse of :func:`get_rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(path: str, model: nn.Module, cfg: Any, classes: List[Dict[str, Any]],
+                    mpp: Optional[float], iteration: int, optimizer: Any = None,
+                    scheduler: Any = None, scaler: Any = None,
+                    extra: Optional[Dict[str, Any]] = None) -> None:
+    """Write a checkpoint atomically (temporary file in the same folder, then ``os.replace``),
+    so that a run killed while writing leaves the previous checkpoint intact."""
+    ckpt: Dict[str, Any] = {
+        "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+        "config": _config_text(cfg),
+        "classes": [{"id": int(c["id"]), "name": str(c["name"])} for c in classes],
+        "mpp": None if mpp is None else float(mpp),
+        "iteration": int(iteration),
+        "rng": get_rng_state(),
+    }
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        ckpt["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        ckpt["scaler"] = scaler.state_dict()
+    if extra:
+        ckpt["extra"] = dict(extra)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Read one of our checkpoints (``weights_only=True``: no code is executed)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a checkpoint that loads safely "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "classes"} <= set(ckpt):
+        raise CheckpointError(f"{path}: not a detector checkpoint (needs 'model', 'config' and "
+                              "'classes'; a plain state dict goes in MODEL.WEIGHTS for "
+                              "fine-tuning instead)")
+    return ckpt
+
+
+def write_last_checkpoint(output_dir: str, name: str) -> None:
+    """Record ``name`` (a file in ``output_dir``) as the newest checkpoint, atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=output_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(name + "\n")
+    os.replace(tmp, os.path.join(output_dir, LAST_CHECKPOINT))
+
+
+def last_checkpoint(output_dir: str) -> Optional[str]:
+    """Path of the newest checkpoint in ``output_dir`` (from ``last_checkpoint``), or None."""
+    marker = os.path.join(output_dir, LAST_CHECKPOINT)
+    if not os.path.isfile(marker):
+        return None
+    with open(marker) as f:
+        name = f.read().strip()
+    path = os.path.join(output_dir, name)
+    return path if os.path.isfile(path) else None

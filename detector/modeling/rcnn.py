@@ -1,0 +1,233 @@
+"""Mask R-CNN and Faster R-CNN (torchvision) configured for cells, returning :class:`Instances`.
+
+The detectors are torchvision's ``MaskRCNN`` / ``FasterRCNN`` with the "v2" heads of
+``maskrcnn_resnet50_fpn_v2`` (Li et al., "Benchmarking Detection Transfer Learning with
+Vision Transformers", 2021): a ResNet-18/34/50 FPN backbone, an RPN head with two 3x3
+convolutions, a box head of normalised convolutions + one FC layer and a normalised mask head.
+With ``MODEL.BACKBONE.NAME resnet50``, ``NORM FrozenBN`` and 256 channels the state dict keys
+and shapes are those of torchvision's COCO-pretrained v2 models (class heads aside).
+
+Differences from torchvision's defaults, for nuclei (5 to 60 px, hundreds per field):
+anchors, RPN top-k and detections per image come from the config, and images are used at
+native resolution (times ``INPUT.SCALE``) instead of being resized to 800 px.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import misc as misc_nn_ops
+
+from ..structures.instances import Instances
+
+
+def norm_layers(norm: str, channels: int = 256) -> Tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """``(backbone_norm, head_norm)`` layer factories for ``MODEL.BACKBONE.NORM``.
+
+    "GN" puts GroupNorm(32) everywhere (batch-independent; training from scratch, He et al.
+    2019). "FrozenBN" freezes the backbone's BN (fine-tuning) and, like torchvision's v2
+    models, uses BatchNorm in FPN/heads. "BN"/"SyncBN" use BatchNorm (SyncBN is converted
+    with ``nn.SyncBatchNorm.convert_sync_batchnorm`` when training on several processes).
+    """
+    if norm == "GN":
+        gn = functools.partial(nn.GroupNorm, 32)
+        return gn, gn
+    if norm == "FrozenBN":
+        return misc_nn_ops.FrozenBatchNorm2d, nn.BatchNorm2d
+    if norm in ("BN", "SyncBN"):
+        return nn.BatchNorm2d, nn.BatchNorm2d
+    raise ValueError(f"MODEL.BACKBONE.NORM must be FrozenBN, BN, SyncBN or GN, got {norm!r}")
+
+
+class NativeResolutionTransform(GeneralizedRCNNTransform):
+    """torchvision's batching/normalising transform without the resize to 800 px: every image
+    is scaled by the fixed factor ``scale`` (1.0 = native resolution), and predictions are
+    mapped back to the input image's pixels by the parent's ``postprocess``."""
+
+    def __init__(self, scale: float, image_mean: List[float], image_std: List[float],
+                 size_divisible: int = 32) -> None:
+        super().__init__(min_size=1, max_size=1, image_mean=image_mean, image_std=image_std,
+                         size_divisible=size_divisible)
+        self.scale = float(scale)
+
+    def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None
+               ) -> Tuple[Tensor, Optional[Dict[str, Tensor]]]:
+        if self.scale == 1.0:
+            return image, target
+        h, w = image.shape[-2:]
+        image = F.interpolate(image[None], scale_factor=self.scale, mode="bilinear",
+                              align_corners=False, recompute_scale_factor=True)[0]
+        if target is None:
+            return image, target
+        nh, nw = image.shape[-2:]
+        target = dict(target)
+        if "boxes" in target:
+            ratio = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=target["boxes"].dtype,
+                                 device=target["boxes"].device)
+            target["boxes"] = target["boxes"] * ratio
+        if "masks" in target and target["masks"].numel():
+            target["masks"] = F.interpolate(target["masks"][:, None].float(), size=(nh, nw),
+                                            mode="nearest")[:, 0].byte()
+        elif "masks" in target:
+            target["masks"] = target["masks"].new_zeros((0, nh, nw))
+        return image, target
+
+
+def _resnet_backbone(cfg: Any) -> nn.Module:
+    name = cfg.MODEL.BACKBONE.NAME
+    body_norm, head_norm = norm_layers(cfg.MODEL.BACKBONE.NORM)
+    resnet = torchvision.models.resnet.__dict__[name](weights=None, norm_layer=body_norm)
+    trainable = int(cfg.MODEL.BACKBONE.TRAINABLE_LAYERS)
+    if not 0 <= trainable <= 5:
+        raise ValueError(f"MODEL.BACKBONE.TRAINABLE_LAYERS must be 0..5, got {trainable}")
+    backbone = _resnet_fpn_extractor(resnet, trainable, norm_layer=head_norm)
+    out = int(cfg.MODEL.BACKBONE.OUT_CHANNELS)
+    if out != backbone.out_channels:
+        # same construction as _resnet_fpn_extractor, with another FPN width
+        from torchvision.models.detection.backbone_utils import BackboneWithFPN
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        in_stage2 = resnet.inplanes // 8
+        in_channels_list = [in_stage2 * 2 ** (i - 1) for i in (1, 2, 3, 4)]
+        backbone = BackboneWithFPN(resnet, {f"layer{k}": str(v) for v, k in enumerate((1, 2, 3, 4))},
+                                   in_channels_list, out, extra_blocks=LastLevelMaxPool(),
+                                   norm_layer=head_norm)
+    return backbone
+
+
+def build_torchvision_rcnn(cfg: Any, num_classes: int) -> nn.Module:
+    """The torchvision ``MaskRCNN`` or ``FasterRCNN`` for ``cfg`` with ``num_classes``
+    outputs (foreground classes + 1 for background)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    backbone = _resnet_backbone(cfg)
+    _, head_norm = norm_layers(cfg.MODEL.BACKBONE.NORM)
+    ch = backbone.out_channels
+    sizes = [tuple(int(s) for s in level) for level in cfg.MODEL.ANCHOR_GENERATOR.SIZES]
+    if len(sizes) != 5:
+        raise ValueError("MODEL.ANCHOR_GENERATOR.SIZES needs one list of sizes per FPN level "
+                         f"(5 levels: P2..P6), got {len(sizes)}")
+    ratios = tuple(float(r) for r in cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS)
+    per_level = {len(s) for s in sizes}
+    if len(per_level) != 1:
+        raise ValueError("MODEL.ANCHOR_GENERATOR.SIZES: every FPN level needs the same number of "
+                         f"sizes (the RPN head is shared), got {sizes}")
+    anchor_gen = AnchorGenerator(sizes, (ratios,) * len(sizes))
+    rpn_head = RPNHead(ch, anchor_gen.num_anchors_per_location()[0],
+                       conv_depth=int(cfg.MODEL.RPN.CONV_DEPTH))
+    roi = cfg.MODEL.ROI_HEADS
+    box_head = FastRCNNConvFCHead((ch, 7, 7), [ch] * int(roi.BOX_HEAD_CONVS), [int(roi.FC_DIM)],
+                                  norm_layer=head_norm)
+    rpn = cfg.MODEL.RPN
+    kwargs: Dict[str, Any] = dict(
+        box_predictor=FastRCNNPredictor(int(roi.FC_DIM), num_classes),
+        rpn_anchor_generator=anchor_gen,
+        rpn_head=rpn_head,
+        box_head=box_head,
+        rpn_pre_nms_top_n_train=int(rpn.PRE_NMS_TOPK_TRAIN),
+        rpn_pre_nms_top_n_test=int(rpn.PRE_NMS_TOPK_TEST),
+        rpn_post_nms_top_n_train=int(rpn.POST_NMS_TOPK_TRAIN),
+        rpn_post_nms_top_n_test=int(rpn.POST_NMS_TOPK_TEST),
+        rpn_nms_thresh=float(rpn.NMS_THRESH),
+        rpn_batch_size_per_image=int(rpn.BATCH_SIZE_PER_IMAGE),
+        rpn_positive_fraction=float(rpn.POSITIVE_FRACTION),
+        box_score_thresh=float(roi.SCORE_THRESH_TEST),
+        box_nms_thresh=float(roi.NMS_THRESH_TEST),
+        box_detections_per_img=int(roi.DETECTIONS_PER_IMAGE),
+        box_batch_size_per_image=int(roi.BATCH_SIZE_PER_IMAGE),
+        box_positive_fraction=float(roi.POSITIVE_FRACTION),
+    )
+    if arch == "MaskRCNN":
+        kwargs["mask_head"] = MaskRCNNHeads(ch, [ch] * int(roi.MASK_HEAD_CONVS), 1,
+                                            norm_layer=head_norm)
+        kwargs["mask_predictor"] = MaskRCNNPredictor(ch, ch, num_classes)
+        model: nn.Module = MaskRCNN(backbone, **kwargs)
+    elif arch == "FasterRCNN":
+        model = FasterRCNN(backbone, **kwargs)
+    else:
+        raise ValueError(f"build_torchvision_rcnn: {arch!r} is not an R-CNN")
+    model.transform = NativeResolutionTransform(
+        cfg.INPUT.SCALE, list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD))
+    return model
+
+
+def _encode_masks(masks: np.ndarray, chunk: int = 64) -> List[Dict[str, Any]]:
+    """``(N, H, W)`` bool -> N COCO RLEs (bytes counts), encoded in chunks to bound memory."""
+    out: List[Dict[str, Any]] = []
+    for i in range(0, len(masks), chunk):
+        block = np.asfortranarray(masks[i:i + chunk].transpose(1, 2, 0).astype(np.uint8))
+        out.extend(mask_utils.encode(block))
+    return out
+
+
+class RCNN(nn.Module):
+    """A torchvision Mask/Faster R-CNN behind the project's model interface.
+
+    ``forward(images, targets=None)``: ``images`` is a list of ``[3, H, W]`` float32 tensors
+    in 0..1 (any sizes); in training mode ``targets`` is a list of dicts with ``boxes``
+    (``(N, 4)`` XYXY px), ``labels`` (``(N,)`` int64 in 1..K) and, for Mask R-CNN, ``masks``
+    (``(N, H, W)`` uint8), and a dict of scalar losses is returned. In eval mode a list of
+    :class:`Instances` is returned, one per image, in that image's pixels, with labels mapped
+    to the COCO category ids of ``classes`` and masks (Mask R-CNN) as COCO RLE.
+    """
+
+    def __init__(self, cfg: Any, classes: List[Dict[str, Any]]) -> None:
+        super().__init__()
+        self.classes = [{"id": int(c["id"]), "name": str(c["name"])} for c in classes]
+        if not self.classes:
+            raise ValueError("RCNN needs at least one class")
+        self.with_masks = cfg.MODEL.META_ARCHITECTURE == "MaskRCNN"
+        self.mask_threshold = float(cfg.MODEL.ROI_HEADS.MASK_THRESHOLD)
+        self.model = build_torchvision_rcnn(cfg, len(self.classes) + 1)
+        self.register_buffer("label_to_id",
+                             torch.tensor([0] + [c["id"] for c in self.classes], dtype=torch.int64),
+                             persistent=False)
+
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
+        if self.training:
+            if targets is None:
+                raise ValueError("RCNN in training mode needs targets")
+            tv_targets = []
+            for t in targets:
+                d = {"boxes": t["boxes"].as_subclass(Tensor).float().reshape(-1, 4),
+                     "labels": t["labels"].as_subclass(Tensor).long()}
+                if self.with_masks:
+                    if "masks" not in t:
+                        raise ValueError("Mask R-CNN needs masks in its targets; box-only data "
+                                         "trains MODEL.META_ARCHITECTURE FasterRCNN")
+                    d["masks"] = t["masks"].as_subclass(Tensor)
+                tv_targets.append(d)
+            return self.model([im.as_subclass(Tensor) for im in images], tv_targets)
+        outputs = self.model([im.as_subclass(Tensor) for im in images])
+        return [self._to_instances(o, im.shape[-2:]) for o, im in zip(outputs, images)]
+
+    def _to_instances(self, out: Dict[str, Tensor], size: Tuple[int, int]) -> Instances:
+        labels = self.label_to_id.to(out["labels"].device)[out["labels"]]
+        masks = None
+        if self.with_masks:
+            m = (out["masks"][:, 0] > self.mask_threshold).cpu().numpy()
+            masks = _encode_masks(m) if len(m) else []
+        return Instances(
+            image_size=(int(size[0]), int(size[1])),
+            boxes=out["boxes"].detach().float().cpu().numpy(),
+            scores=out["scores"].detach().float().cpu().numpy(),
+            labels=labels.cpu().numpy(),
+            masks=masks,
+        )
+
+
+def build_rcnn(cfg: Any, classes: List[Dict[str, Any]]) -> RCNN:
+    """``RCNN`` for ``cfg.MODEL.META_ARCHITECTURE`` in ("MaskRCNN", "FasterRCNN")."""
+    return RCNN(cfg, classes)
