@@ -26,6 +26,8 @@ class BackboneConfig:
     NORM: str = "GN"
     # How many ResNet stages (from the top, 0..5) are trained; 5 = all (from scratch).
     TRAINABLE_LAYERS: int = 5
+    # Output channels of the FPN and of the RPN/box/mask heads (torchvision: 256).
+    OUT_CHANNELS: int = 256
 
 
 @dataclass
@@ -45,6 +47,8 @@ class RPNConfig:
     POST_NMS_TOPK_TRAIN: int = 3000
     POST_NMS_TOPK_TEST: int = 3000
     NMS_THRESH: float = 0.7
+    # 3x3 convolutions in the RPN head (torchvision's v2 models: 2).
+    CONV_DEPTH: int = 2
     # Anchors sampled per image for the RPN loss, and the positive fraction among them.
     BATCH_SIZE_PER_IMAGE: int = 256
     POSITIVE_FRACTION: float = 0.5
@@ -63,6 +67,11 @@ class ROIHeadsConfig:
     DETECTIONS_PER_IMAGE: int = 1000
     # Threshold on the mask head's probability to binarise masks.
     MASK_THRESHOLD: float = 0.5
+    # Box head: 3x3 convolutions (with norm) then fully connected layers of FC_DIM (the v2
+    # heads: 4 convs, one FC of 1024). Mask head: MASK_HEAD_CONVS 3x3 convolutions (v2: 4).
+    BOX_HEAD_CONVS: int = 4
+    FC_DIM: int = 1024
+    MASK_HEAD_CONVS: int = 4
 
 
 @dataclass
@@ -118,10 +127,12 @@ class AugmentationConfig:
     ROT90: bool = True
     # Random scale factor range; [1.0, 1.0] disables scale jitter.
     SCALE_RANGE: List[float] = field(default_factory=lambda: [0.8, 1.25])
-    # Probability and strength (alpha in px, sigma in px) of elastic deformation.
+    # Probability of elastic deformation as in the U-Net paper (Ronneberger et al. 2015):
+    # random displacements on a coarse ELASTIC_GRID x ELASTIC_GRID grid, Gaussian with std
+    # ELASTIC_STD px, upsampled bicubically to every pixel (detector.data.transforms.ElasticGrid).
     ELASTIC_PROB: float = 0.0
-    ELASTIC_ALPHA: float = 30.0
-    ELASTIC_SIGMA: float = 5.0
+    ELASTIC_GRID: int = 3
+    ELASTIC_STD: float = 10.0
     # Brightness/contrast/saturation/hue jitter amounts (torchvision ColorJitter); 0 = off.
     COLOR_JITTER: List[float] = field(default_factory=lambda: [0.2, 0.2, 0.2, 0.02])
     # H&E stain jitter (per-stain scale/shift in optical density space); 0 = off.
