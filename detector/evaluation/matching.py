@@ -1,0 +1,209 @@
+"""One-to-one matching of predicted and true objects: sparse IoU between overlapping boxes,
+mask IoU through ``pycocotools.mask.iou``, and Hungarian assignment.
+
+Pairs are kept sparse, as ``(rows, cols, values)`` arrays with ``rows`` indexing predictions and
+``cols`` ground-truth objects: a dense IoU matrix of a slide with 10^5 nuclei would not fit in
+memory, and mask IoU is only computed for pairs whose boxes overlap (what makes thousands of
+nuclei fast). Boxes are XYXY pixels; masks are pycocotools RLEs of the image size.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import pycocotools.mask as mask_utils
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+Pairs = Tuple[np.ndarray, np.ndarray, np.ndarray]  # rows (pred idx), cols (gt idx), values
+
+_DENSE_LIMIT = 4_000_000  # above this many box pairs, find overlaps with a k-d tree
+
+
+def _empty_pairs() -> Pairs:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+
+
+def box_overlap_candidates(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` of boxes ``a[i]`` and ``b[j]`` (both ``(N, 4)`` XYXY px) whose
+    intersection has positive area.
+
+    Small inputs use a dense broadcast; large ones (whole slides) a k-d tree on box centres
+    with the Chebyshev radius of the largest boxes, so memory stays linear in N.
+    """
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if len(a) * len(b) <= _DENSE_LIMIT:
+        iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+        ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+        i, j = np.nonzero((iw > 0) & (ih > 0))
+        return i.astype(np.int64), j.astype(np.int64)
+    ca = (a[:, :2] + a[:, 2:]) / 2
+    cb = (b[:, :2] + b[:, 2:]) / 2
+    ra = np.max(a[:, 2:] - a[:, :2]) / 2
+    rb = np.max(b[:, 2:] - b[:, :2]) / 2
+    ta, tb = cKDTree(ca), cKDTree(cb)
+    m = ta.sparse_distance_matrix(tb, ra + rb, p=np.inf, output_type="ndarray")
+    i, j = m["i"].astype(np.int64), m["j"].astype(np.int64)
+    iw = np.minimum(a[i, 2], b[j, 2]) - np.maximum(a[i, 0], b[j, 0])
+    ih = np.minimum(a[i, 3], b[j, 3]) - np.maximum(a[i, 1], b[j, 1])
+    keep = (iw > 0) & (ih > 0)
+    return i[keep], j[keep]
+
+
+def rle_areas(rles: Sequence[dict]) -> np.ndarray:
+    """``(N,)`` pixel areas of pycocotools RLEs. Called in chunks of 255 because
+    ``pycocotools.mask.area`` 2.0.11 overflows a uint8 length on longer lists."""
+    out = [np.asarray(mask_utils.area(list(rles[k:k + 255])), np.float64).reshape(-1)
+           for k in range(0, len(rles), 255)]
+    return np.concatenate(out) if out else np.zeros(0, np.float64)
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    """``(N,)`` areas of ``(N, 4)`` XYXY boxes (negative extents count as 0)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    wh = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None)
+    return wh[:, 0] * wh[:, 1]
+
+
+def pair_box_iou(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """IoU of the box pairs ``(a[i[k]], b[j[k]])``, elementwise.
+
+    Written out because ``torchvision.ops.box_iou`` computes the full N x M matrix, and only
+    the (sparse) overlapping pairs are needed here.
+    """
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    iw = np.clip(np.minimum(a[i, 2], b[j, 2]) - np.maximum(a[i, 0], b[j, 0]), 0, None)
+    ih = np.clip(np.minimum(a[i, 3], b[j, 3]) - np.maximum(a[i, 1], b[j, 1]), 0, None)
+    inter = iw * ih
+    union = box_area(a)[i] + box_area(b)[j] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def pair_mask_iou(pred_rles: Sequence[dict], gt_rles: Sequence[dict], i: np.ndarray,
+                  j: np.ndarray) -> np.ndarray:
+    """Mask IoU of the pairs ``(pred_rles[i[k]], gt_rles[j[k]])`` via ``pycocotools.mask.iou``,
+    one call per prediction with all its candidate ground-truth objects."""
+    out = np.zeros(len(i), np.float64)
+    if len(i) == 0:
+        return out
+    order = np.argsort(i, kind="stable")
+    i_s, j_s = i[order], j[order]
+    starts = np.flatnonzero(np.r_[True, i_s[1:] != i_s[:-1]])
+    ends = np.r_[starts[1:], len(i_s)]
+    vals = np.zeros(len(i_s), np.float64)
+    for s, e in zip(starts, ends):
+        g = [gt_rles[k] for k in j_s[s:e]]
+        vals[s:e] = np.asarray(mask_utils.iou([pred_rles[i_s[s]]], g, [0] * len(g))).reshape(-1)
+    out[order] = vals
+    return out
+
+
+def iou_pairs(pred_boxes: np.ndarray, gt_boxes: np.ndarray,
+              pred_rles: Optional[Sequence[dict]] = None,
+              gt_rles: Optional[Sequence[dict]] = None,
+              pred_labels: Optional[np.ndarray] = None,
+              gt_labels: Optional[np.ndarray] = None) -> Pairs:
+    """Sparse IoU between predictions and ground truth of one image.
+
+    Args:
+        pred_boxes, gt_boxes: ``(N, 4)`` / ``(M, 4)`` XYXY px.
+        pred_rles, gt_rles: pycocotools RLEs (bytes counts) of the image size; when both are
+            given, mask IoU is used, else box IoU.
+        pred_labels, gt_labels: when both are given, only same-label pairs are kept.
+
+    Returns:
+        ``(rows, cols, iou)``: prediction index, ground-truth index and IoU (> 0) of every pair
+        whose boxes overlap.
+    """
+    i, j = box_overlap_candidates(pred_boxes, gt_boxes)
+    if pred_labels is not None and gt_labels is not None and len(i):
+        same = np.asarray(pred_labels)[i] == np.asarray(gt_labels)[j]
+        i, j = i[same], j[same]
+    if len(i) == 0:
+        return _empty_pairs()
+    if pred_rles is not None and gt_rles is not None:
+        v = pair_mask_iou(pred_rles, gt_rles, i, j)
+    else:
+        v = pair_box_iou(pred_boxes, gt_boxes, i, j)
+    keep = v > 0
+    return i[keep], j[keep], v[keep]
+
+
+def distance_pairs(pred_xy: np.ndarray, gt_xy: np.ndarray, radius: np.ndarray | float,
+                   pred_labels: Optional[np.ndarray] = None,
+                   gt_labels: Optional[np.ndarray] = None) -> Pairs:
+    """Pairs of points within ``radius`` px (Euclidean, inclusive) as ``(rows, cols, distance)``.
+
+    Args:
+        pred_xy, gt_xy: ``(N, 2)`` / ``(M, 2)`` x, y px.
+        radius: the matching radius in px.
+    """
+    pred_xy = np.asarray(pred_xy, np.float64).reshape(-1, 2)
+    gt_xy = np.asarray(gt_xy, np.float64).reshape(-1, 2)
+    if len(pred_xy) == 0 or len(gt_xy) == 0:
+        return _empty_pairs()
+    tp, tg = cKDTree(pred_xy), cKDTree(gt_xy)
+    hits = tp.query_ball_tree(tg, float(radius))
+    i = np.asarray([a for a, js in enumerate(hits) for _ in js], np.int64)
+    j = np.asarray([b for js in hits for b in js], np.int64)
+    if len(i) == 0:
+        return _empty_pairs()
+    if pred_labels is not None and gt_labels is not None:
+        same = np.asarray(pred_labels)[i] == np.asarray(gt_labels)[j]
+        i, j = i[same], j[same]
+    d = np.linalg.norm(pred_xy[i] - gt_xy[j], axis=1)
+    return i, j, d
+
+
+def match_pairs(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray,
+                valid: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """One-to-one assignment among candidate pairs (Hungarian, ``linear_sum_assignment``).
+
+    Maximises first the number of matched pairs among the ``valid`` ones, then the sum of
+    ``weights`` (in [0, 1]; IoU, or ``1 - distance / radius``) as a tie-break. When every row and
+    column appears in at most one valid pair, that set is the answer and no solver runs; else
+    the Hungarian algorithm runs on each connected group of conflicting pairs.
+
+    Returns:
+        indices into ``rows``/``cols`` of the matched pairs.
+    """
+    rows = np.asarray(rows, np.int64)
+    cols = np.asarray(cols, np.int64)
+    weights = np.asarray(weights, np.float64)
+    idx = np.arange(len(rows)) if valid is None else np.flatnonzero(valid)
+    if len(idx) == 0:
+        return np.zeros(0, np.int64)
+    r, c = rows[idx], cols[idx]
+    ur, ri = np.unique(r, return_inverse=True)
+    uc, ci = np.unique(c, return_inverse=True)
+    if len(ur) == len(idx) and len(uc) == len(idx):
+        return idx
+    nr, nc = len(ur), len(uc)
+    graph = coo_matrix((np.ones(len(idx)), (ri, nr + ci)), shape=(nr + nc, nr + nc))
+    _, comp = connected_components(graph, directed=False)
+    pair_comp = comp[ri]
+    order = np.argsort(pair_comp, kind="stable")
+    starts = np.flatnonzero(np.r_[True, pair_comp[order][1:] != pair_comp[order][:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    keep: List[np.ndarray] = []
+    for s, e in zip(starts, ends):
+        sel = order[s:e]
+        if len(sel) == 1:
+            keep.append(idx[sel])
+            continue
+        lr, lri = np.unique(ri[sel], return_inverse=True)
+        lc, lci = np.unique(ci[sel], return_inverse=True)
+        k = max(1, min(len(lr), len(lc)))
+        cost = np.zeros((len(lr), len(lc)))
+        cost[lri, lci] = -(1.0 + weights[idx[sel]] / (2.0 * k))
+        a, b = linear_sum_assignment(cost)
+        lookup = {(x, y): p for x, y, p in zip(lri, lci, idx[sel])}
+        keep.append(np.asarray([lookup[(x, y)] for x, y in zip(a, b) if cost[x, y] < 0],
+                               np.int64))
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
