@@ -1,0 +1,167 @@
+"""Instances from the U-Net's 3-class output: marker-controlled watershed (scikit-image).
+
+The U-Net predicts, per pixel, probabilities of background, nucleus interior and nucleus
+boundary (``(3, H, W)``; see :mod:`detector.data.unet_targets`). Instances are recovered as:
+
+1. **seeds**: connected components (8-connectivity) of ``p_interior - p_boundary > seed_thresh``
+   (interior minus boundary: touching nuclei are split by the boundary class drawn between them);
+2. **foreground**: ``p_interior + p_boundary > fg_thresh`` (``= 1 - p_background``);
+3. marker-controlled watershed (``skimage.segmentation.watershed``) of the elevation
+   ``1 - p_interior`` from the seeds, restricted to the foreground, which gives each nucleus
+   back its boundary band;
+4. foreground components that hold no seed become instances of their own;
+5. instances smaller than ``min_size`` px are removed.
+
+Each instance's **score** is the mean interior probability ``p_interior`` over its seed (its
+confidently-interior core); an instance without a seed (step 4) scores the mean foreground
+probability ``1 - p_background`` over its pixels times 0.5, i.e. below every seeded instance
+with a mean interior probability above 0.5. The result is an :class:`Instances` with one COCO
+RLE mask, XYXY box (pixel edges), score and label per nucleus, as Mask R-CNN gives.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import pycocotools.mask as mask_utils
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+
+from ..structures.instances import Instances
+
+_EIGHT = np.ones((3, 3), bool)
+
+
+def label_map_from_probabilities(
+    probs: np.ndarray,
+    seed_thresh: float = 0.5,
+    fg_thresh: float = 0.5,
+    min_size: int = 10,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Label image of the nuclei in a 3-class probability map.
+
+    Args:
+        probs: ``(3, H, W)`` float probabilities (background, interior, boundary) summing to 1.
+        seed_thresh: seeds are ``p_interior - p_boundary > seed_thresh``.
+        fg_thresh: foreground is ``p_interior + p_boundary > fg_thresh``.
+        min_size: smallest instance kept (px).
+
+    Returns:
+        ``(labels, seeds)``: ``(H, W)`` int32 labels 0 = background, 1..N = instances
+        (consecutive), and the ``(H, W)`` int32 seed labels that share those ids (0 where an
+        instance grew from no seed).
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 3 or probs.shape[0] != 3:
+        raise ValueError(f"expected (3, H, W) probabilities, got shape {probs.shape}")
+    p_int, p_bnd = probs[1], probs[2]
+    foreground = (p_int + p_bnd) > fg_thresh
+    seed_mask = ((p_int - p_bnd) > seed_thresh) & foreground
+    seeds, n_seeds = ndi.label(seed_mask, structure=_EIGHT)
+    if n_seeds:
+        labels = watershed(1.0 - p_int, markers=seeds, mask=foreground)
+    else:
+        labels = np.zeros(p_int.shape, np.int32)
+    # foreground components without any seed become instances of their own
+    rest, n_rest = ndi.label(foreground & (labels == 0), structure=_EIGHT)
+    if n_rest:
+        labels = np.where(rest > 0, rest + n_seeds, labels)
+    # remove small instances and renumber 1..N
+    sizes = np.bincount(labels.reshape(-1))
+    keep = sizes >= max(int(min_size), 1)
+    keep[0] = False
+    new_ids = np.zeros(len(sizes), np.int32)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    labels = new_ids[labels]
+    seeds = np.where(seeds > 0, new_ids[seeds], 0).astype(np.int32)
+    return labels.astype(np.int32), seeds
+
+
+def crop_mask_to_rle(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> Dict[str, Any]:
+    """COCO RLE (compressed) of a binary mask given as a crop at ``(y0, x0)`` of an image of
+    ``height x width``. Written here because pycocotools only encodes full-size arrays, and
+    encoding hundreds of full-size masks per image would dominate post-processing time."""
+    # column-major (Fortran) linear indices of the mask's pixels in the full image
+    xs, ys = np.nonzero(np.asarray(crop, bool).T)  # sorted by x, then y: column-major order
+    idx = (xs.astype(np.int64) + x0) * height + (ys.astype(np.int64) + y0)
+    total = int(height) * int(width)
+    if idx.size == 0:
+        counts = [total]
+    else:
+        breaks = np.flatnonzero(np.diff(idx) != 1)
+        starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+        ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
+        counts_arr = np.empty(2 * len(starts) + 1, np.int64)
+        counts_arr[0] = starts[0]
+        counts_arr[1:-1:2] = ends - starts
+        counts_arr[2:-1:2] = starts[1:] - ends[:-1]
+        counts_arr[-1] = total - ends[-1]
+        counts = counts_arr.tolist()
+    return mask_utils.frPyObjects({"counts": counts, "size": [int(height), int(width)]},
+                                  int(height), int(width))
+
+
+def instances_from_label_map(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    category_id: int = 1,
+) -> Instances:
+    """:class:`Instances` (RLE masks, XYXY boxes at pixel edges) of a label image.
+
+    Args:
+        labels: ``(H, W)`` int, 0 = background, 1..N = instances (ids without pixels skipped).
+        scores: ``(N + 1,)`` score per label id (index 0 unused).
+        category_id: the COCO category id given to every instance.
+    """
+    h, w = labels.shape
+    boxes: List[List[float]] = []
+    kept_scores: List[float] = []
+    masks: List[Dict[str, Any]] = []
+    for k, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        ys, xs = sl
+        masks.append(crop_mask_to_rle(labels[sl] == k, ys.start, xs.start, h, w))
+        boxes.append([xs.start, ys.start, xs.stop, ys.stop])
+        kept_scores.append(float(scores[k]))
+    return Instances(
+        (h, w),
+        np.asarray(boxes, np.float32).reshape(-1, 4),
+        np.asarray(kept_scores, np.float32),
+        np.full(len(boxes), int(category_id), np.int64),
+        masks,
+    )
+
+
+def instances_from_probabilities(
+    probs: np.ndarray,
+    category_id: int = 1,
+    seed_thresh: float = 0.5,
+    fg_thresh: float = 0.5,
+    min_size: int = 10,
+) -> Instances:
+    """Nuclei of a ``(3, H, W)`` probability map (background, interior, boundary) as
+    :class:`Instances` with RLE masks, boxes, scores (see the module docstring) and
+    ``category_id`` as label."""
+    probs = np.asarray(probs, dtype=np.float32)
+    labels, seeds = label_map_from_probabilities(probs, seed_thresh, fg_thresh, min_size)
+    n = int(labels.max())
+    scores = np.zeros(n + 1, np.float64)
+    if n:
+        seed_count = np.bincount(seeds.reshape(-1), minlength=n + 1)
+        seed_sum = np.bincount(seeds.reshape(-1), weights=probs[1].reshape(-1), minlength=n + 1)
+        count = np.bincount(labels.reshape(-1), minlength=n + 1)
+        fg_sum = np.bincount(labels.reshape(-1), weights=(1.0 - probs[0]).reshape(-1),
+                             minlength=n + 1)
+        seed_mean = seed_sum / np.maximum(seed_count, 1)
+        fg_mean = fg_sum / np.maximum(count, 1)
+        scores = np.where(seed_count > 0, seed_mean, 0.5 * fg_mean)
+        scores[0] = 0.0
+    return instances_from_label_map(labels, np.clip(scores, 0.0, 1.0), category_id)
+
+
+def probabilities_from_classes(classes: np.ndarray) -> np.ndarray:
+    """One-hot ``(3, H, W)`` float32 probabilities of a 3-class map (for ground-truth
+    round trips: target map -> instances)."""
+    classes = np.asarray(classes)
+    return (np.arange(3)[:, None, None] == classes[None]).astype(np.float32)
