@@ -1,0 +1,253 @@
+"""Slide outputs: GeoJSON for QuPath, COCO results, CSV, overlay.png and density.png.
+
+Everything is in level-0 slide pixels (origin top-left, x right, y down); micrometres through
+the slide's ``mpp``. Files are written atomically (temporary file, then rename) so a killed run
+never leaves a half-written output that looks finished.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from ..structures.instances import Instances, rle_to_json
+from .rle import decode_crop
+
+# matplotlib's tab10, as RGB 0..255: class i (by position in the checkpoint's classes) gets
+# colour i; mitotic figures stand out in red.
+_PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def class_colours(classes: Sequence[Dict[str, Any]], mitotic_ids: Sequence[int] = ()
+                  ) -> Dict[int, Tuple[int, int, int]]:
+    """RGB colour of each class id: red for mitotic classes, the palette for the others."""
+    out, k = {}, 0
+    for c in classes:
+        cid = int(c["id"])
+        if cid in mitotic_ids:
+            out[cid] = (214, 39, 40)
+        else:
+            out[cid] = _PALETTE[[0, 2, 3, 4, 5, 6, 7, 8, 9][k % 9]]
+            k += 1
+    return out
+
+
+@contextmanager
+def _atomic(path: str, mode: str = "w", **kw) -> Iterator[Any]:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        with open(tmp, mode, **kw) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    with _atomic(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+
+
+def instance_polygons(inst: Instances, i: int, simplify: bool = True) -> List[List[List[float]]]:
+    """Outer rings of detection ``i`` in level-0 px as closed ``[[x, y], ...]`` lists (pixel
+    corners), from the mask's crop; the box's rectangle for box-only detections."""
+    if inst.masks is None:
+        x0, y0, x1, y1 = (float(v) for v in inst.boxes[i])
+        return [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
+    crop, ox, oy = decode_crop(inst.masks[i])
+    if crop.size == 0:
+        return []
+    # trace on a 2x upsampled crop so that the contour runs along pixel corners
+    up = cv2.resize(crop.astype(np.uint8), (crop.shape[1] * 2, crop.shape[0] * 2),
+                    interpolation=cv2.INTER_NEAREST)
+    up = np.pad(up, 1)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE if simplify else cv2.CHAIN_APPROX_NONE)
+    rings = []
+    for c in contours:
+        c = c.reshape(-1, 2).astype(np.float64)
+        if len(c) < 3:
+            continue
+        # undo the padding; in the 2x crop a left/top boundary pixel is at 2c and a
+        # right/bottom one at 2c+1, so ceil(u/2) is the pixel corner c or c+1
+        pts = np.ceil((c - 1) / 2.0) + (ox, oy)
+        ring = pts.tolist()
+        ring.append(ring[0])
+        rings.append(ring)
+    if not rings:
+        x0, y0, x1, y1 = (float(v) for v in inst.boxes[i])
+        rings = [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
+    return rings
+
+
+def write_geojson(path: str, inst: Instances, classes: Sequence[Dict[str, Any]], mpp: float,
+                  areas_px: Optional[np.ndarray] = None, mitotic_ids: Sequence[int] = ()) -> None:
+    """``detections.geojson``: a FeatureCollection QuPath imports as detections (File > Import
+    objects): a Polygon per mask (MultiPolygon when the mask has several parts) or per box, with
+    ``classification`` {name, color} and ``measurements`` {score, area_um2}."""
+    names = {int(c["id"]): str(c["name"]) for c in classes}
+    colours = class_colours(classes, mitotic_ids)
+    if areas_px is None:
+        areas_px = np.array([0.0] * len(inst))
+    with _atomic(path, "w", encoding="utf-8") as f:
+        f.write('{"type": "FeatureCollection", "features": [\n')
+        for i in range(len(inst)):
+            rings = instance_polygons(inst, i)
+            if len(rings) == 1:
+                geom = {"type": "Polygon", "coordinates": [rings[0]]}
+            else:
+                geom = {"type": "MultiPolygon", "coordinates": [[r] for r in rings]}
+            lab = int(inst.labels[i])
+            feat = {
+                "type": "Feature",
+                "id": f"det-{i + 1}",
+                "geometry": geom,
+                "properties": {
+                    "objectType": "detection",
+                    "classification": {"name": names.get(lab, str(lab)),
+                                       "color": list(colours.get(lab, (127, 127, 127)))},
+                    "measurements": {"score": round(float(inst.scores[i]), 5),
+                                     "area_um2": round(float(areas_px[i]) * mpp * mpp, 3)},
+                },
+            }
+            f.write(("," if i else "") + json.dumps(feat, separators=(",", ":")) + "\n")
+        f.write("]}\n")
+
+
+def write_coco_results(path: str, inst: Instances, image_id: int = 1) -> None:
+    """``detections.json``: COCO results (bbox XYWH, score, category_id, segmentation RLE of
+    the level-0 slide size) for ``image_id``."""
+    with _atomic(path, "w", encoding="utf-8") as f:
+        json.dump(inst.to_coco_results(image_id), f)
+
+
+def write_csv(path: str, inst: Instances, classes: Sequence[Dict[str, Any]], mpp: float,
+              centroids: np.ndarray, areas_px: np.ndarray) -> None:
+    """``detections.csv``: id, class, score, centroid (px and um), area (px and um^2), box."""
+    names = {int(c["id"]): str(c["name"]) for c in classes}
+    with _atomic(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "class", "score", "x_px", "y_px", "x_um", "y_um", "area_px", "area_um2",
+                    "box_x0", "box_y0", "box_x1", "box_y1"])
+        for i in range(len(inst)):
+            x, y = centroids[i]
+            b = inst.boxes[i]
+            w.writerow([i + 1, names.get(int(inst.labels[i]), int(inst.labels[i])),
+                        f"{inst.scores[i]:.5f}", f"{x:.2f}", f"{y:.2f}", f"{x * mpp:.3f}",
+                        f"{y * mpp:.3f}", f"{areas_px[i]:.0f}", f"{areas_px[i] * mpp * mpp:.3f}",
+                        f"{b[0]:.1f}", f"{b[1]:.1f}", f"{b[2]:.1f}", f"{b[3]:.1f}"])
+
+
+def write_overlay(path: str, thumb: np.ndarray, scale: float, inst: Instances,
+                  classes: Sequence[Dict[str, Any]], mitotic_ids: Sequence[int] = (),
+                  hotspot: Optional[Dict[str, Any]] = None,
+                  roi: Optional[Sequence[np.ndarray]] = None,
+                  tissue: Optional[np.ndarray] = None) -> None:
+    """``overlay.png``: the thumbnail (one px = ``scale`` level-0 px) with every detection
+    drawn in its class colour (outline when it is at least 4 thumbnail px across, else a dot),
+    mitotic figures as circles on top, the tissue outline, the ROI and the hotspot rectangle."""
+    img = np.ascontiguousarray(thumb[..., :3].copy())
+    colours = class_colours(classes, mitotic_ids)
+    if tissue is not None and tissue.any():
+        cs, _ = cv2.findContours(tissue.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(img, cs, -1, (0, 170, 0), 1)
+    is_mit = np.isin(inst.labels, np.asarray(list(mitotic_ids), np.int64))
+    order = np.concatenate([np.flatnonzero(~is_mit), np.flatnonzero(is_mit)])
+    for i in order:
+        col = colours.get(int(inst.labels[i]), (127, 127, 127))
+        b = inst.boxes[i] / scale
+        big = max(b[2] - b[0], b[3] - b[1]) >= 4
+        cx, cy = int(round((b[0] + b[2]) / 2)), int(round((b[1] + b[3]) / 2))
+        if is_mit[i]:
+            r = max(4, int(round(max(b[2] - b[0], b[3] - b[1]))))
+            cv2.circle(img, (cx, cy), r, col, 2, cv2.LINE_AA)
+        elif big and inst.masks is not None:
+            for ring in instance_polygons(inst, int(i)):
+                pts = np.round(np.asarray(ring) / scale).astype(np.int32).reshape(-1, 1, 2)
+                cv2.polylines(img, [pts], True, col, 1)
+        elif big:
+            cv2.rectangle(img, (int(b[0]), int(b[1])), (int(b[2]), int(b[3])), col, 1)
+        else:
+            cv2.circle(img, (cx, cy), 1, col, -1)
+    if roi is not None:
+        for p in roi:
+            pts = np.round(np.asarray(p) / scale).astype(np.int32).reshape(-1, 1, 2)
+            cv2.polylines(img, [pts], True, (0, 0, 255), 2)
+    if hotspot and hotspot.get("x0") is not None:
+        p0 = (int(hotspot["x0"] / scale), int(hotspot["y0"] / scale))
+        p1 = (int(hotspot["x1"] / scale) - 1, int(hotspot["y1"] / scale) - 1)
+        cv2.rectangle(img, p0, p1, (255, 200, 0), 3)
+        label = f"hotspot: {hotspot['count']} MF / 10 HPF"
+        cv2.putText(img, label, (p0[0] + 4, max(p0[1] + 18, 18)), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
+                    (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(img, label, (p0[0] + 4, max(p0[1] + 18, 18)), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
+                    (255, 200, 0), 1, cv2.LINE_AA)
+    with _atomic(path, "wb") as f:
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        f.write(buf.tobytes())
+
+
+def write_density(path: str, density: np.ndarray, cell_px: float, slide_size: Tuple[int, int],
+                  thumb: Optional[np.ndarray] = None, title: str = "mitotic figures / mm²",
+                  hotspot: Optional[Dict[str, Any]] = None,
+                  tissue: Optional[np.ndarray] = None, tissue_scale: float = 1.0) -> None:
+    """``density.png``: a heat map (points per mm^2 on cells of ``cell_px`` level-0 px) over the
+    greyed thumbnail, with a colour bar in mm^-2 and the hotspot rectangle. Cells without
+    tissue are transparent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    H, W = slide_size
+    d = density.astype(float)
+    if tissue is not None:
+        # a cell counts as tissue when any of its thumbnail pixels is tissue
+        ny, nx = d.shape
+        has = np.zeros_like(d, bool)
+        for j in range(ny):
+            for i in range(nx):
+                a0, b0 = int(i * cell_px / tissue_scale), int(j * cell_px / tissue_scale)
+                a1 = int((i + 1) * cell_px / tissue_scale) + 1
+                b1 = int((j + 1) * cell_px / tissue_scale) + 1
+                has[j, i] = tissue[b0:b1, a0:a1].any()
+        d = np.ma.masked_where(~has & (d == 0), d)
+    aspect = W / float(max(H, 1))
+    fig_w = 8.0
+    fig, ax = plt.subplots(figsize=(fig_w, max(3.0, fig_w / aspect * 0.85)), dpi=100)
+    extent = (0, W, H, 0)
+    if thumb is not None:
+        gray = cv2.cvtColor(thumb[..., :3], cv2.COLOR_RGB2GRAY)
+        ax.imshow(gray, cmap="gray", extent=extent, vmin=0, vmax=255)
+    vmax = float(np.max(d)) if np.ma.count(d) else 1.0
+    im = ax.imshow(d, cmap="inferno", extent=(0, d.shape[1] * cell_px, d.shape[0] * cell_px, 0),
+                   alpha=0.75, vmin=0, vmax=max(vmax, 1e-9), interpolation="nearest")
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label(title)
+    if hotspot and hotspot.get("x0") is not None:
+        ax.add_patch(Rectangle((hotspot["x0"], hotspot["y0"]), hotspot["x1"] - hotspot["x0"],
+                               hotspot["y1"] - hotspot["y0"], fill=False, ec="cyan", lw=2))
+        ax.text(hotspot["x0"], hotspot["y0"], f" hotspot {hotspot['count']}", color="cyan",
+                va="bottom", fontsize=9)
+    ax.set_title(f"{title} (cells of {cell_px:.0f} px)")
+    ax.set_xlabel("x (level-0 px)")
+    ax.set_ylabel("y (level-0 px)")
+    fig.tight_layout()
+    with _atomic(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)

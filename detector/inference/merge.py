@@ -1,0 +1,141 @@
+"""Merging tile detections into one set of slide detections.
+
+1. In each tile, a detection that touches an interior tile edge (one with an analysed
+   neighbour across it) may be cut: it is dropped there and taken from the neighbour, which holds
+   it whole as long as ``overlap`` >= the largest object (:func:`drop_cut`).
+2. Detections move to level-0 slide pixels; masks become slide-sized COCO RLE built from the
+   object's crop, never from a slide raster (:func:`tile_to_slide`).
+3. Objects that lie whole in two overlapping tiles are found twice: torchvision's
+   ``batched_nms`` on boxes (per class) removes the duplicates, and for masks a suppression
+   stands only when the two masks' IoU (pycocotools, on the RLEs) confirms it
+   (:func:`merge_detections`). NMS runs per spatial cell (with a margin of the largest object)
+   so that a slide with a million nuclei is not one O(N^2) NMS.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from torchvision.ops import batched_nms, box_iou
+
+from ..structures.instances import Instances, rle_from_json
+from .rle import encode_crop, mask_iou
+from .tiling import touches_edges
+
+
+def drop_cut(inst: Instances, edges: Tuple[bool, bool, bool, bool], margin: float = 2.0
+             ) -> Instances:
+    """The detections of one tile (tile pixels) minus those within ``margin`` px of an interior
+    edge ``(left, top, right, bottom)``: those are taken from the neighbouring tile."""
+    if len(inst) == 0 or not any(edges):
+        return inst
+    h, w = inst.image_size
+    return inst[~touches_edges(inst.boxes, w, h, edges, margin)]
+
+
+def tile_to_slide(inst: Instances, origin: Tuple[float, float], factor: float,
+                  slide_size: Tuple[int, int]) -> Instances:
+    """Move one tile's detections to level-0 slide pixels.
+
+    Args:
+        inst: detections in tile pixels of the analysis grid (masks: RLE of the tile's size).
+        origin: ``(x0, y0)`` of the tile in analysis pixels.
+        factor: level-0 px per analysis px (1.0 when analysing level 0 at its own mpp).
+        slide_size: ``(height, width)`` of level 0.
+
+    Returns:
+        Instances of image size ``slide_size``: boxes XYXY level-0 px (clipped to the slide),
+        masks slide-sized RLE (the object's crop rescaled by ``factor`` when it is not 1).
+    """
+    H, W = int(slide_size[0]), int(slide_size[1])
+    ox, oy = float(origin[0]), float(origin[1])
+    boxes = (inst.boxes.astype(np.float64) + np.array([ox, oy, ox, oy])) * factor
+    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, W)
+    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, H)
+    masks = None
+    if inst.masks is not None:
+        masks = []
+        for rle in inst.masks:
+            m = mask_utils.decode(rle_from_json(rle))
+            ys = np.flatnonzero(m.any(1))
+            if ys.size == 0:
+                masks.append(encode_crop(np.zeros((0, 0), bool), 0, 0, H, W))
+                continue
+            xs = np.flatnonzero(m.any(0))
+            crop = m[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
+            cx0, cy0 = xs[0] + ox, ys[0] + oy  # analysis px
+            if factor != 1.0:
+                sx0, sy0 = int(round(cx0 * factor)), int(round(cy0 * factor))
+                sx1 = int(round((cx0 + crop.shape[1]) * factor))
+                sy1 = int(round((cy0 + crop.shape[0]) * factor))
+                crop = cv2.resize(crop.astype(np.uint8), (max(1, sx1 - sx0), max(1, sy1 - sy0)),
+                                  interpolation=cv2.INTER_NEAREST)
+                cx0, cy0 = sx0, sy0
+            masks.append(encode_crop(crop, int(cx0), int(cy0), H, W))
+    return Instances((H, W), boxes.astype(np.float32), inst.scores, inst.labels, masks)
+
+
+def merge_detections(inst: Instances, iou_thresh: float = 0.5, mask_iou_thresh: float = 0.5,
+                     cell: Optional[float] = None) -> Instances:
+    """Remove duplicates from slide detections gathered from overlapping tiles.
+
+    Class-wise NMS (``torchvision.ops.batched_nms``) at ``iou_thresh`` on the boxes; when the
+    detections have masks, a suppressed detection is restored unless its mask IoU with the
+    detection that suppressed it (same class, highest box IoU) is >= ``mask_iou_thresh``.
+    NMS runs per square cell of side ``cell`` (default: 8 x the largest box, at least 2048 px),
+    each cell seeing its neighbours' detections within one largest-object margin, so results
+    equal one global NMS for objects no larger than the margin.
+
+    Returns the kept detections, sorted by descending score.
+    """
+    n = len(inst)
+    if n == 0:
+        return inst
+    boxes = inst.boxes.astype(np.float64)
+    wh = boxes[:, 2:] - boxes[:, :2]
+    margin = float(max(1.0, wh.max()))
+    if cell is None:
+        cell = max(2048.0, 8.0 * margin)
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    ci = np.floor(cx / cell).astype(np.int64)
+    cj = np.floor(cy / cell).astype(np.int64)
+    tb = torch.from_numpy(boxes.astype(np.float32))
+    ts = torch.from_numpy(inst.scores.astype(np.float32))
+    tl = torch.from_numpy(inst.labels)
+    keep = np.zeros(n, bool)
+    order = np.lexsort((ci, cj))
+    # group detections by home cell
+    keys = cj[order] * (ci.max() + 2) + ci[order]
+    splits = np.flatnonzero(np.diff(keys)) + 1
+    for group in np.split(order, splits):
+        i0, j0 = ci[group[0]], cj[group[0]]
+        x0, y0 = i0 * cell - margin, j0 * cell - margin
+        x1, y1 = (i0 + 1) * cell + margin, (j0 + 1) * cell + margin
+        ext = np.flatnonzero((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1))
+        ext_t = torch.from_numpy(ext)
+        k = batched_nms(tb[ext_t], ts[ext_t], tl[ext_t], iou_thresh).numpy()
+        kept_ext = np.zeros(len(ext), bool)
+        kept_ext[k] = True
+        home = np.isin(ext, group)
+        keep[ext[kept_ext & home]] = True
+        if inst.masks is not None:
+            sup = np.flatnonzero(home & ~kept_ext)
+            kk = np.flatnonzero(kept_ext)
+            if len(sup) and len(kk):
+                ious = box_iou(tb[ext[sup]], tb[ext[kk]]).numpy()
+                same = inst.labels[ext[sup]][:, None] == inst.labels[ext[kk]][None, :]
+                ious = np.where(same, ious, -1.0)
+                for a, s in enumerate(sup):
+                    b = int(np.argmax(ious[a]))
+                    if ious[a, b] <= 0:
+                        keep[ext[s]] = True
+                        continue
+                    if mask_iou(inst.masks[ext[s]], inst.masks[ext[kk[b]]]) < mask_iou_thresh:
+                        keep[ext[s]] = True  # boxes overlap but the masks do not: two objects
+    idx = np.flatnonzero(keep)
+    idx = idx[np.argsort(-inst.scores[idx], kind="stable")]
+    return inst[idx]
