@@ -68,6 +68,8 @@ def shifted(ann, h, w, dx, dy):
     ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
     m2[ys[ok], xs[ok]] = True
     a = mask_annotation(m2, ann["image_id"], ann["category_id"])
+    if a is None:  # moved out of the image
+        return None
     a["score"] = 0.9
     return a
 

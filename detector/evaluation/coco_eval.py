@@ -99,6 +99,7 @@ class APResampler:
         p = ev.params
         self.rec_thrs = np.asarray(p.recThrs)
         self.n_iou = len(p.iouThrs)
+        self.iou_thrs = np.asarray(p.iouThrs)
         max_det = p.maxDets[-1]
         n_area, n_img = len(p.areaRng), len(p.imgIds)
         pos = {img: i for i, img in enumerate(p.imgIds)}
@@ -123,6 +124,10 @@ class APResampler:
     def ap(self, sample: Optional[Sequence[int]] = None) -> float:
         """AP of the images at positions ``sample`` (with repeats) of ``image_ids``; all when
         None. Returns 0 when no category has ground truth in the sample."""
+        return self.ap_by_iou(sample)[0]
+
+    def ap_by_iou(self, sample: Optional[Sequence[int]] = None) -> Tuple[float, float, float]:
+        """``(AP, AP50, AP75)`` of the images at positions ``sample`` (see :meth:`ap`)."""
         vals = []
         for per_img in self.data:
             items = per_img if sample is None else [per_img[i] for i in sample]
@@ -146,5 +151,10 @@ class APResampler:
                 inds = np.searchsorted(rc, self.rec_thrs, side="left")
                 ok = inds < len(pr)
                 prec_all[t, ok] = pr[inds[ok]]
-            vals.append(prec_all.mean())
-        return float(np.mean(vals)) if vals else 0.0
+            vals.append(prec_all)
+        if not vals:
+            return 0.0, 0.0, 0.0
+        p = np.stack(vals)  # K x T x R
+        i50 = int(np.argmin(np.abs(self.iou_thrs - 0.5)))
+        i75 = int(np.argmin(np.abs(self.iou_thrs - 0.75)))
+        return float(p.mean()), float(p[:, i50].mean()), float(p[:, i75].mean())

@@ -180,7 +180,7 @@ def evaluate(gt: Dict[str, Any], results: Sequence[Dict[str, Any]], iou_thresh: 
         iou_curve=curve_iou, score_curve=curve_score,
         params={"iou_thresh": iou_thresh, "score_thresh": score_thresh, "max_dets": max_dets,
                 "mode": mode, "radius_um": radius_um if mode == "points" else None,
-                "mpp": mpp, "class_agnostic": class_agnostic},
+                "mpp": mpp, "class_agnostic": class_agnostic, "source": source},
         images=images, image_evals=evals, gt=gt, results=res, cocoeval=ev, warnings=warns)
 
 

@@ -217,5 +217,6 @@ def score_curve(evals: "list[ImageEval]") -> Dict[str, list]:
             "precision": [r["precision"] for r in rows],
             "recall": [r["recall"] for r in rows],
             "f1": [float(v) for v in f1],
+            "n_pred": [int(v) for v in nps],
             "best_score_thresh": float(SCORE_GRID[best]),
             "best_f1": float(f1[best]) if len(f1) else 0.0}

@@ -1,0 +1,5 @@
+import sys
+
+from detector.cli.evaluate import main
+
+sys.exit(main())
