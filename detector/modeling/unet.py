@@ -199,6 +199,8 @@ class UNetModel(nn.Module):
     absent); returns ``{"loss_unet": weighted pixel-wise cross-entropy}``, the mean over
     pixels of ``w(x) * -log p_{l(x)}(x)`` (the paper's energy, eq. 1, per pixel). In eval mode
     returns one :class:`Instances` per image (any size; overlap-tile prediction + watershed).
+    ``INPUT.SCALE`` != 1 resizes images (and, in training, the target maps, nearest) inside
+    the model; predicted probabilities are resized back to the image's size.
     """
 
     def __init__(self, cfg: Any, classes: Sequence[Dict[str, Any]]):
@@ -218,6 +220,10 @@ class UNetModel(nn.Module):
         self.fg_thresh = float(u.FOREGROUND_THRESH)
         self.min_size = int(u.MIN_SIZE)
         self.tile_batch = 4
+        # INPUT.SCALE: images are resized by this factor inside the model (as for R-CNN)
+        self.scale = float(cfg.INPUT.SCALE)
+        if self.scale <= 0:
+            raise ValueError(f"INPUT.SCALE must be > 0, got {cfg.INPUT.SCALE}")
         self.targets_fn = UNetTargets(cfg)
 
     # ---------------------------------------------------------------- geometry helpers
@@ -274,6 +280,17 @@ class UNetModel(nn.Module):
             boundary) on the model's device.
         """
         x = self._normalize(image)
+        if self.scale != 1.0:
+            size = image.shape[-2:]
+            x = F.interpolate(x[None], scale_factor=self.scale, mode="bilinear",
+                              align_corners=False)[0]
+            probs = self._predict_tiles(x, tile_size)
+            return F.interpolate(probs[None], size=size, mode="bilinear",
+                                 align_corners=False)[0]
+        return self._predict_tiles(x, tile_size)
+
+    def _predict_tiles(self, x: Tensor, tile_size: Optional[int]) -> Tensor:
+        """Overlap-tile prediction of a normalised ``(3, H, W)`` image -> ``(3, H, W)``."""
         h, w = x.shape[-2:]
         stride, before, after = self._tile_geometry(tile_size or self.tile_size)
         ny, nx = math.ceil(h / stride), math.ceil(w / stride)
@@ -312,19 +329,25 @@ class UNetModel(nn.Module):
             raise ValueError(f"U-Net training images must share one size (crops), got {sizes}")
         h, w = sizes.pop()
         x = torch.stack([self._normalize(img) for img in images])
-        logits = self.net(self._pad_for_output(x, h, w))[..., :h, :w]
         cls, wts = [], []
         for img, t in zip(images, targets):
             if "unet_target" not in t or "unet_weight" not in t:
                 t = self.targets_fn(img, t)
             cls.append(torch.as_tensor(t["unet_target"]))
             wts.append(torch.as_tensor(t["unet_weight"]))
-        target = torch.stack(cls).to(logits.device, torch.int64)
-        weight = torch.stack(wts).to(logits.device, torch.float32)
+        target = torch.stack(cls).to(x.device, torch.int64)
+        weight = torch.stack(wts).to(x.device, torch.float32)
         if target.shape[-2:] != (h, w):
             raise ValueError(
                 f"U-Net target maps are {tuple(target.shape[-2:])} but images are {(h, w)}"
             )
+        if self.scale != 1.0:
+            x = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+            h, w = x.shape[-2:]
+            target = F.interpolate(target[:, None].float(), size=(h, w), mode="nearest")[:, 0]
+            target = target.long()
+            weight = F.interpolate(weight[:, None], size=(h, w), mode="nearest")[:, 0]
+        logits = self.net(self._pad_for_output(x, h, w))[..., :h, :w]
         ce = F.cross_entropy(logits.float(), target, reduction="none")
         return {"loss_unet": (ce * weight).mean()}
 
