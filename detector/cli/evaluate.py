@@ -31,7 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..data.coco import CocoFormatError
 from ..evaluation.evaluator import Evaluation, evaluate
-from ..evaluation.inputs import MODES, EvaluationInputError, load_gt, load_predictions
+from ..evaluation.inputs import (MODES, EvaluationInputError, choose_mode, load_gt,
+                                 load_predictions)
 from ..evaluation.points import MIDOG_RADIUS_UM
 from ..evaluation.report import (bootstrap_ci, comparison_table, model_record, text_table,
                                  write_metrics_json, write_per_image_csv, write_report)
@@ -129,10 +130,16 @@ def run(args: argparse.Namespace) -> int:
             tuning[k] = {"score_thresh": c["best_score_thresh"], "val_f1": c["best_f1"],
                          "val_gt": os.path.abspath(args.val_gt), "val_pred": os.path.abspath(vp)}
 
+    loaded = [load_predictions(path) for path in preds]
+    if args.mode == "auto" and len(preds) > 1:
+        modes = {choose_mode(gt, r, "auto", args.mpp, p) for r, p in zip(loaded, preds) if r}
+        if len(modes) > 1:
+            raise EvaluationInputError(
+                f"the prediction files would be evaluated in different modes ({sorted(modes)}): "
+                "some have masks and some not; pass --mode boxes to compare them on boxes")
     evs: List[Evaluation] = []
-    for k, path in enumerate(preds):
+    for k, (path, results) in enumerate(zip(preds, loaded)):
         st = tuning[k]["score_thresh"] if tuning[k] else args.score_thresh
-        results = load_predictions(path)
         if not results:
             print(f"warning: {path}: no predictions; every ground-truth object is a false "
                   "negative (recall 0)", file=sys.stderr)
@@ -141,11 +148,10 @@ def run(args: argparse.Namespace) -> int:
             ev = evaluate(gt, results, score_thresh=st, source=path, progress=True, **common)
         _print_warnings(caught)
         evs.append(ev)
-    modes = {ev.mode for ev in evs}
-    if len(modes) > 1:
-        raise EvaluationInputError(
-            f"the prediction files were evaluated in different modes ({sorted(modes)}): some "
-            "have masks and some not; pass --mode boxes to compare them on boxes")
+    if len({ev.mode for ev in evs}) > 1:  # e.g. an empty file among mask results
+        common["mode"] = "boxes"
+        evs = [evaluate(gt, r, score_thresh=ev.params["score_thresh"], source=p, **common)
+               for r, p, ev in zip(loaded, preds, evs)]
 
     cis = [bootstrap_ci(ev, args.bootstrap, args.seed) for ev in evs]
     header, rows = comparison_table(names, evs, cis if args.bootstrap > 0 else None)
