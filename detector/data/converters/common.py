@@ -109,15 +109,18 @@ def check_image(path: str) -> Tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------ masks
-def encode_masks(masks: np.ndarray) -> List[Dict[str, Any]]:
-    """``(H, W, N)`` binary masks (uint8/bool, best Fortran-ordered) to the JSON parts of N COCO
-    annotations: ``{"segmentation": RLE (str counts), "bbox": XYWH px, "area": pixels}``."""
+def encode_masks(masks: np.ndarray, areas: Optional[Sequence[int]] = None
+                 ) -> List[Dict[str, Any]]:
+    """``(H, W, N)`` 0/1 masks (uint8, best Fortran-ordered) to the JSON parts of N COCO
+    annotations: ``{"segmentation": RLE (str counts), "bbox": XYWH px, "area": pixels}``.
+    ``areas`` (pixel counts) may be passed when the caller already knows them."""
     if masks.shape[-1] == 0:
         return []
     rles = mask_utils.encode(np.asfortranarray(masks, dtype=np.uint8))
     boxes = mask_utils.toBbox(rles)
-    # pixel counts from the masks: pycocotools.mask.area overflows with numpy 2 on some builds
-    areas = np.count_nonzero(masks.reshape(-1, masks.shape[-1], order="F"), axis=0)
+    if areas is None:
+        # counted on the masks: pycocotools.mask.area overflows with numpy 2 on some builds
+        areas = np.count_nonzero(masks.reshape(-1, masks.shape[-1], order="F"), axis=0)
     out = []
     for rle, box, area in zip(rles, boxes, areas):
         rle["counts"] = rle["counts"].decode("ascii")
@@ -125,19 +128,38 @@ def encode_masks(masks: np.ndarray) -> List[Dict[str, Any]]:
     return out
 
 
-def labels_to_masks(label: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Instance label image ``(H, W)`` (0 = background) -> (ids ``(N,)``, masks ``(H, W, N)``
-    uint8 Fortran-ordered, ready for ``pycocotools.mask.encode``)."""
+MASK_BUDGET_BYTES = 64 << 20  # largest (H, W, n) uint8 stack built at once
+
+
+def chunk_size(height: int, width: int, budget: int = MASK_BUDGET_BYTES) -> int:
+    """How many full-image uint8 masks fit in ``budget`` bytes (at least 1)."""
+    return max(1, budget // max(1, height * width))
+
+
+def encode_label_image(label: np.ndarray) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+    """Instance label image ``(H, W)`` ints (0 = background) -> (ids ``(N,)`` sorted, N COCO
+    annotation parts as :func:`encode_masks` gives), building at most ``MASK_BUDGET_BYTES`` of
+    masks at a time (2,000 objects on a 1000 x 1000 tile would otherwise need 2 GB)."""
     ids = np.unique(label)
     ids = ids[ids != 0]
-    masks = np.zeros(label.shape + (len(ids),), dtype=np.uint8, order="F")
-    if len(ids):
-        # one pass: the index of each pixel's id, then scatter
-        idx = np.searchsorted(ids, label)
-        fg = label != 0
-        ys, xs = np.nonzero(fg)
-        masks[ys, xs, idx[fg]] = 1
-    return ids, masks
+    if len(ids) == 0:
+        return ids, []
+    h, w = label.shape
+    fg = label != 0
+    ys, xs = np.nonzero(fg)
+    idx = np.searchsorted(ids, label[fg])
+    order = np.argsort(idx, kind="stable")
+    ys, xs, idx = ys[order], xs[order], idx[order]
+    bounds = np.searchsorted(idx, np.arange(len(ids) + 1))
+    parts: List[Dict[str, Any]] = []
+    step = chunk_size(h, w)
+    for a in range(0, len(ids), step):
+        b = min(a + step, len(ids))
+        masks = np.zeros((h, w, b - a), dtype=np.uint8, order="F")
+        sl = slice(bounds[a], bounds[b])
+        masks[ys[sl], xs[sl], idx[sl] - a] = 1
+        parts += encode_masks(masks, np.diff(bounds[a:b + 1]))
+    return ids, parts
 
 
 def rle_to_polygons(rle: Dict[str, Any]) -> List[List[float]]:

@@ -12,8 +12,10 @@ from typing import Any, Dict, List, Optional
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_utils
 
-from .common import (Conversion, ConversionError, add_image, check_image, default_workers,
+from .common import (Conversion, ConversionError, add_image, check_image, chunk_size,
+                     default_workers,
                      empty_conversion, encode_masks, parallel_map, read_error_reason,
                      read_label_array)
 
@@ -30,6 +32,10 @@ def find_samples(root: str) -> List[str]:
         raise ConversionError(root, "no <id>/images/ folders found", "is this a DSB2018 "
                               "stage1_train folder? for other layouts use --format labels")
     return names
+
+
+def _bytes_rle(rle: Dict[str, Any]) -> Dict[str, Any]:
+    return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
 
 
 def _convert_sample(args) -> Dict[str, Any]:
@@ -51,29 +57,52 @@ def _convert_sample(args) -> Dict[str, Any]:
     mask_dir = os.path.join(folder, "masks")
     mask_files = sorted(f for f in os.listdir(mask_dir) if not f.startswith(".")) \
         if os.path.isdir(mask_dir) else []
-    masks = np.zeros((h, w, len(mask_files)), dtype=np.uint8, order="F")
+    # masks are read and encoded in chunks of at most MASK_BUDGET_BYTES; OpenCV's SIMD
+    # countNonZero / bitwise_or keep the per-mask work to one pass over the pixels
+    step = chunk_size(h, w)
+    union = np.zeros((h, w), dtype=np.uint8)
+    anns: List[Dict[str, Any]] = []
     empty: List[str] = []
-    for i, mf in enumerate(mask_files):
-        mp = os.path.join(mask_dir, mf)
-        try:
-            m = read_label_array(mp, cv2.IMREAD_GRAYSCALE)
-        except Exception as e:
-            return {"error": (mp, read_error_reason(e))}
-        if m.ndim == 3:
-            m = m[..., 0]
-        if m.shape != (h, w):
-            return {"error": (mp, f"mask is {m.shape[1]}x{m.shape[0]} px but its image "
-                              f"{img_name} is {w}x{h} px")}
-        np.greater(m, 0, out=masks[:, :, i], casting="unsafe")
-        if not masks[:, :, i].any():
-            empty.append(mp)
-    keep = [i for i, mf in enumerate(mask_files) if os.path.join(mask_dir, mf) not in empty]
-    if len(keep) != len(mask_files):
-        masks = np.asfortranarray(masks[:, :, keep])
-    cover = masks.sum(axis=2, dtype=np.uint16) if masks.shape[2] else None
-    overlap_px = int((cover > 1).sum()) if cover is not None else 0
+    total_area = 0
+    for a in range(0, len(mask_files), step):
+        chunk = mask_files[a:a + step]
+        masks = np.zeros((h, w, len(chunk)), dtype=np.uint8, order="F")
+        areas: List[int] = []
+        k = 0
+        for mf in chunk:
+            mp = os.path.join(mask_dir, mf)
+            try:
+                m = read_label_array(mp, cv2.IMREAD_GRAYSCALE)
+            except Exception as e:
+                return {"error": (mp, read_error_reason(e))}
+            if m.ndim == 3:
+                m = np.ascontiguousarray(m[..., 0])
+            if m.shape != (h, w):
+                return {"error": (mp, f"mask is {m.shape[1]}x{m.shape[0]} px but its image "
+                                  f"{img_name} is {w}x{h} px")}
+            if m.dtype != np.uint8:
+                m = (m > 0).astype(np.uint8)
+            area = cv2.countNonZero(m)
+            if area == 0:
+                empty.append(mp)
+                continue
+            cv2.min(m, 1, dst=m)  # 0/255 -> 0/1
+            out = cv2.transpose(m, dst=masks[:, :, k].T)  # into the Fortran stack, SIMD
+            if not np.shares_memory(out, masks):  # OpenCV reallocated: copy the plain way
+                masks[:, :, k] = m
+            cv2.bitwise_or(union, m, dst=union)
+            areas.append(area)
+            k += 1
+        total_area += sum(areas)
+        anns += encode_masks(masks[:, :, :k], areas)
+    overlap_px = 0
+    if total_area > cv2.countNonZero(union):  # rare: count the pixels in more than one mask
+        cover = np.zeros((h, w), dtype=np.uint16)
+        for part in anns:
+            cover += mask_utils.decode(_bytes_rle(part["segmentation"]))
+        overlap_px = int((cover > 1).sum())
     return {"file_name": os.path.join(name, "images", img_name), "height": h, "width": w,
-            "anns": encode_masks(masks), "empty": empty, "overlap_px": overlap_px}
+            "anns": anns, "empty": empty, "overlap_px": overlap_px}
 
 
 def convert_dsb(root: str, *, skip_invalid: bool = False, workers: Optional[int] = None,
