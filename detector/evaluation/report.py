@@ -263,12 +263,23 @@ def plot_counts(path: str, names: Sequence[str], evs: Sequence[Evaluation]) -> s
         p = np.array([r["n_pred"] for r in ev.per_image])
         c = count_correlation(t, p)
         r = "n/a" if c["pearson_r"] is None else f"{c['pearson_r']:.2f}"
-        ax.scatter(t, p, s=14, alpha=0.7, label=f"{name} (r = {r}, MAE {c['mae']:.2f})")
+        # integer counts coincide: one marker per (true, predicted) pair, sized by images
+        pairs, n = np.unique(np.stack([t, p], 1), axis=0, return_counts=True) if len(t) else \
+            (np.zeros((0, 2)), np.zeros(0))
+        sc = ax.scatter(pairs[:, 0], pairs[:, 1], s=20 + 12 * np.sqrt(n), alpha=0.6,
+                        label=f"{name} (r = {r}, MAE {c['mae']:.2f})")
+        for (x, y), k in zip(pairs, n):
+            if k > 1:
+                ax.annotate(str(int(k)), (x, y), textcoords="offset points", xytext=(6, 4),
+                            fontsize=7, color=sc.get_facecolor()[0])
         top = max(top, t.max(initial=0), p.max(initial=0))
     ax.plot([0, top], [0, top], "k--", lw=0.8)
     ax.set_xlabel("true count per image")
     ax.set_ylabel("predicted count per image")
-    ax.set_title("Counts per image")
+    ax.set_title("Counts per image (numbers: images at that point)")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
