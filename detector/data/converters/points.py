@@ -183,6 +183,9 @@ def convert_points(input_path: str, *, images_dir: Optional[str] = None,
                 continue
             points[name].extend((x, y, label) for x, y, label, _ in rows)
     labels = sorted({p[2] for pts in points.values() for p in pts}) or [DEFAULT_CATEGORY]
+    if DEFAULT_CATEGORY in labels:  # the usual single class first
+        labels.remove(DEFAULT_CATEGORY)
+        labels.insert(0, DEFAULT_CATEGORY)
     cat_id = {n: i + 1 for i, n in enumerate(labels)}
     conv.coco["categories"] = [{"id": i, "name": n, "supercategory": "cell"}
                                for n, i in cat_id.items()]
