@@ -1,0 +1,111 @@
+"""Train Mask R-CNN / Faster R-CNN (or the U-Net) on COCO instance files, or evaluate a checkpoint.
+
+    python tools/train_net.py --config-file configs/nuclei/mask_rcnn_R_18_FPN_cpu.yaml \\
+        OUTPUT_DIR out/run1 SOLVER.MAX_ITER 2000
+    python tools/train_net.py --config-file CFG --resume OUTPUT_DIR out/run1
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/run1/model_final.pth
+    python tools/train_net.py --config-file CFG --num-gpus 4      # or: torchrun --nproc_per_node 4
+
+Trailing ``KEY VALUE`` pairs override the config (values parsed as YAML). ``--num-gpus N`` starts N
+processes with DistributedDataParallel (NCCL on GPUs; with ``MODEL.DEVICE cpu``, N CPU processes
+on gloo). ``SOLVER.IMS_PER_BATCH`` is the total over all processes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from ..config.config import ConfigError, get_cfg
+from ..data.coco import CocoFormatError
+from ..data.dataset import DatasetError
+from ..data.image_io import ImageReadError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_net.py", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n" + "\n".join(l for l in __doc__.splitlines() if l.startswith("    ")))
+    p.add_argument("--config-file", required=True, metavar="FILE", help="YAML config")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUTPUT_DIR/last_checkpoint (iteration, optimizer, "
+                        "scheduler and random state)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate MODEL.WEIGHTS on DATASETS.TEST and write the metrics and "
+                        "predictions_<name>.json to OUTPUT_DIR")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="processes to start on this machine (one per GPU; with MODEL.DEVICE "
+                        "cpu: CPU processes on gloo)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                   help="config overrides, e.g. OUTPUT_DIR out/run1 SOLVER.MAX_ITER 2000")
+    return p
+
+
+def _run(cfg, resume: bool) -> None:
+    """Per-process entry point (also the target of the multi-process launcher)."""
+    from ..engine import distributed as du
+    from ..engine.logger import setup_logging
+    from ..engine.trainer import Trainer
+
+    rank = int(os.environ.get("RANK", 0))
+    setup_logging(cfg.OUTPUT_DIR, rank)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        # in a worker process: report user errors cleanly instead of a traceback per rank
+        try:
+            Trainer(cfg, resume=resume).train()
+        except _user_errors() as e:
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    else:
+        Trainer(cfg, resume=resume).train()
+
+
+def _user_errors() -> tuple:
+    """Errors whose message tells the user what to fix (printed without a traceback)."""
+    from ..engine.checkpoint import CheckpointError
+    from ..engine.trainer import TrainingError
+    from ..modeling.build import WeightsError
+
+    return (ConfigError, CocoFormatError, DatasetError, ImageReadError, FileNotFoundError,
+            CheckpointError, TrainingError, WeightsError)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    errors = _user_errors()
+    try:
+        cfg = get_cfg(args.config_file, args.opts)
+        if args.eval_only:
+            from ..engine.evaluator import format_metrics
+            from ..engine.logger import setup_logging
+            from ..engine.trainer import evaluate_only
+
+            setup_logging(cfg.OUTPUT_DIR)
+            metrics = evaluate_only(cfg)
+            print(format_metrics(metrics))
+            return 0
+        if args.num_gpus < 1:
+            raise ConfigError("--num-gpus must be at least 1")
+        from ..engine.distributed import launch
+
+        import torch.multiprocessing as mp
+
+        try:
+            launch(_run, args.num_gpus, (cfg, args.resume))
+        except mp.ProcessExitedException as e:
+            print(f"error: a training process exited with code {e.exit_code}", file=sys.stderr)
+            return 2
+        return 0
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Periodic and ``--eval-only`` evaluation: run a model over each ``DATASETS.TEST`` COCO file
+(full images, one at a time, eval mode, no gradients) and score it with
+:func:`detector.evaluation.evaluate_coco` (COCO AP and object-level precision/recall/F1)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data.coco import load_coco
+from ..data.dataset import CocoInstanceDataset
+from ..data.image_io import read_image
+
+logger = logging.getLogger(__name__)
+
+
+def dataset_name(path: str) -> str:
+    """Short name of a COCO file for logs and output files: its file stem."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, dataset: CocoInstanceDataset, device: torch.device,
+                    autocast: Optional[Any] = None, progress: bool = True) -> List[Dict[str, Any]]:
+    """COCO results (``Instances.to_coco_results``) of ``model`` on every image of ``dataset``."""
+    model = model.module if hasattr(model, "module") else model
+    was_training = model.training
+    model.eval()
+    results: List[Dict[str, Any]] = []
+    try:
+        for rec in tqdm(dataset.records, desc=f"eval {dataset_name(dataset.paths[0])}",
+                        disable=not progress, leave=False):
+            img = torch.from_numpy(read_image(rec["file"]).copy()).permute(2, 0, 1)
+            img = img.to(device, non_blocking=True).float().div_(255.0)
+            with (autocast() if autocast is not None else contextlib.nullcontext()):
+                inst = model([img])[0]
+            results.extend(inst.to_coco_results(rec["image_id"]))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def evaluate_datasets(model: nn.Module, cfg: Any, datasets: List[CocoInstanceDataset],
+                      device: torch.device, output_dir: Optional[str] = None,
+                      iteration: Optional[int] = None, write_predictions: bool = False,
+                      autocast: Optional[Any] = None) -> Dict[str, Dict[str, float]]:
+    """Metrics per test set (keyed by file stem). Writes ``eval_<iteration>.json`` (and
+    ``predictions_<stem>.json`` with ``write_predictions``) into ``output_dir``."""
+    from ..evaluation import evaluate_coco  # the evaluation package; imported when needed
+
+    all_metrics: Dict[str, Dict[str, float]] = {}
+    with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
+        for ds in datasets:
+            name = dataset_name(ds.paths[0])
+            results = predict_dataset(model, ds, device, autocast)
+            if write_predictions and output_dir:
+                os.makedirs(output_dir, exist_ok=True)
+                with open(os.path.join(output_dir, f"predictions_{name}.json"), "w") as f:
+                    json.dump(results, f)
+            gt = load_coco(ds.paths[0])
+            metrics = evaluate_coco(gt, results, iou_thresh=float(cfg.TEST.IOU_THRESH),
+                                    score_thresh=float(cfg.TEST.SCORE_THRESH),
+                                    max_dets=int(cfg.TEST.MAX_DETS))
+            all_metrics[name] = {k: (float(v) if isinstance(v, (int, float)) else v)
+                                 for k, v in metrics.items()}
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        tag = "final" if iteration is None else f"{iteration:07d}"
+        with open(os.path.join(output_dir, f"eval_{tag}.json"), "w") as f:
+            json.dump({"iter": iteration, "metrics": all_metrics}, f, indent=1)
+    return all_metrics
+
+
+def format_metrics(all_metrics: Dict[str, Dict[str, float]]) -> str:
+    """A small table: one row per test set, the headline metrics as columns."""
+    cols = ["precision", "recall", "f1", "dsb_score", "AP", "AP50", "AP75", "tp", "fp", "fn"]
+    head = f"{'dataset':<24}" + "".join(f"{c:>10}" for c in cols)
+    rows = [head]
+    for name, m in all_metrics.items():
+        cells = []
+        for c in cols:
+            v = m.get(c)
+            if v is None:
+                cells.append(f"{'-':>10}")
+            elif c in ("tp", "fp", "fn"):
+                cells.append(f"{int(v):>10d}")
+            else:
+                cells.append(f"{v:>10.4f}")
+        rows.append(f"{name[:24]:<24}" + "".join(cells))
+    return "\n".join(rows)

@@ -1,0 +1,51 @@
+"""Optimizer (SGD or AdamW) and learning-rate schedule (linear warm-up, then step or cosine)."""
+from __future__ import annotations
+
+import math
+from typing import Any, List
+
+import torch
+from torch import nn
+
+
+def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
+    """``SOLVER.OPTIMIZER`` over the trainable parameters; no weight decay on norm layers and
+    biases (one-dimensional parameters), as in detectron2."""
+    decay: List[nn.Parameter] = []
+    no_decay: List[nn.Parameter] = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    s = cfg.SOLVER
+    groups = [{"params": decay, "weight_decay": float(s.WEIGHT_DECAY)},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if s.OPTIMIZER == "SGD":
+        return torch.optim.SGD(groups, lr=float(s.BASE_LR), momentum=float(s.MOMENTUM))
+    if s.OPTIMIZER == "AdamW":
+        return torch.optim.AdamW(groups, lr=float(s.BASE_LR))
+    raise ValueError(f"SOLVER.OPTIMIZER must be SGD or AdamW, got {s.OPTIMIZER!r}")
+
+
+def lr_factor(cfg: Any, it: int) -> float:
+    """Multiplier of ``SOLVER.BASE_LR`` at iteration ``it`` (0-based): linear warm-up from
+    ``WARMUP_FACTOR`` over ``WARMUP_ITERS``, times the step (``GAMMA`` at each of ``STEPS``) or
+    half-cosine (to 0 at ``MAX_ITER``) schedule."""
+    s = cfg.SOLVER
+    if s.LR_SCHEDULER == "step":
+        f = float(s.GAMMA) ** sum(1 for step in s.STEPS if it >= int(step))
+    elif s.LR_SCHEDULER == "cosine":
+        f = 0.5 * (1.0 + math.cos(math.pi * min(it, int(s.MAX_ITER)) / max(1, int(s.MAX_ITER))))
+    else:
+        raise ValueError(f"SOLVER.LR_SCHEDULER must be step or cosine, got {s.LR_SCHEDULER!r}")
+    warm = int(s.WARMUP_ITERS)
+    if it < warm:
+        alpha = it / warm
+        f *= float(s.WARMUP_FACTOR) * (1 - alpha) + alpha
+    return f
+
+
+def build_lr_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` stepped once per iteration with :func:`lr_factor`."""
+    # a plain function (not a callable object), so that the state dict holds only plain types
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda it: lr_factor(cfg, it))

@@ -1,0 +1,371 @@
+"""The training loop: data, model, optimizer, mixed precision, checkpoints, logs, evaluation.
+
+A plain loop (no framework). Reproducibility and resuming rest on three things:
+- the data stream is a function of ``(SEED, position)``: :class:`TrainingSampler` yields, for
+  global position ``g``, the ``g``-th index of the per-epoch permutations seeded by
+  ``(SEED, epoch)`` together with a per-sample augmentation seed derived from ``(SEED, g)``;
+  rank ``r`` of ``W`` takes positions ``g % W == r``; a resumed run starts at
+  ``iteration * IMS_PER_BATCH``. Worker processes therefore do not matter.
+- the model's own randomness (RPN/RoI sampling) draws from the global torch RNG, seeded with
+  ``SEED + rank`` once the model is built, and saved in / restored from every checkpoint
+  (Python, numpy, torch, CUDA states, per rank).
+- optimizer, LR scheduler and gradient scaler states are checkpointed with the weights.
+So a run killed after a checkpoint and resumed with ``--resume`` ends with the weights of an
+uninterrupted run (on CPU bit for bit; on GPU up to non-deterministic kernels).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from ..config.config import cfg_to_yaml
+from ..data.dataset import CocoInstanceDataset, DatasetError, check_classes, collate_list
+from ..modeling.build import build_model, load_weights
+from . import distributed as du
+from .checkpoint import (get_rng_state, last_checkpoint, load_checkpoint, save_checkpoint,
+                         set_rng_state, write_last_checkpoint)
+from .evaluator import evaluate_datasets, format_metrics
+from .logger import MetricsWriter, peak_memory_mb
+from .optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, bad setup); the message says why and what to do."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``MODEL.DEVICE``: "auto" -> CUDA (this process's local rank) when available, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainingError(f"MODEL.DEVICE {name}: CUDA is not available on this machine; "
+                                "use MODEL.DEVICE cpu (or auto)")
+        if name == "cuda":
+            name = f"cuda:{du.get_local_rank()}"
+    return torch.device(name)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def sample_seed(seed: int, position: int, stream: int = 0) -> int:
+    """Augmentation seed of the sample at global stream ``position`` (``stream`` 1: the seed of
+    epoch ``position``'s permutation)."""
+    return int(np.random.SeedSequence([seed % 2 ** 32, stream, position]).generate_state(1)[0])
+
+
+class TrainingSampler(Sampler):
+    """Infinite stream of ``(index, sample_seed)``: epoch ``e`` is a permutation seeded by
+    ``(seed, e)``; this rank takes the global positions ``start, start + W, ...`` shifted by its
+    rank (``start`` = images already consumed by all ranks)."""
+
+    def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.seed, self.start = int(size), int(seed), int(start)
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, stream=1))
+        return torch.randperm(self.size, generator=g)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        pos = self.start + self.rank
+        epoch, perm = -1, None
+        while True:
+            e = pos // self.size
+            if e != epoch:
+                epoch, perm = e, self._perm(e)
+            yield int(perm[pos % self.size]), sample_seed(self.seed, pos)
+            pos += self.world_size
+
+
+def _to_device(images: List[torch.Tensor], targets: List[Dict[str, Any]], device: torch.device
+               ) -> Tuple[List[torch.Tensor], List[Dict[str, Any]]]:
+    nb = device.type == "cuda"
+    images = [im.to(device, non_blocking=nb) for im in images]
+    targets = [{k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v)
+                for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+class Trainer:
+    """Builds everything from ``cfg`` and checks the data before any training starts.
+
+    Args:
+        cfg: the resolved config.
+        resume: continue from ``OUTPUT_DIR/last_checkpoint`` when it exists (same iteration,
+            optimizer, scheduler, scaler and random states).
+    """
+
+    def __init__(self, cfg: Any, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.MODEL.DEVICE)
+        du.init_process_group(str(self.device))
+        self.rank, self.world_size = du.get_rank(), du.get_world_size()
+        self.output_dir = cfg.OUTPUT_DIR
+        s = cfg.SOLVER
+        if int(s.IMS_PER_BATCH) % self.world_size:
+            raise TrainingError(f"SOLVER.IMS_PER_BATCH {s.IMS_PER_BATCH} is the total over "
+                                f"{self.world_size} processes and must be divisible by it")
+        if int(s.MAX_ITER) <= 0:
+            raise TrainingError("SOLVER.MAX_ITER must be positive")
+        self.batch_per_rank = int(s.IMS_PER_BATCH) // self.world_size
+        self.seed = int(cfg.SEED)
+        if self.seed < 0:
+            self.seed = int.from_bytes(os.urandom(4), "little") // 2
+            if self.world_size > 1:
+                box = [self.seed]
+                torch.distributed.broadcast_object_list(box, src=0)
+                self.seed = box[0]
+            cfg.SEED = self.seed
+
+        ckpt = None
+        if resume:
+            path = last_checkpoint(self.output_dir)
+            if path is None:
+                logger.info("--resume: no checkpoint in %s, starting from iteration 0", self.output_dir)
+            else:
+                ckpt = load_checkpoint(path)
+                logger.info("resuming from %s (iteration %d)", path, ckpt["iteration"])
+        # ---- data (all checks happen here, before the model is even built)
+        self.train_set = CocoInstanceDataset(list(cfg.DATASETS.TRAIN), cfg, train=True)
+        self.classes = self.train_set.classes
+        if ckpt is not None:
+            check_classes(self.classes, list(ckpt["classes"]), ", ".join(cfg.DATASETS.TRAIN),
+                          f"the checkpoint being resumed ({self.output_dir})")
+        self.test_sets = [CocoInstanceDataset([p], cfg, train=False, classes=self.classes)
+                          for p in cfg.DATASETS.TEST]
+        self.mpp = float(cfg.INPUT.MPP) if cfg.INPUT.MPP else self.train_set.mpp
+        # ---- model
+        torch.manual_seed(self.seed)
+        model = build_model(cfg, self.classes)
+        if ckpt is None:
+            load_weights(model, cfg.MODEL.WEIGHTS)
+        else:
+            model.load_state_dict(ckpt["model"])
+        model.to(self.device)
+        if self.world_size > 1 and cfg.MODEL.BACKBONE.NORM == "SyncBN":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model_without_ddp = model
+        self.optimizer = build_optimizer(cfg, model)
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer)
+        amp = cfg.SOLVER.AMP
+        self.amp_dtype = None
+        if amp.ENABLED and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if amp.DTYPE == "bf16" else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.start_iter = 0
+        self._rng_to_restore = None
+        if ckpt is not None:
+            self.start_iter = int(ckpt["iteration"])
+            if "optimizer" in ckpt:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            if "scheduler" in ckpt:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler is not None and "scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            ranks = (ckpt.get("extra") or {}).get("rng_ranks")
+            self._rng_to_restore = (ranks[self.rank] if ranks and len(ranks) == self.world_size
+                                    else ckpt.get("rng"))
+            self.best = (ckpt.get("extra") or {}).get("best")
+        else:
+            self.best = None
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model: nn.Module = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, broadcast_buffers=False)
+        else:
+            self.model = model
+
+    # ------------------------------------------------------------------------------ parts
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def build_loader(self) -> DataLoader:
+        cfg = self.cfg
+        sampler = TrainingSampler(len(self.train_set), self.seed,
+                                  start=self.start_iter * int(cfg.SOLVER.IMS_PER_BATCH),
+                                  rank=self.rank, world_size=self.world_size)
+        workers = int(cfg.DATALOADER.NUM_WORKERS)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_per_rank, sampler=sampler,
+            num_workers=workers, collate_fn=collate_list,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            # an explicit generator keeps the DataLoader from drawing on the global RNG
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def save(self, name: str, iteration: int) -> None:
+        """Checkpoint (rank 0 writes; every rank contributes its RNG state)."""
+        rng = get_rng_state()
+        ranks = [rng]
+        if self.world_size > 1:
+            ranks = [None] * self.world_size
+            torch.distributed.all_gather_object(ranks, rng)
+        if self.rank == 0:
+            save_checkpoint(os.path.join(self.output_dir, name), self.model_without_ddp, self.cfg,
+                            self.classes, self.mpp, iteration, self.optimizer, self.scheduler,
+                            self.scaler, extra={"rng_ranks": ranks, "best": self.best})
+            write_last_checkpoint(self.output_dir, name)
+
+    def evaluate(self, iteration: Optional[int], writer: Optional[MetricsWriter] = None
+                 ) -> Optional[Dict[str, Dict[str, float]]]:
+        """Evaluate on DATASETS.TEST (rank 0), log, and keep ``model_best.pth``."""
+        if not self.test_sets:
+            return None
+        metrics = None
+        if self.rank == 0:
+            metrics = evaluate_datasets(self.model_without_ddp, self.cfg, self.test_sets,
+                                        self.device, self.output_dir, iteration,
+                                        autocast=self.autocast if self.amp_dtype else None)
+            logger.info("evaluation at iteration %s:\n%s", iteration, format_metrics(metrics))
+            first = next(iter(metrics.values()))
+            key = self.cfg.TEST.BEST_METRIC
+            if writer is not None:
+                for name, m in metrics.items():
+                    rec = {"iter": int(iteration or self.cfg.SOLVER.MAX_ITER)}
+                    rec.update({f"{name}/{k}": v for k, v in m.items() if isinstance(v, float)})
+                    writer.write(rec, prefix="eval")
+            if key not in first:
+                logger.warning("TEST.BEST_METRIC %r is not among the metrics %s", key, sorted(first))
+            elif self.best is None or first[key] > self.best["value"]:
+                self.best = {"value": float(first[key]), "iter": int(iteration or 0), "metric": key}
+                save_checkpoint(os.path.join(self.output_dir, "model_best.pth"),
+                                self.model_without_ddp, self.cfg, self.classes, self.mpp,
+                                int(iteration or self.cfg.SOLVER.MAX_ITER),
+                                extra={"best": self.best})
+                logger.info("new best %s = %.4f: model_best.pth", key, first[key])
+        du.synchronize()
+        return metrics
+
+    # ------------------------------------------------------------------------------ loop
+    def train(self) -> Optional[Dict[str, Dict[str, float]]]:
+        """Train from ``start_iter`` to ``SOLVER.MAX_ITER``; returns the final metrics."""
+        cfg = self.cfg
+        s = cfg.SOLVER
+        max_iter = int(s.MAX_ITER)
+        main = self.rank == 0
+        if main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
+                f.write(cfg_to_yaml(cfg))
+        writer = MetricsWriter(self.output_dir, self.start_iter) if main else None
+        logger.info("training %s (%s, %d classes) on %d images from %s, %d process(es) on %s, "
+                    "iterations %d..%d, %d images per step", cfg.MODEL.META_ARCHITECTURE,
+                    cfg.MODEL.BACKBONE.NAME, len(self.classes), len(self.train_set),
+                    ", ".join(cfg.DATASETS.TRAIN), self.world_size, self.device,
+                    self.start_iter, max_iter, int(s.IMS_PER_BATCH))
+        loader = self.build_loader()
+        data_iter = iter(loader)
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+        else:
+            seed_all(self.seed + self.rank)
+        self.model.train()
+        clip = float(s.CLIP_GRADIENTS.MAX_NORM) if s.CLIP_GRADIENTS.ENABLED else None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        log_period, ckpt_period = max(1, int(s.LOG_PERIOD)), int(s.CHECKPOINT_PERIOD)
+        eval_period = int(cfg.TEST.EVAL_PERIOD)
+        pbar = tqdm(total=max_iter, initial=self.start_iter, disable=not main, desc="train",
+                    dynamic_ncols=True)
+        t_start = time.perf_counter()
+        window: List[float] = []
+        try:
+            for it in range(self.start_iter, max_iter):
+                t0 = time.perf_counter()
+                images, targets = next(data_iter)
+                images, targets = _to_device(images, targets, self.device)
+                t_data = time.perf_counter() - t0
+                with self.autocast():
+                    loss_dict = self.model(images, targets)
+                losses = sum(loss_dict.values())
+                reduced = du.all_reduce_mean(loss_dict)
+                total = sum(reduced.values())
+                if not math.isfinite(total):
+                    raise TrainingError(
+                        f"non-finite loss at iteration {it + 1}: "
+                        + ", ".join(f"{k}={v:.4g}" for k, v in reduced.items())
+                        + f" (lr {self.optimizer.param_groups[0]['lr']:.3g}). Training stopped; "
+                        "lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS or keep "
+                        "SOLVER.CLIP_GRADIENTS enabled, then --resume from the last checkpoint.")
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(losses).backward()
+                    if clip:
+                        self.scaler.unscale_(self.optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    losses.backward()
+                    if clip:
+                        torch.nn.utils.clip_grad_norm_(params, clip)
+                    self.optimizer.step()
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.scheduler.step()
+                iteration = it + 1
+                dt = time.perf_counter() - t0
+                window.append(dt)
+                pbar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", refresh=False)
+                pbar.update(1)
+                if main and (iteration % log_period == 0 or iteration == max_iter):
+                    rec = {"iter": iteration, "total_loss": total, **reduced, "lr": lr,
+                           "time": float(np.mean(window)), "data_time": t_data,
+                           "images_per_s": int(s.IMS_PER_BATCH) / max(float(np.mean(window)), 1e-9),
+                           "memory_mb": peak_memory_mb(self.device)}
+                    window = []
+                    writer.write(rec)
+                    logger.info("iter %d/%d  loss %.4f  (%s)  lr %.3g  %.2fs/it  data %.2fs  mem %.0f MB",
+                                iteration, max_iter, total,
+                                " ".join(f"{k} {v:.3f}" for k, v in reduced.items()), lr,
+                                rec["time"], t_data, rec["memory_mb"])
+                if ckpt_period > 0 and iteration % ckpt_period == 0 and iteration < max_iter:
+                    self.save(f"model_{iteration:07d}.pth", iteration)
+                if eval_period > 0 and iteration % eval_period == 0 and iteration < max_iter:
+                    self.evaluate(iteration, writer)
+                    self.model.train()
+        finally:
+            pbar.close()
+        if self.start_iter < max_iter or last_checkpoint(self.output_dir) is None:
+            self.save("model_final.pth", max_iter)
+        elapsed = time.perf_counter() - t_start
+        logger.info("trained %d iterations in %.1f s", max_iter - self.start_iter, elapsed)
+        metrics = self.evaluate(max_iter, writer)
+        if writer is not None:
+            writer.close()
+        return metrics
+
+
+def evaluate_only(cfg: Any, write_predictions: bool = True) -> Dict[str, Dict[str, float]]:
+    """``--eval-only``: evaluate the checkpoint ``MODEL.WEIGHTS`` on ``DATASETS.TEST``."""
+    from ..modeling.build import load_model
+
+    if not cfg.MODEL.WEIGHTS:
+        raise TrainingError("--eval-only needs MODEL.WEIGHTS (a checkpoint of ours)")
+    if not list(cfg.DATASETS.TEST):
+        raise DatasetError("--eval-only needs DATASETS.TEST (COCO files to evaluate on)")
+    device = resolve_device(cfg.MODEL.DEVICE)
+    model, mcfg, classes, _ = load_model(cfg.MODEL.WEIGHTS, str(device))
+    datasets = [CocoInstanceDataset([p], mcfg, train=False, classes=classes)
+                for p in cfg.DATASETS.TEST]
+    metrics = evaluate_datasets(model, cfg, datasets, device, cfg.OUTPUT_DIR, None,
+                                write_predictions=write_predictions)
+    return metrics
