@@ -475,3 +475,23 @@ def test_results_without_image_id_map_to_a_single_image(dsb_gt_path):
     # an image name (as infer_tiles writes the slide name) maps by file stem / slide
     named = [dict(r, image_id=DSB_IDS[0]) for r in res]
     assert evaluate_coco(one, named)["f1"] == pytest.approx(1.0)
+
+
+def test_score_sweep_shortcut_equals_matching_per_threshold():
+    from detector.evaluation.metrics import SCORE_GRID, sweep_scores
+    rng = np.random.default_rng(4)
+    for conflict in (False, True):
+        n = 40
+        rows = np.arange(n)
+        cols = rng.permutation(n)
+        if conflict:  # some predictions compete for the same GT object
+            rows = np.r_[rows, rng.integers(0, n, 10)]
+            cols = np.r_[cols, rng.integers(0, n, 10)]
+        w = rng.uniform(0.3, 1.0, len(rows))
+        scores = rng.random(n + 5)
+        valid = w > 0.5
+        tp, npred = sweep_scores(rows, cols, w, scores, valid)
+        for k, s in enumerate(SCORE_GRID):
+            m = matching.match_pairs(rows, cols, w, valid=valid & (scores[rows] >= s))
+            assert tp[k] == len(m)
+            assert npred[k] == int(np.sum(scores >= s))

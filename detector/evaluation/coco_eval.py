@@ -3,7 +3,6 @@ and AP recomputed from COCOeval's per-image matches for bootstrap resamples of t
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -57,7 +56,7 @@ def run_cocoeval(gt: Dict[str, Any], results: Sequence[Dict[str, Any]], iou_type
         if iou_type == "bbox":
             r.pop("segmentation", None)  # loadRes would otherwise recompute the box from it
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(copy.deepcopy(res))
+        coco_dt = coco_gt.loadRes(res)  # res holds our own dict copies; loadRes adds keys
         ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.params.maxDets = max_dets_list(max_dets)
         # only the 'all' area range: small/medium/large are COCO's natural-image sizes and

@@ -95,6 +95,27 @@ class ImageEval:
         return {"pq": dq * sq, "sq": sq, "dq": dq}
 
 
+def sweep_scores(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, scores: np.ndarray,
+                 valid: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
+    """TP and prediction counts at every score threshold of :data:`SCORE_GRID`.
+
+    When the valid pairs do not conflict (each prediction and GT object in at most one), TP at
+    threshold s is simply the number of valid pairs whose prediction scores >= s; otherwise the
+    matching is redone per threshold.
+    """
+    srt = np.sort(scores)
+    npred = len(srt) - np.searchsorted(srt, SCORE_GRID, side="left")
+    r, c = rows[valid], cols[valid]
+    if len(np.unique(r)) == len(r) and len(np.unique(c)) == len(c):
+        ps = np.sort(scores[r])
+        tp = len(ps) - np.searchsorted(ps, SCORE_GRID, side="left")
+    else:
+        pair_scores = scores[rows]
+        tp = np.array([len(match_pairs(rows, cols, weights, valid=valid & (pair_scores >= s)))
+                       for s in SCORE_GRID])
+    return tp.astype(np.int64), npred.astype(np.int64)
+
+
 def _per_class(pred_labels: np.ndarray, gt_labels: np.ndarray,
                matched_gt_labels: np.ndarray) -> Dict[int, np.ndarray]:
     out: Dict[int, np.ndarray] = {}
@@ -155,13 +176,7 @@ def evaluate_image_instances(pred: ImageObjects, gt: ImageObjects, iou_thresh: f
 
     tp_sweep = npred_sweep = None
     if sweep:
-        tp_sweep = np.zeros(len(SCORE_GRID), np.int64)
-        npred_sweep = np.zeros(len(SCORE_GRID), np.int64)
-        above = ious > iou_thresh
-        pair_scores = pred.scores[rows]
-        for k, s in enumerate(SCORE_GRID):
-            tp_sweep[k] = len(match_pairs(rows, cols, ious, valid=above & (pair_scores >= s)))
-            npred_sweep[k] = int(np.sum(pred.scores >= s))
+        tp_sweep, npred_sweep = sweep_scores(rows, cols, ious, pred.scores, ious > iou_thresh)
 
     return ImageEval(
         n_gt=n_gt, n_pred=n_pred, tp=len(m_at),

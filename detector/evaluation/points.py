@@ -13,7 +13,7 @@ import numpy as np
 
 from .inputs import ImageObjects
 from .matching import distance_pairs, match_pairs
-from .metrics import SCORE_GRID, ImageEval, _per_class
+from .metrics import ImageEval, _per_class, sweep_scores
 
 MIDOG_RADIUS_UM = 7.5
 
@@ -31,12 +31,8 @@ def evaluate_image_points(pred: ImageObjects, gt: ImageObjects, radius_px: float
     m = match_pairs(rows, cols, weights, valid=keep[rows])
     tp_sweep = npred_sweep = None
     if sweep:
-        tp_sweep = np.zeros(len(SCORE_GRID), np.int64)
-        npred_sweep = np.zeros(len(SCORE_GRID), np.int64)
-        pair_scores = pred.scores[rows]
-        for k, s in enumerate(SCORE_GRID):
-            tp_sweep[k] = len(match_pairs(rows, cols, weights, valid=pair_scores >= s))
-            npred_sweep[k] = int(np.sum(pred.scores >= s))
+        tp_sweep, npred_sweep = sweep_scores(rows, cols, weights, pred.scores,
+                                             np.ones(len(rows), bool))
     return ImageEval(
         n_gt=len(gt), n_pred=int(keep.sum()), tp=len(m),
         per_class=_per_class(pred.labels[keep], gt.labels, gt.labels[cols[m]]),
