@@ -472,9 +472,18 @@ def test_results_without_image_id_map_to_a_single_image(dsb_gt_path):
     assert evaluate_coco(one, res)["f1"] == pytest.approx(1.0)
     with pytest.raises(EvaluationInputError, match="no image_id"):
         evaluate_coco(gt, res)
-    # an image name (as infer_tiles writes the slide name) maps by file stem / slide
+    # an image name (a slide name) maps by file stem / slide
     named = [dict(r, image_id=DSB_IDS[0]) for r in res]
     assert evaluate_coco(one, named)["f1"] == pytest.approx(1.0)
+    # infer_tiles' detections.json calls every slide image 1: with a one-image GT whose id
+    # differs, all-one-unknown-id results go to that image, with a warning
+    third = {**gt, "images": gt["images"][2:],
+             "annotations": [a for a in gt["annotations"] if a["image_id"] == 3]}
+    as_one = [dict(r, image_id=1) for r in gt_as_results(third)]
+    with pytest.warns(UserWarning, match="mapped to its only image"):
+        assert evaluate_coco(third, as_one)["f1"] == pytest.approx(1.0)
+    with pytest.raises(EvaluationInputError, match="image_id 1"):
+        evaluate_coco({**gt, "images": gt["images"][1:]}, as_one)
 
 
 def test_score_sweep_shortcut_equals_matching_per_threshold():

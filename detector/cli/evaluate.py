@@ -34,8 +34,9 @@ from ..evaluation.evaluator import Evaluation, evaluate
 from ..evaluation.inputs import (MODES, EvaluationInputError, choose_mode, load_gt,
                                  load_predictions)
 from ..evaluation.points import MIDOG_RADIUS_UM
-from ..evaluation.report import (bootstrap_ci, comparison_table, model_record, text_table,
-                                 write_metrics_json, write_per_image_csv, write_report)
+from ..evaluation.report import (PER_CLASS_HEADER, bootstrap_ci, comparison_table,
+                                 model_record, per_class_rows, text_table, write_metrics_json,
+                                 write_per_image_csv, write_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +160,9 @@ def run(args: argparse.Namespace) -> int:
           f"{evs[0].mode}" + (f", 95% bootstrap CI over images ({args.bootstrap} resamples)"
                               if args.bootstrap > 0 else ""))
     print(text_table(header, rows))
+    if len(evs[0].per_class) > 1:
+        print()
+        print(text_table(PER_CLASS_HEADER, per_class_rows(names, evs)))
     for name, t in zip(names, tuning):
         if t:
             print(f"{name}: score threshold {t['score_thresh']:.2f} chosen on validation "

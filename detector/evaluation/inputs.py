@@ -9,13 +9,16 @@ How a prediction finds its ground-truth image:
   1. an integer ``image_id`` that the GT has;
   2. a string ``image_id`` (infer_tiles writes the slide name): the GT image whose ``file_name``,
      base name, file stem or ``slide`` equals it (it must name exactly one image);
-  3. no ``image_id`` at all: allowed only when the GT has exactly one image.
+  3. no ``image_id`` at all, or one integer id (not in the GT) shared by all results, as
+     ``infer_tiles`` writes a slide's detections as image 1: allowed only when the GT has
+     exactly one image (the second with a warning).
 Anything else is an :class:`EvaluationInputError` naming the file and the fix.
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -125,11 +128,23 @@ def normalize_results(results: Sequence[Dict[str, Any]], gt: Dict[str, Any],
     cat_ids = sorted(int(c["id"]) for c in gt["categories"])
     lookup: Optional[Dict[str, List[int]]] = None
     out: List[Dict[str, Any]] = []
+    remap: Dict[Any, int] = {}
+    if len(images) == 1 and results:
+        # infer_tiles writes every slide's detections as image 1: with a one-image GT, one
+        # unknown integer id shared by all results is that image
+        ids = {r.get("image_id") for r in results if isinstance(r, dict)}
+        if len(ids) == 1:
+            only = next(iter(ids))
+            if isinstance(only, int) and only not in images:
+                remap[only] = next(iter(images))
+                warnings.warn(f"{source}: all results have image_id {only}, which is not in the "
+                              f"ground truth; mapped to its only image ({remap[only]})")
     for n, r in enumerate(results):
         if not isinstance(r, dict):
             raise EvaluationInputError(f"{source}: entry {n} is not an object; expected COCO "
                                        "results {image_id, category_id, bbox, score}")
         img = r.get("image_id")
+        img = remap.get(img, img) if isinstance(img, int) else img
         if img is None:
             if len(images) != 1:
                 raise EvaluationInputError(

@@ -26,9 +26,10 @@ from .points import count_correlation
 # rows of the comparison table: (key in summary, label)
 INSTANCE_ROWS = [("precision", "Precision @0.5"), ("recall", "Recall @0.5"), ("f1", "F1 @0.5"),
                  ("dsb_score", "DSB2018 score"), ("AP", "AP (COCO)"), ("AP50", "AP50"),
-                 ("AJI", "AJI"), ("PQ", "PQ"), ("SQ", "SQ"), ("DQ", "DQ")]
+                 ("AP75", "AP75"), ("AR", "AR (COCO)"), ("AJI", "AJI"), ("PQ", "PQ"),
+                 ("SQ", "SQ"), ("DQ", "DQ")]
 POINT_ROWS = [("precision", "Precision"), ("recall", "Recall"), ("f1", "F1 (MIDOG)"),
-              ("AP", "AP (COCO, boxes)"), ("AP50", "AP50 (boxes)")]
+              ("AP", "AP (COCO, boxes)"), ("AP50", "AP50 (boxes)"), ("AR", "AR (boxes)")]
 COUNT_ROWS = [("tp", "TP"), ("fp", "FP"), ("fn", "FN")]
 
 
@@ -98,6 +99,20 @@ def comparison_table(names: Sequence[str], evs: Sequence[Evaluation],
         rows.append([label] + [str(int(ev.summary.get(key, 0))) for ev in evs])
     rows.append(["score threshold"] + [f"{ev.params['score_thresh']:.2f}" for ev in evs])
     return header, rows
+
+
+def per_class_rows(names: Sequence[str], evs: Sequence[Evaluation]) -> List[List[Any]]:
+    rows = []
+    for n, ev in zip(names, evs):
+        for c in ev.per_class:
+            ap = c.get("AP")
+            rows.append([n, c["name"], c["n_gt"], c["n_pred"], f"{c['precision']:.3f}",
+                         f"{c['recall']:.3f}", f"{c['f1']:.3f}",
+                         "-" if ap is None or ap < 0 else f"{ap:.3f}"])
+    return rows
+
+
+PER_CLASS_HEADER = ["model", "class", "GT", "pred", "precision", "recall", "F1", "AP"]
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -481,14 +496,7 @@ def write_report(out_dir: str, gt_path: str, names: Sequence[str], evs: Sequence
                    for n, t in zip(names, tuning) if t])
     if len(gt["categories"]) > 1:
         doc.h(2, "Per class")
-        rows = []
-        for n, ev in zip(names, evs):
-            for c in ev.per_class:
-                ap = c.get("AP")
-                rows.append([n, c["name"], c["n_gt"], c["n_pred"], f"{c['precision']:.3f}",
-                             f"{c['recall']:.3f}", f"{c['f1']:.3f}",
-                             "-" if ap is None or ap < 0 else f"{ap:.3f}"])
-        doc.table(["model", "class", "GT", "pred", "precision", "recall", "F1", "AP"], rows)
+        doc.table(PER_CLASS_HEADER, per_class_rows(names, evs))
 
     doc.h(2, "Curves")
     for fn, name, alt in ((plot_f1_vs_iou, "f1_vs_iou.png", "F1 against IoU threshold"),
