@@ -504,3 +504,27 @@ def test_score_sweep_shortcut_equals_matching_per_threshold():
             m = matching.match_pairs(rows, cols, w, valid=valid & (scores[rows] >= s))
             assert tp[k] == len(m)
             assert npred[k] == int(np.sum(scores >= s))
+
+
+def test_per_class_and_overall_counts_with_two_classes():
+    # two boxes of class 1 and one of class 2 (box mode, no mpp); predictions: both class-1
+    # boxes found, the class-2 box predicted with class 1 (a wrong label is FP + FN)
+    gt = new_coco([{"id": 1, "name": "normal"}, {"id": 2, "name": "atypical"}], ".")
+    gt["images"].append(image_entry(1, "a.png", 100, 100))
+    for k, (box, cat) in enumerate([([0, 0, 10, 10], 1), ([20, 0, 10, 10], 1),
+                                    ([50, 50, 10, 10], 2)], start=1):
+        gt["annotations"].append({"id": k, "image_id": 1, "category_id": cat, "bbox": box,
+                                  "area": 100.0, "iscrowd": 0})
+    res = [{"image_id": 1, "category_id": 1, "bbox": b, "score": 0.9}
+           for b in ([0, 0, 10, 10], [21, 0, 10, 10], [50, 50, 10, 10])]
+    ev = evaluate(gt, res)
+    assert ev.mode == "boxes"
+    per = {c["name"]: c for c in ev.per_class}
+    assert (per["normal"]["tp"], per["normal"]["fp"], per["normal"]["fn"]) == (2, 1, 0)
+    assert (per["atypical"]["tp"], per["atypical"]["fp"], per["atypical"]["fn"]) == (0, 0, 1)
+    assert per["atypical"]["recall"] == 0.0 and per["normal"]["precision"] == pytest.approx(2 / 3)
+    assert (ev.summary["tp"], ev.summary["fp"], ev.summary["fn"]) == (2, 1, 1)
+    assert ev.summary["f1/normal"] == pytest.approx(0.8)
+    assert ev.summary["f1/atypical"] == 0.0
+    # class-agnostic: all three match
+    assert evaluate(gt, res, class_agnostic=True).summary["tp"] == 3

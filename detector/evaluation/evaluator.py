@@ -151,7 +151,12 @@ def evaluate(gt: Dict[str, Any], results: Sequence[Dict[str, Any]], iou_thresh: 
         for t, f in zip(curve_iou["iou_thresholds"], curve_iou["f1"]):
             summary[f"f1@{t:.2f}"] = f
 
-    ap, ev = run_cocoeval(gt, res, "segm" if use_masks else "bbox", max_dets)
+    if mode == "points":  # the box evaluation above already ran COCOeval on the boxes
+        ap = {k: v for k, v in box.summary.items() if k in ("AP", "AP50", "AP75", "AR")}
+        ap.update({f"AP/{c['id']}": c["AP"] for c in box.per_class if c.get("AP") is not None})
+        ev = box.cocoeval
+    else:
+        ap, ev = run_cocoeval(gt, res, "segm" if use_masks else "bbox", max_dets)
     summary.update({k: v for k, v in ap.items() if "/" not in k})
     curve_score = score_curve(evals) if sweep else None
     if curve_score is not None:
