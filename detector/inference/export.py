@@ -171,7 +171,7 @@ def write_overlay(path: str, thumb: np.ndarray, scale: float, inst: Instances,
         big = max(b[2] - b[0], b[3] - b[1]) >= 4
         cx, cy = int(round((b[0] + b[2]) / 2)), int(round((b[1] + b[3]) / 2))
         if is_mit[i]:
-            r = max(4, int(round(max(b[2] - b[0], b[3] - b[1]))))
+            r = int(np.clip(max(b[2] - b[0], b[3] - b[1]) / 2 + 3, 4, 40))
             cv2.circle(img, (cx, cy), r, col, 2, cv2.LINE_AA)
         elif big and inst.masks is not None:
             for ring in instance_polygons(inst, int(i)):

@@ -307,6 +307,16 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
     if roi_polys is not None and len(merged):
         inside = points_in_roi(centroids, roi_polys)
         merged, centroids, areas = merged[inside], centroids[inside], areas[inside]
+    outside_tissue = 0
+    if opts.tissue_detection and len(merged):
+        # counts and the tissue area they are divided by come from the same region: drop
+        # detections on glass (centroid outside the tissue mask, dilated by 2 thumbnail px)
+        grown = cv2.dilate(tissue.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        tx = np.clip((centroids[:, 0] / tscale).astype(int), 0, grown.shape[1] - 1)
+        ty = np.clip((centroids[:, 1] / tscale).astype(int), 0, grown.shape[0] - 1)
+        on = grown[ty, tx]
+        outside_tissue = int((~on).sum())
+        merged, centroids, areas = merged[on], centroids[on], areas[on]
 
     mitotic_ids = counting.resolve_class_ids(opts.mitotic_classes, classes)
     summary: Dict[str, Any] = {
@@ -325,6 +335,7 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
                              for k, v in sorted(journal.failed.items())],
             "score_thresh": opts.score_thresh, "roi": opts.roi,
             "tissue_detection": opts.tissue_detection,
+            "detections_outside_tissue_dropped": outside_tissue,
             "seconds": round(time.time() - t_start, 2),
             "model_seconds": round(model_seconds, 2),
         },
