@@ -208,6 +208,10 @@ class SolverConfig:
     CHECKPOINT_PERIOD: int = 1000
     # Log losses to console, metrics.json and TensorBoard every LOG_PERIOD iterations.
     LOG_PERIOD: int = 20
+    # Stop training after this many minutes (then save model_final.pth at the iteration
+    # reached and evaluate); 0 = no limit. The LR schedule still runs to MAX_ITER, and
+    # --resume continues from there. For fixed compute budgets (e.g. a 30-minute CPU run).
+    TIME_LIMIT_MINUTES: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------- TEST

@@ -287,7 +287,9 @@ class Trainer:
         pbar = tqdm(total=max_iter, initial=self.start_iter, disable=not main, desc="train",
                     dynamic_ncols=True)
         t_start = time.perf_counter()
+        limit_s = float(s.TIME_LIMIT_MINUTES) * 60.0
         window: List[float] = []
+        done = self.start_iter
         try:
             for it in range(self.start_iter, max_iter):
                 t0 = time.perf_counter()
@@ -321,7 +323,7 @@ class Trainer:
                     self.optimizer.step()
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
-                iteration = it + 1
+                iteration = done = it + 1
                 dt = time.perf_counter() - t0
                 window.append(dt)
                 pbar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", refresh=False)
@@ -342,13 +344,25 @@ class Trainer:
                 if eval_period > 0 and iteration % eval_period == 0 and iteration < max_iter:
                     self.evaluate(iteration, writer)
                     self.model.train()
+                if limit_s > 0 and iteration < max_iter:
+                    over = torch.tensor(float(time.perf_counter() - t_start >= limit_s))
+                    if self.world_size > 1:  # every rank stops at the same iteration
+                        torch.distributed.all_reduce(over)
+                    if over.item() > 0:
+                        logger.info("SOLVER.TIME_LIMIT_MINUTES %.1f reached at iteration %d of %d; "
+                                    "stopping (continue with --resume)", limit_s / 60, iteration,
+                                    max_iter)
+                        break
         finally:
             pbar.close()
-        if self.start_iter < max_iter or last_checkpoint(self.output_dir) is None:
-            self.save("model_final.pth", max_iter)
+        if self.start_iter < done or last_checkpoint(self.output_dir) is None:
+            self.save("model_final.pth", done)
         elapsed = time.perf_counter() - t_start
-        logger.info("trained %d iterations in %.1f s", max_iter - self.start_iter, elapsed)
-        metrics = self.evaluate(max_iter, writer)
+        self.train_seconds = elapsed
+        self.iterations_done = done - self.start_iter
+        logger.info("trained %d iterations in %.1f s (%.2f images/s)", done - self.start_iter,
+                    elapsed, (done - self.start_iter) * int(s.IMS_PER_BATCH) / max(elapsed, 1e-9))
+        metrics = self.evaluate(done, writer)
         if writer is not None:
             writer.close()
         return metrics
