@@ -87,11 +87,18 @@ def test_dsb_split_by_image_no_leakage(dsb_conversion):
 
 
 # ----------------------------------------------------------------------------- MoNuSeg
-def test_monuseg_counts_per_file_printed(tmp_path):
+@pytest.fixture(scope="module")
+def monuseg(tmp_path_factory):
+    """(folder, CLI stdout, written COCO dict) of one MoNuSeg conversion."""
     root = shared_path("monuseg")
-    rc, out, err = run_cli("--format", "xml", "--input", root, "--output", tmp_path / "m.json")
+    out_json = tmp_path_factory.mktemp("monuseg") / "m.json"
+    rc, out, err = run_cli("--format", "xml", "--input", root, "--output", out_json)
     assert rc == 0, err
-    data = json.load(open(tmp_path / "m.json"))
+    return str(root), out, json.load(open(out_json))
+
+
+def test_monuseg_counts_per_file_printed(monuseg):
+    root, out, data = monuseg
     assert len(data["images"]) == 4
     total = 0
     for xml in sorted(f for f in os.listdir(root) if f.endswith(".xml")):
@@ -110,15 +117,12 @@ def test_monuseg_counts_per_file_printed(tmp_path):
     assert "per file:" in out and "overlapping instance masks" in out
 
 
-def test_monuseg_rasterised_areas_match_imagescope(tmp_path):
+def test_monuseg_rasterised_areas_match_imagescope(monuseg):
     """The vertices are boundary pixels (pixel centres on integer coordinates) and belong to the
     nucleus: the pixel area is the polygon Area that ImageScope stored per region plus half the
     perimeter (Pick's theorem). A swapped axis, an offset or dropped boundary would not give
     that."""
-    root = shared_path("monuseg")
-    rc, _, err = run_cli("--format", "xml", "--input", root, "--output", tmp_path / "m.json")
-    assert rc == 0, err
-    data = json.load(open(tmp_path / "m.json"))
+    root, _, data = monuseg
     xml = "TCGA-2Z-A9J9-01A-01-TS1.xml"
     text = open(os.path.join(root, xml)).read()
     stored = [float(a) for a in re.findall(r'<Region [^>]*? Area="([0-9.]+)"', text)]

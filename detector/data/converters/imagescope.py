@@ -26,7 +26,7 @@ from skimage.draw import ellipse as draw_ellipse
 from skimage.draw import polygon as draw_polygon
 
 from .common import (IMAGE_EXTS, Conversion, ConversionError, add_image, check_image,
-                     empty_conversion, encode_masks, read_error_reason)
+                     empty_conversion, pixels_to_annotation, read_error_reason)
 
 DEFAULT_CATEGORY = "nucleus"
 _TCGA = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
@@ -84,9 +84,10 @@ def parse_imagescope(path: str) -> Tuple[Optional[float], List[Dict[str, Any]]]:
     return mpp, regions
 
 
-def rasterize_region(region: Dict[str, Any], height: int, width: int) -> Optional[np.ndarray]:
-    """A region as an ``(H, W)`` bool mask, or None when it is degenerate (fewer than 3
-    distinct vertices, zero area, or no pixel centre inside)."""
+def region_pixels(region: Dict[str, Any], height: int, width: int
+                  ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Row and column indices of a region's pixels (clipped to the image), or None when it is
+    degenerate (fewer than 3 distinct vertices, zero area, or no pixel centre inside)."""
     v = region["vertices"]
     if region["type"] == 2:  # ellipse: two opposite corners of its bounding box
         if len(v) < 2:
@@ -105,8 +106,16 @@ def rasterize_region(region: Dict[str, Any], height: int, width: int) -> Optiona
         rr, cc = draw_polygon(y, x, shape=(height, width))
     if len(rr) == 0:
         return None
+    return rr, cc
+
+
+def rasterize_region(region: Dict[str, Any], height: int, width: int) -> Optional[np.ndarray]:
+    """A region as an ``(H, W)`` bool mask, or None when it is degenerate."""
+    px = region_pixels(region, height, width)
+    if px is None:
+        return None
     m = np.zeros((height, width), dtype=bool)
-    m[rr, cc] = True
+    m[px] = True
     return m
 
 
@@ -185,13 +194,13 @@ def convert_xml(input_path: str, *, images_dir: Optional[str] = None, mpp: Optio
             if r["negative"] or r["type"] not in (0, 1, 2):
                 unsupported += 1
                 continue
-            m = rasterize_region(r, h, w)
-            if m is None:
+            px = region_pixels(r, h, w)
+            if px is None:
                 degenerate += 1
                 continue
-            cover += m
-            # one (H, W, 1) mask at a time: a stack of 500 full-tile masks would take 500 MB
-            parts += encode_masks(np.asfortranarray(m[:, :, None], dtype=np.uint8))
+            np.add.at(cover, px, 1)
+            # RLE straight from the pixel list: no full-tile mask per object
+            parts.append(pixels_to_annotation(px[0], px[1], h, w))
             cats.append(cat_id[r["label"]])
         overlap_px = int((cover > 1).sum())
         image_id = add_image(conv, os.path.relpath(img, images_dir), h, w,
