@@ -528,3 +528,40 @@ def test_per_class_and_overall_counts_with_two_classes():
     assert ev.summary["f1/atypical"] == 0.0
     # class-agnostic: all three match
     assert evaluate(gt, res, class_agnostic=True).summary["tp"] == 3
+
+
+@pytest.mark.parametrize("iou_type", ["segm", "bbox"])
+def test_fast_cocoeval_matches_pycocotools_image_by_image(dsb_gt_path, iou_type):
+    from detector.data.coco import to_pycocotools
+    from detector.evaluation.coco_eval import FastCOCOeval, _gt_for_cocoeval
+    gt = load_coco(dsb_gt_path)
+    res = _perturbed_predictions(gt, seed=2)
+    res += [dict(r, score=r["score"] / 2) for r in res[::7]]  # duplicates: greedy conflicts
+    g = _gt_for_cocoeval(gt)
+    g["annotations"][3]["iscrowd"] = 1  # a crowd region and the default 4 area ranges
+    g["annotations"][3]["segmentation"] = rle_from_json(g["annotations"][3]["segmentation"])
+    g["annotations"][3]["segmentation"]["counts"] = \
+        g["annotations"][3]["segmentation"]["counts"].decode()
+    out = []
+    for cls in (COCOeval, FastCOCOeval):
+        cg = to_pycocotools(g)
+        with contextlib.redirect_stdout(io.StringIO()):
+            cd = cg.loadRes([dict(r) for r in res])
+            ev = cls(cg, cd, iou_type)
+            ev.evaluate()
+            ev.accumulate()
+        out.append(ev)
+    ref, fast = out
+    assert len(ref.evalImgs) == len(fast.evalImgs)
+    n = 0
+    for a, b in zip(ref.evalImgs, fast.evalImgs):
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
+        for key in ("dtIds", "gtIds", "dtScores"):
+            assert a[key] == b[key]
+        for key in ("dtMatches", "gtMatches", "gtIgnore", "dtIgnore"):
+            np.testing.assert_array_equal(a[key], b[key])
+        n += 1
+    assert n >= 3 * 4  # images x area ranges
+    np.testing.assert_array_equal(ref.eval["precision"], fast.eval["precision"])

@@ -13,6 +13,76 @@ from pycocotools.cocoeval import COCOeval
 from ..data.coco import annotation_to_rle, to_pycocotools
 
 
+class FastCOCOeval(COCOeval):
+    """``COCOeval`` with the same per-image greedy matching, visiting only the (detection, GT)
+    pairs whose IoU reaches the lowest threshold.
+
+    pycocotools loops in Python over every threshold x detection x GT object (O(T D G) per
+    image: seconds for a 1000 x 1000 px tile of 500 nuclei); a GT below the lowest threshold can
+    never be chosen, and skipping it cannot change a break (that only fires on ignored GTs after
+    a match), so the results are identical (checked against ``COCOeval`` in the tests).
+    """
+
+    def evaluateImg(self, imgId, catId, aRng, maxDet):  # noqa: N802 (pycocotools' name)
+        p = self.params
+        if p.useCats:
+            gt = self._gts[imgId, catId]
+            dt = self._dts[imgId, catId]
+        else:
+            gt = [_ for cId in p.catIds for _ in self._gts[imgId, cId]]
+            dt = [_ for cId in p.catIds for _ in self._dts[imgId, cId]]
+        if len(gt) == 0 and len(dt) == 0:
+            return None
+        for g in gt:
+            g["_ignore"] = 1 if (g["ignore"] or g["area"] < aRng[0] or g["area"] > aRng[1]) \
+                else 0
+        gtind = np.argsort([g["_ignore"] for g in gt], kind="mergesort")
+        gt = [gt[i] for i in gtind]
+        dtind = np.argsort([-d["score"] for d in dt], kind="mergesort")
+        dt = [dt[i] for i in dtind[0:maxDet]]
+        iscrowd = [int(o["iscrowd"]) for o in gt]
+        ious = self.ious[imgId, catId][:, gtind] if len(self.ious[imgId, catId]) > 0 \
+            else self.ious[imgId, catId]
+        T, G, D = len(p.iouThrs), len(gt), len(dt)
+        gtm = np.zeros((T, G))
+        dtm = np.zeros((T, D))
+        gtIg = np.array([g["_ignore"] for g in gt])  # noqa: N806
+        dtIg = np.zeros((T, D))  # noqa: N806
+        if not len(ious) == 0:
+            ious = np.asarray(ious)
+            thr_min = min(min(p.iouThrs), 1 - 1e-10)
+            gt_ig = gtIg.tolist()
+            for dind in range(D):
+                cols = np.flatnonzero(ious[dind] >= thr_min)
+                if len(cols) == 0:
+                    continue
+                vals = ious[dind, cols].tolist()
+                cols = cols.tolist()
+                for tind, t in enumerate(p.iouThrs):
+                    iou = min([t, 1 - 1e-10])
+                    m = -1
+                    for gind, v in zip(cols, vals):
+                        if gtm[tind, gind] > 0 and not iscrowd[gind]:
+                            continue
+                        if m > -1 and gt_ig[m] == 0 and gt_ig[gind] == 1:
+                            break
+                        if v < iou:
+                            continue
+                        iou = v
+                        m = gind
+                    if m == -1:
+                        continue
+                    dtIg[tind, dind] = gtIg[m]
+                    dtm[tind, dind] = gt[m]["id"]
+                    gtm[tind, m] = dt[dind]["id"]
+        a = np.array([d["area"] < aRng[0] or d["area"] > aRng[1] for d in dt]).reshape((1, D))
+        dtIg = np.logical_or(dtIg, np.logical_and(dtm == 0, np.repeat(a, T, 0)))  # noqa: N806
+        return {"image_id": imgId, "category_id": catId, "aRng": aRng, "maxDet": maxDet,
+                "dtIds": [d["id"] for d in dt], "gtIds": [g["id"] for g in gt],
+                "dtMatches": dtm, "gtMatches": gtm, "dtScores": [d["score"] for d in dt],
+                "gtIgnore": gtIg, "dtIgnore": dtIg}
+
+
 def _gt_for_cocoeval(gt: Dict[str, Any]) -> Dict[str, Any]:
     """A copy of the GT with the keys COCOeval needs (``id``, ``iscrowd``, ``area``)."""
     g = {k: v for k, v in gt.items() if not k.startswith("_")}
@@ -57,7 +127,7 @@ def run_cocoeval(gt: Dict[str, Any], results: Sequence[Dict[str, Any]], iou_type
             r.pop("segmentation", None)  # loadRes would otherwise recompute the box from it
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(res)  # res holds our own dict copies; loadRes adds keys
-        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        ev = FastCOCOeval(coco_gt, coco_dt, iou_type)
         ev.params.maxDets = max_dets_list(max_dets)
         # only the 'all' area range: small/medium/large are COCO's natural-image sizes and
         # would quadruple COCOeval's (Python) per-image matching time
