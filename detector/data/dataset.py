@@ -20,7 +20,9 @@ from torchvision import tv_tensors
 
 from .coco import CocoFormatError, annotation_to_mask, load_coco
 from .image_io import read_image
-from .transforms import build_train_transforms, masks_to_boxes_xyxy
+from torchvision.transforms import v2
+
+from .transforms import RandomScaleCrop, build_train_transforms, masks_to_boxes_xyxy
 
 logger = logging.getLogger(__name__)
 
@@ -176,30 +178,47 @@ class CocoInstanceDataset(Dataset):
         return None
 
     # ------------------------------------------------------------------------------ items
-    def load(self, idx: int) -> Tuple[tv_tensors.Image, Dict[str, Any]]:
-        """Image (uint8 ``[3, H, W]``) and target of record ``idx`` before augmentation."""
+    def load(self, idx: int, window: Optional[Tuple[int, int, int]] = None
+             ) -> Tuple[tv_tensors.Image, Dict[str, Any]]:
+        """Image (uint8 ``[3, H, W]``) and target of record ``idx`` before augmentation.
+
+        With ``window = (top, left, size)`` only that square is returned (zero-padded where it
+        leaves the image), and only the masks of instances whose box meets it are decoded:
+        a 1000 px field with hundreds of nuclei is never expanded to hundreds of full-size
+        masks for a 256 px training crop.
+        """
         rec = self.records[idx]
         img = read_image(rec["file"])
         h, w = img.shape[:2]
-        image = tv_tensors.Image(torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1))
         anns = rec["anns"]
         boxes = np.zeros((len(anns), 4), np.float32)
         for i, a in enumerate(anns):
             x, y, bw, bh = a["bbox"]
             boxes[i] = [x, y, x + bw, y + bh]
+        if window is not None:
+            top, left, size = window
+            keep = ((boxes[:, 0] < left + size) & (boxes[:, 2] > left)
+                    & (boxes[:, 1] < top + size) & (boxes[:, 3] > top))
+            anns = [a for a, k in zip(anns, keep) if k]
+            boxes = boxes[keep] - np.array([left, top, left, top], np.float32)
+            img = _crop_pad(img, top, left, size)
+            ch, cw = size, size
+        else:
+            ch, cw = h, w
+        image = tv_tensors.Image(torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1))
         target: Dict[str, Any] = {
             "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY",
-                                              canvas_size=(h, w)),
+                                              canvas_size=(ch, cw)),
             "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns],
                                    dtype=torch.int64),
             "image_id": rec["image_id"],
         }
         if self.with_masks:
-            masks = np.zeros((len(anns), h, w), np.uint8)
+            masks = np.zeros((len(anns), ch, cw), np.uint8)
             for i, a in enumerate(anns):
                 m = annotation_to_mask(a, h, w)
                 if m is not None:
-                    masks[i] = m
+                    masks[i] = m if window is None else _crop_pad(m, *window)
             target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
         return image, target
 
@@ -227,21 +246,48 @@ class CocoInstanceDataset(Dataset):
             idx, seed = int(key[0]), int(key[1])
         else:
             idx, seed = int(key), None
-        image, target = self.load(idx)
         if seed is None:
-            return self._finish(image, target)
+            return self._item(idx)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self._finish(image, target)
+            return self._item(idx)
 
-    def _finish(self, image: torch.Tensor, target: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
+    def _item(self, idx: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        transforms = self.transforms
+        first = transforms.transforms[0] if isinstance(transforms, v2.Compose) and \
+            transforms.transforms else None
+        if isinstance(first, RandomScaleCrop):
+            # draw the crop window first and load only it (same RNG draws as the transform)
+            rec = self.records[idx]
+            p = first.make_params([tv_tensors.Mask(torch.empty(0, rec["height"], rec["width"]))])
+            image, target = self.load(idx, (p["top"], p["left"], p["win"]))
+            image = first.transform(image, {"top": 0, "left": 0, "win": p["win"]})
+            target = {k: first.transform(v, {"top": 0, "left": 0, "win": p["win"]})
+                      if isinstance(v, torch.Tensor) and k != "labels" else v
+                      for k, v in target.items()}
+            rest = transforms.transforms[1:]
+            if rest:
+                image, target = v2.Compose(rest)(image, target)
+        else:
+            image, target = self.load(idx)
+            if transforms is not None:
+                image, target = transforms(image, target)
         target = self._clean(image, target)
         image = image.as_subclass(torch.Tensor).float().div_(255.0)
         if self.target_fn is not None:
             target = self.target_fn(image, target)
         return image, target
+
+
+def _crop_pad(arr: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+    """``arr[top:top+size, left:left+size]`` (H x W or H x W x C), zero-padded outside."""
+    h, w = arr.shape[:2]
+    out = np.zeros((size, size) + arr.shape[2:], arr.dtype)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + size, h), min(left + size, w)
+    if y1 > y0 and x1 > x0:
+        out[y0 - top:y1 - top, x0 - left:x1 - left] = arr[y0:y1, x0:x1]
+    return out
 
 
 def collate_list(batch: List[Tuple[torch.Tensor, Dict[str, Any]]]) -> Tuple[List[torch.Tensor], List[Dict[str, Any]]]:
