@@ -489,15 +489,17 @@ def test_results_without_image_id_map_to_a_single_image(dsb_gt_path):
 def test_score_sweep_shortcut_equals_matching_per_threshold():
     from detector.evaluation.metrics import SCORE_GRID, sweep_scores
     rng = np.random.default_rng(4)
-    for conflict in (False, True):
+    for conflict in (0, 3, 10, 30, 30, 30):
         n = 40
         rows = np.arange(n)
         cols = rng.permutation(n)
         if conflict:  # some predictions compete for the same GT object
-            rows = np.r_[rows, rng.integers(0, n, 10)]
-            cols = np.r_[cols, rng.integers(0, n, 10)]
+            rows = np.r_[rows, rng.integers(0, n, conflict)]
+            cols = np.r_[cols, rng.integers(0, n, conflict)]
+            key = np.unique(rows * n + cols)
+            rows, cols = key // n, key % n
         w = rng.uniform(0.3, 1.0, len(rows))
-        scores = rng.random(n + 5)
+        scores = np.round(rng.random(n + 5), 2)  # ties with the grid too
         valid = w > 0.5
         tp, npred = sweep_scores(rows, cols, w, scores, valid)
         for k, s in enumerate(SCORE_GRID):
@@ -565,3 +567,21 @@ def test_fast_cocoeval_matches_pycocotools_image_by_image(dsb_gt_path, iou_type)
         n += 1
     assert n >= 3 * 4  # images x area ranges
     np.testing.assert_array_equal(ref.eval["precision"], fast.eval["precision"])
+
+
+def test_match_pairs_is_one_to_one_and_of_maximum_size():
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        n_p, n_g, n_pairs = 30, 25, 60
+        key = np.unique(rng.integers(0, n_p, n_pairs) * n_g + rng.integers(0, n_g, n_pairs))
+        rows, cols = key // n_g, key % n_g
+        w = rng.uniform(0.3, 1.0, len(rows))
+        valid = w > 0.5
+        m = matching.match_pairs(rows, cols, w, valid=valid)
+        assert valid[m].all()
+        assert len(set(rows[m])) == len(m) and len(set(cols[m])) == len(m)
+        g = csr_matrix((np.ones(valid.sum()), (rows[valid], cols[valid])), shape=(n_p, n_g))
+        best = int(np.sum(maximum_bipartite_matching(g, perm_type="column") >= 0))
+        assert len(m) == best

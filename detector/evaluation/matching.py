@@ -180,10 +180,14 @@ def match_pairs(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray,
     if len(idx) == 0:
         return np.zeros(0, np.int64)
     r, c = rows[idx], cols[idx]
-    ur, ri = np.unique(r, return_inverse=True)
-    uc, ci = np.unique(c, return_inverse=True)
-    if len(ur) == len(idx) and len(uc) == len(idx):
+    # a pair whose row and column are in no other pair is its own group: matched as is
+    free = (np.bincount(r)[r] == 1) & (np.bincount(c)[c] == 1)
+    if free.all():
         return idx
+    keep: List[np.ndarray] = [idx[free]]
+    idx = idx[~free]
+    ur, ri = np.unique(rows[idx], return_inverse=True)
+    uc, ci = np.unique(cols[idx], return_inverse=True)
     nr, nc = len(ur), len(uc)
     graph = coo_matrix((np.ones(len(idx)), (ri, nr + ci)), shape=(nr + nc, nr + nc))
     _, comp = connected_components(graph, directed=False)
@@ -191,19 +195,16 @@ def match_pairs(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray,
     order = np.argsort(pair_comp, kind="stable")
     starts = np.flatnonzero(np.r_[True, pair_comp[order][1:] != pair_comp[order][:-1]])
     ends = np.r_[starts[1:], len(order)]
-    keep: List[np.ndarray] = []
     for s, e in zip(starts, ends):
         sel = order[s:e]
-        if len(sel) == 1:
-            keep.append(idx[sel])
-            continue
         lr, lri = np.unique(ri[sel], return_inverse=True)
         lc, lci = np.unique(ci[sel], return_inverse=True)
         k = max(1, min(len(lr), len(lc)))
         cost = np.zeros((len(lr), len(lc)))
         cost[lri, lci] = -(1.0 + weights[idx[sel]] / (2.0 * k))
+        pos = np.full((len(lr), len(lc)), -1, np.int64)
+        pos[lri, lci] = idx[sel]
         a, b = linear_sum_assignment(cost)
-        lookup = {(x, y): p for x, y, p in zip(lri, lci, idx[sel])}
-        keep.append(np.asarray([lookup[(x, y)] for x, y in zip(a, b) if cost[x, y] < 0],
-                               np.int64))
+        ok = cost[a, b] < 0
+        keep.append(pos[a[ok], b[ok]])
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)

@@ -105,14 +105,24 @@ def sweep_scores(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, scores
     """
     srt = np.sort(scores)
     npred = len(srt) - np.searchsorted(srt, SCORE_GRID, side="left")
-    r, c = rows[valid], cols[valid]
-    if len(np.unique(r)) == len(r) and len(np.unique(c)) == len(c):
-        ps = np.sort(scores[r])
-        tp = len(ps) - np.searchsorted(ps, SCORE_GRID, side="left")
-    else:
-        pair_scores = scores[rows]
-        tp = np.array([len(match_pairs(rows, cols, weights, valid=valid & (pair_scores >= s)))
-                       for s in SCORE_GRID])
+    idx = np.flatnonzero(valid)
+    r, c = rows[idx], cols[idx]
+    # a pair whose prediction and GT object are in no other valid pair is matched whenever its
+    # prediction is kept; only the rest (conflicting groups) needs the assignment solved
+    free = (np.bincount(r)[r] == 1) & (np.bincount(c)[c] == 1) if len(idx) else \
+        np.zeros(0, bool)
+    fs = np.sort(scores[r[free]])
+    tp = len(fs) - np.searchsorted(fs, SCORE_GRID, side="left")
+    sub = idx[~free]
+    if len(sub):
+        sub_scores = scores[rows[sub]]
+        uniq = np.unique(sub_scores)
+        ks = np.searchsorted(uniq, SCORE_GRID, side="left")  # kept set depends on k only
+        solved = {}
+        for k in np.unique(ks):
+            keep = sub_scores >= uniq[k] if k < len(uniq) else np.zeros(len(sub), bool)
+            solved[k] = len(match_pairs(rows[sub], cols[sub], weights[sub], valid=keep))
+        tp = tp + np.array([solved[k] for k in ks])
     return tp.astype(np.int64), npred.astype(np.int64)
 
 
