@@ -441,6 +441,12 @@ def test_unknown_image_and_wrong_size_are_clear_errors(dsb_gt_path):
     wrong = [dict(res[0], segmentation=encode_mask(m))]
     with pytest.raises(EvaluationInputError, match="size"):
         evaluate_coco(gt, wrong)
+    # boxes (no masks) beyond the image: scored, with a warning naming the likely cause
+    far = [{k: v for k, v in dict(res[0], bbox=[im["width"] + 5.0, 0.0, 10.0, 10.0]).items()
+            if k != "segmentation"}]
+    with pytest.warns(UserWarning, match="different image size"):
+        m = evaluate_coco(gt, far, mode="boxes")
+    assert m["fp"] == 1
 
 
 def test_class_missing_from_one_side_is_defined(dsb_gt_path):

@@ -234,6 +234,15 @@ def check_compatible(gt: Dict[str, Any], results: Sequence[Dict[str, Any]],
         warnings.append(f"{source}: category ids {extra} are not in the ground truth's categories "
                         f"{sorted(gt_cats)}; those predictions count as false positives (use "
                         "--class-agnostic to ignore labels)")
+    sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in gt["images"]}
+    outside = [r for r in results if r["bbox"][0] + r["bbox"][2] > sizes[r["image_id"]][1] + 1
+               or r["bbox"][1] + r["bbox"][3] > sizes[r["image_id"]][0] + 1]
+    if outside:
+        r = outside[0]
+        h, w = sizes[r["image_id"]]
+        warnings.append(f"{source}: {len(outside)} prediction(s) extend past their GT image (e.g. "
+                        f"image {r['image_id']}, {w} x {h} px, box {r['bbox']}): were they made "
+                        "on a different image size or level?")
     return warnings
 
 
