@@ -47,31 +47,45 @@ def test_dsb_counts(dsb_conversion):
     assert all("mpp" not in im for im in coco["images"])  # DSB has no pixel size
 
 
+def _compare_image(args):
+    """Worker: decode one image's RLEs at once and compare them with its mask files; returns
+    (masks checked, list of problems)."""
+    mask_dir, height, width, anns = args
+    files = sorted(os.listdir(mask_dir))
+    if len(anns) != len(files):
+        return 0, [f"{mask_dir}: {len(files)} masks but {len(anns)} annotations"]
+    rles = [{"size": a["segmentation"]["size"],
+             "counts": a["segmentation"]["counts"].encode("ascii")} for a in anns]
+    dec = mask_utils.decode(rles)  # (H, W, N)
+    if dec.shape != (height, width, len(files)):
+        return 0, [f"{mask_dir}: decoded shape {dec.shape}"]
+    problems = []
+    for k, f in enumerate(files):
+        src = cv2.imread(os.path.join(mask_dir, f), cv2.IMREAD_GRAYSCALE) > 0
+        if not np.array_equal(dec[:, :, k].view(bool), src):
+            problems.append(f"{mask_dir}/{f}: RLE differs from the mask")
+        if anns[k]["area"] != src.sum():
+            problems.append(f"{mask_dir}/{f}: area {anns[k]['area']} != {src.sum()}")
+    return len(files), problems
+
+
 @pytest.mark.slow
 def test_dsb_every_rle_equals_its_source_mask(dsb_conversion):
     """The whole set, not a sample: each image's RLEs are decoded at once and compared with the
-    mask files read in the same pass."""
+    mask files read in the same pass (2 processes)."""
+    import multiprocessing as mp
+
     root, conv = dsb_conversion
     by_image = defaultdict(list)
     for a in conv.coco["annotations"]:
         by_image[a["image_id"]].append(a)
-    checked = 0
-    for im in conv.coco["images"]:
-        mask_dir = os.path.join(root, im["slide"], "masks")
-        files = sorted(os.listdir(mask_dir))
-        anns = by_image[im["id"]]
-        assert len(anns) == len(files), im["file_name"]
-        rles = [{"size": a["segmentation"]["size"],
-                 "counts": a["segmentation"]["counts"].encode("ascii")} for a in anns]
-        dec = mask_utils.decode(rles)  # (H, W, N)
-        assert dec.shape == (im["height"], im["width"], len(files))
-        for k, f in enumerate(files):
-            src = cv2.imread(os.path.join(mask_dir, f), cv2.IMREAD_GRAYSCALE) > 0
-            if not np.array_equal(dec[:, :, k].view(bool), src):
-                pytest.fail(f"{mask_dir}/{f}: RLE differs from the mask")
-            assert anns[k]["area"] == src.sum()
-            checked += 1
-    assert checked == 28986
+    jobs = [(os.path.join(root, im["slide"], "masks"), im["height"], im["width"],
+             by_image[im["id"]]) for im in conv.coco["images"]]
+    with mp.get_context("fork").Pool(2) as pool:
+        results = pool.map(_compare_image, jobs, chunksize=8)
+    problems = [p for _, ps in results for p in ps]
+    assert problems == []
+    assert sum(n for n, _ in results) == 28986
 
 
 @pytest.mark.slow
