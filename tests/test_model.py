@@ -1,0 +1,180 @@
+"""The R-CNN models: configuration for cells, the Instances they return, and initial weights."""
+import os
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+from detector.config.config import get_cfg
+from detector.modeling.build import WeightsError, build_model, load_weights
+from detector.structures.instances import Instances
+
+torch.set_num_threads(1)
+CLASSES = [{"id": 3, "name": "lymphocyte"}, {"id": 7, "name": "tumour"}]
+
+
+def tiny_cfg(*opts):
+    return get_cfg(None, ["MODEL.BACKBONE.NAME", "resnet18", "MODEL.BACKBONE.OUT_CHANNELS", "32",
+                          "MODEL.ROI_HEADS.FC_DIM", "64", "MODEL.ROI_HEADS.BOX_HEAD_CONVS", "1",
+                          "MODEL.ROI_HEADS.MASK_HEAD_CONVS", "1", "MODEL.RPN.CONV_DEPTH", "1",
+                          "MODEL.RPN.POST_NMS_TOPK_TEST", "200",
+                          "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", *opts])
+
+
+def disc_target(h, w, n=3):
+    masks = torch.zeros(n, h, w, dtype=torch.uint8)
+    boxes = []
+    for i in range(n):
+        y, x = 10 + 15 * i, 12 + 20 * i
+        masks[i, y:y + 9, x:x + 11] = 1
+        boxes.append([x, y, x + 11, y + 9])
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor([1, 2, 1]),
+            "masks": masks}
+
+
+@pytest.fixture(scope="module")
+def mask_model():
+    torch.manual_seed(0)
+    return build_model(tiny_cfg(), CLASSES)
+
+
+def test_training_forward_returns_scalar_losses_and_accepts_negatives(mask_model):
+    mask_model.train()
+    images = [torch.rand(3, 70, 90), torch.rand(3, 64, 64)]
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
+    losses = mask_model(images, [disc_target(70, 90), empty])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+                           "loss_rpn_box_reg"}
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mask_model.parameters())
+
+
+def test_eval_returns_instances_in_input_pixels_with_coco_ids_and_rle(mask_model):
+    mask_model.eval()
+    with torch.no_grad():
+        out = mask_model([torch.rand(3, 70, 90), torch.rand(3, 50, 40)])
+    assert len(out) == 2 and all(isinstance(o, Instances) for o in out)
+    for inst, (h, w) in zip(out, [(70, 90), (50, 40)]):
+        assert inst.image_size == (h, w)  # native resolution: no resize to 800 px
+        assert len(inst) > 0
+        assert set(inst.labels.tolist()) <= {3, 7}
+        assert inst.boxes[:, 2].max() <= w and inst.boxes[:, 3].max() <= h
+        assert len(inst.masks) == len(inst)
+        assert tuple(inst.masks[0]["size"]) == (h, w)
+        assert mask_utils.decode(inst.masks[0]).shape == (h, w)
+
+
+def test_native_resolution_and_scale_factor():
+    m1 = build_model(tiny_cfg(), CLASSES).model.transform
+    img = torch.rand(3, 37, 53)
+    batch, _ = m1([img])
+    assert batch.image_sizes == [(37, 53)]  # padded to /32 for the FPN, not resized
+    m2 = build_model(tiny_cfg("INPUT.SCALE", "2.0"), CLASSES)
+    batch, targets = m2.model.transform([img], [disc_target(37, 53, n=1)])
+    assert batch.image_sizes == [(74, 106)]
+    assert targets[0]["boxes"].tolist() == [[24.0, 20.0, 46.0, 38.0]]
+    m2.eval()
+    with torch.no_grad():
+        inst = m2([img])[0]
+    assert inst.image_size == (37, 53) and inst.boxes[:, 2].max() <= 53  # back in input pixels
+
+
+def test_config_keys_reach_the_torchvision_model():
+    cfg = tiny_cfg("MODEL.ANCHOR_GENERATOR.SIZES", "[[4], [8], [16], [32], [64]]",
+                   "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[1.0]",
+                   "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", "1500",
+                   "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "777", "MODEL.RPN.POST_NMS_TOPK_TEST", "1234")
+    m = build_model(cfg, CLASSES).model
+    assert [tuple(x) for x in m.rpn.anchor_generator.sizes] == [(4,), (8,), (16,), (32,), (64,)]
+    assert [tuple(x) for x in m.rpn.anchor_generator.aspect_ratios] == [(1.0,)] * 5
+    assert m.roi_heads.detections_per_img == 1500
+    assert m.rpn._pre_nms_top_n["training"] == 777 and m.rpn._post_nms_top_n["testing"] == 1234
+    assert m.roi_heads.box_predictor.cls_score.out_features == len(CLASSES) + 1
+    assert sum(isinstance(x, nn.GroupNorm) for x in m.modules()) > 10
+    frozen = build_model(tiny_cfg("MODEL.BACKBONE.NORM", "FrozenBN",
+                                  "MODEL.BACKBONE.TRAINABLE_LAYERS", "2"), CLASSES).model
+    from torchvision.ops import FrozenBatchNorm2d
+
+    assert any(isinstance(x, FrozenBatchNorm2d) for x in frozen.backbone.body.modules())
+    assert not frozen.backbone.body.conv1.weight.requires_grad
+    assert frozen.backbone.body.layer4[0].conv1.weight.requires_grad
+
+
+def test_faster_rcnn_returns_boxes_without_masks():
+    m = build_model(tiny_cfg("MODEL.META_ARCHITECTURE", "FasterRCNN"), CLASSES[:1])
+    m.eval()
+    with torch.no_grad():
+        inst = m([torch.rand(3, 48, 48)])[0]
+    assert inst.masks is None and set(inst.labels.tolist()) <= {3}
+    m.train()
+    t = disc_target(48, 48, n=2)
+    del t["masks"]
+    t["labels"] = torch.tensor([1, 1])
+    assert "loss_mask" not in m([torch.rand(3, 48, 48)], [t])
+
+
+def test_r50_matches_torchvision_v2_so_coco_weights_load(tmp_path):
+    """With FrozenBN and 256 channels, our R50 model has torchvision's
+    maskrcnn_resnet50_fpn_v2 keys and shapes (class-specific predictors aside), so that the
+    COCO-pretrained weights load; the loader skips the class heads and reports them."""
+    cfg = get_cfg(None, ["MODEL.BACKBONE.NORM", "FrozenBN", "MODEL.BACKBONE.TRAINABLE_LAYERS", "3"])
+    ours = build_model(cfg, CLASSES)
+    tv = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict()
+    own = ours.state_dict()
+    for k, v in tv.items():
+        if k.endswith("num_batches_tracked"):  # BN counters; FrozenBN has none
+            continue
+        assert "model." + k in own, k
+        if "predictor" not in k:
+            assert own["model." + k].shape == v.shape, k
+    with torch.no_grad():
+        for v in tv.values():
+            if v.dtype.is_floating_point:
+                v.add_(0.5)
+    path = str(tmp_path / "tv_state.pth")
+    torch.save(tv, path)
+    load_weights(ours, path)
+    k = "backbone.body.layer1.0.conv1.weight"
+    assert torch.equal(ours.model.state_dict()[k], tv[k])
+    pred = "roi_heads.box_predictor.cls_score.weight"
+    assert ours.model.state_dict()[pred].shape[0] == 3 and tv[pred].shape[0] == 91
+
+
+def test_torchvision_weights_name_offline_fails_at_once_saying_where_to_put_the_file(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    m = build_model(tiny_cfg(), CLASSES)
+    with pytest.raises(WeightsError) as e:
+        load_weights(m, "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1")
+    msg = str(e.value)
+    assert "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2" in msg
+    assert str(tmp_path / "hub" / "checkpoints" / "maskrcnn_resnet50_fpn_v2") in msg
+    with pytest.raises(WeightsError, match="no such file"):
+        load_weights(m, "missing/weights.pth")
+
+
+def test_imagenet_classifier_weights_go_to_the_backbone(tmp_path):
+    import torchvision
+
+    torch.manual_seed(1)
+    resnet = torchvision.models.resnet18(norm_layer=lambda c: nn.GroupNorm(32, c))
+    torch.save(resnet.state_dict(), tmp_path / "r18.pth")
+    m = build_model(tiny_cfg(), CLASSES)
+    load_weights(m, str(tmp_path / "r18.pth"))
+    assert torch.equal(m.model.backbone.body.conv1.weight, resnet.conv1.weight)
+
+
+def test_unet_is_imported_lazily():
+    import detector.modeling.build as b
+
+    assert "build_unet" not in dir(b)  # importing build does not need the U-Net module
