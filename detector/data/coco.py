@@ -162,6 +162,9 @@ def save_coco(data: Dict[str, Any], path: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
