@@ -236,3 +236,22 @@ def test_amibr_split_by_slide_no_leakage(tmp_path):
                        "--split", "train=0.8,val=0.1,test=0.1", "--seed", "0")
     again = json.load(open(tmp_path / "b_test.json"))
     assert again["images"] == parts["test"]["images"]
+
+
+def test_xml_on_a_whole_slide_file(tmp_path):
+    """ImageScope XML next to an Aperio .svs: the slide is sized with OpenSlide (not decoded)
+    and its mpp used when the XML has none."""
+    svs = shared_path("slides", "CMU-1-Small-Region.svs")
+    os.symlink(svs, tmp_path / "CMU-1-Small-Region.svs")
+    (tmp_path / "CMU-1-Small-Region.xml").write_text(
+        '<Annotations><Annotation Name=""><Regions><Region Id="1" Type="0"><Vertices>'
+        '<Vertex X="100" Y="100"/><Vertex X="140" Y="100"/><Vertex X="140" Y="130"/>'
+        '<Vertex X="100" Y="130"/></Vertices></Region></Regions></Annotation></Annotations>')
+    rc, out, err = run_cli("--format", "xml", "--input", tmp_path, "--output", tmp_path / "s.json")
+    assert rc == 0, err
+    data = json.load(open(tmp_path / "s.json"))
+    (im,) = data["images"]
+    assert (im["width"], im["height"]) == (2220, 2967)
+    assert im["mpp"] == pytest.approx(0.499, abs=1e-3)
+    (a,) = data["annotations"]
+    assert a["bbox"] == [100.0, 100.0, 41.0, 31.0] and a["area"] == 41 * 31

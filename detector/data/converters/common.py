@@ -15,6 +15,7 @@ from ..coco import new_coco
 from ..image_io import ImageReadError, read_array
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+WSI_EXTS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu")
 
 
 class ConversionError(ValueError):
@@ -106,6 +107,24 @@ def check_image(path: str) -> Tuple[int, int]:
     naming it) and return its ``(height, width)``. RGBA, gray and 16-bit are all fine."""
     arr = read_label_array(path)
     return int(arr.shape[0]), int(arr.shape[1])
+
+
+def image_info(path: str) -> Tuple[int, int, Optional[float]]:
+    """``(height, width, mpp or None)`` of an image or whole-slide file. Whole slides
+    (:data:`WSI_EXTS`) are opened with OpenSlide (size and mpp of level 0, pixels not read);
+    other images are decoded completely (:func:`check_image`)."""
+    if path.lower().endswith(WSI_EXTS):
+        try:
+            import openslide
+
+            with openslide.OpenSlide(path) as s:
+                w, h = s.dimensions
+                mpp = s.properties.get(openslide.PROPERTY_NAME_MPP_X)
+            return int(h), int(w), (float(mpp) if mpp else None)
+        except Exception as e:
+            raise ConversionError(path, f"cannot open as a whole-slide image ({e})") from None
+    h, w = check_image(path)
+    return h, w, None
 
 
 # ------------------------------------------------------------------------------ masks

@@ -41,7 +41,14 @@ def _bytes_rle(rle: Dict[str, Any]) -> Dict[str, Any]:
 def _convert_sample(args) -> Dict[str, Any]:
     """Worker: read one sample's image and masks; return its image size and annotation parts,
     or the bad file and why."""
-    root, name = args
+    try:
+        return _read_sample(*args)
+    except OSError as e:  # unreadable folder (permissions, vanished files)
+        return {"error": (getattr(e, "filename", None) or os.path.join(*args),
+                          f"cannot read ({e.strerror or e})")}
+
+
+def _read_sample(root: str, name: str) -> Dict[str, Any]:
     folder = os.path.join(root, name)
     img_dir = os.path.join(folder, "images")
     imgs = sorted(f for f in os.listdir(img_dir) if not f.startswith("."))

@@ -25,7 +25,7 @@ from defusedxml import ElementTree as ET
 from skimage.draw import ellipse as draw_ellipse
 from skimage.draw import polygon as draw_polygon
 
-from .common import (IMAGE_EXTS, Conversion, ConversionError, add_image, check_image,
+from .common import (IMAGE_EXTS, WSI_EXTS, Conversion, ConversionError, add_image, image_info,
                      empty_conversion, pixels_to_annotation, read_error_reason)
 
 DEFAULT_CATEGORY = "nucleus"
@@ -121,7 +121,8 @@ def rasterize_region(region: Dict[str, Any], height: int, width: int) -> Optiona
 
 def _find_image(xml_path: str, images_dir: str) -> Optional[str]:
     stem = os.path.splitext(os.path.basename(xml_path))[0]
-    for ext in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS):
+    exts = IMAGE_EXTS + WSI_EXTS
+    for ext in exts + tuple(e.upper() for e in exts):
         p = os.path.join(images_dir, stem + ext)
         if os.path.isfile(p):
             return p
@@ -183,10 +184,19 @@ def convert_xml(input_path: str, *, images_dir: Optional[str] = None, mpp: Optio
     for xp, img, file_mpp, regions in tqdm(parsed, desc="xml", unit="file", disable=not progress,
                                            leave=False):
         try:
-            h, w = check_image(img)
+            h, w, slide_mpp = image_info(img)
+        except ConversionError as e:
+            conv.fail(img, e.reason, skip_invalid)
+            continue
         except Exception as e:
             conv.fail(img, read_error_reason(e), skip_invalid)
             continue
+        if h * w >= 2 ** 32:
+            conv.fail(img, f"{w}x{h} px is too large for COCO RLE (32-bit run lengths)",
+                      skip_invalid, "cut the slide into tiles with their own XML, or pass "
+                      "--skip-invalid")
+            continue
+        file_mpp = file_mpp or slide_mpp
         parts, cats = [], []
         degenerate = unsupported = 0
         cover = np.zeros((h, w), dtype=np.uint16)

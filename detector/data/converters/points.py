@@ -27,11 +27,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from .common import (IMAGE_EXTS, Conversion, ConversionError, add_image, check_image,
-                     empty_conversion, read_error_reason)
+from .common import (IMAGE_EXTS, WSI_EXTS, Conversion, ConversionError, add_image,
+                     empty_conversion, image_info, read_error_reason)
 
 DEFAULT_CATEGORY = "mitosis"
-WSI_EXTS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu")
 POINT_IMAGE_EXTS = IMAGE_EXTS + WSI_EXTS
 _COLS = {
     "x": ("x", "cx", "x_px", "col"),
@@ -97,22 +96,6 @@ def point_box(x: float, y: float, side: float, width: int, height: int
     """XYXY box of ``side`` px centred on ``(x, y)``, clipped to the image."""
     h = side / 2.0
     return (max(0.0, x - h), max(0.0, y - h), min(float(width), x + h), min(float(height), y + h))
-
-
-def _image_info(path: str) -> Tuple[int, int, Optional[float]]:
-    """(height, width, mpp or None) of an image or whole-slide file."""
-    if path.lower().endswith(WSI_EXTS):
-        try:
-            import openslide
-
-            with openslide.OpenSlide(path) as s:
-                w, h = s.dimensions
-                mpp = s.properties.get(openslide.PROPERTY_NAME_MPP_X)
-            return int(h), int(w), (float(mpp) if mpp else None)
-        except Exception as e:
-            raise ConversionError(path, f"cannot open as a whole-slide image ({e})") from None
-    h, w = check_image(path)
-    return h, w, None
 
 
 def convert_points(input_path: str, *, images_dir: Optional[str] = None,
@@ -193,7 +176,7 @@ def convert_points(input_path: str, *, images_dir: Optional[str] = None,
     for name in tqdm(images, desc="points", unit="img", disable=not progress, leave=False):
         path = os.path.join(images_dir, name)
         try:
-            h, w, file_mpp = _image_info(path)
+            h, w, file_mpp = image_info(path)
         except ConversionError as e:
             conv.fail(path, e.reason, skip_invalid)
             continue
