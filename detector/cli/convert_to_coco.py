@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..data.coco import CocoFormatError, save_coco
 from ..data.converters import FORMATS, remap_categories, summary_text, to_polygon_format
-from ..data.converters.common import Conversion, ConversionError, copy_images
+from ..data.converters.common import (Conversion, ConversionError, copy_images,
+                                      parse_category_spec)
 from ..data.image_io import ImageReadError
 from ..data.splits import image_groups, kfold_groups, parse_fractions, split_coco, split_groups
 
@@ -147,7 +148,12 @@ def convert(args: argparse.Namespace) -> Tuple[Conversion, List[Tuple[str, Dict[
         try:
             fractions = parse_fractions(args.split)
         except ValueError as e:
-            raise ConversionError("--split", str(e)) from None
+            raise ConversionError("", str(e)) from None
+    if args.categories:
+        try:
+            parse_category_spec(args.categories)  # syntax now; names once the data is read
+        except ValueError as e:
+            raise ConversionError("", str(e)) from None
     if args.folds is not None and args.folds < 2:
         raise ConversionError("--folds", f"{args.folds} folds", "k-fold needs --folds 2 or more")
     if not args.output.lower().endswith(".json"):
@@ -166,7 +172,7 @@ def convert(args: argparse.Namespace) -> Tuple[Conversion, List[Tuple[str, Dict[
     try:
         dropped = remap_categories(coco, args.categories)
     except ValueError as e:
-        raise ConversionError("--categories", str(e)) from None
+        raise ConversionError("", str(e)) from None
     for name, n in dropped.items():
         conv.notes.append(f"dropped {n} instance(s) of class {name!r} (--categories)")
     if args.mask_format == "polygon":
@@ -197,7 +203,7 @@ def convert(args: argparse.Namespace) -> Tuple[Conversion, List[Tuple[str, Dict[
         try:
             folds = kfold_groups(groups, args.folds, args.seed)
         except ValueError as e:
-            raise ConversionError("--folds", str(e)) from None
+            raise ConversionError("", str(e)) from None
         for i, fold in enumerate(folds):
             for name in ("train", "val"):
                 sub = split_coco(coco, fold[name])

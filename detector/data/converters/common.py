@@ -25,7 +25,7 @@ class ConversionError(ValueError):
         self.path = str(path)
         self.reason = reason
         self.fix = fix
-        msg = f"{path}: {reason}"
+        msg = f"{path}: {reason}" if path else reason
         if fix:
             msg += f" ({fix})"
         super().__init__(msg)
