@@ -3,6 +3,10 @@
 
     .venv/bin/python benchmarks/bench_evaluate.py [--gt GT.json] [--images 65] [--repeat 3]
 
+Takes about 3 minutes on a 2-core CPU, almost all of it the dense baseline (last run: ours
+1.10 s for evaluate() on 65 images / 4,120 nuclei; matching 0.48 s vs 174 s dense; COCO AP
+0.25 s vs 12.2 s).
+
 Ground truth: 65 images of ../shared/data/dsb2018/stage1_train converted to COCO RLE (the
 seeded sample whose nucleus count is closest to the 4,152 of the stage 1 test set), or
 ``--gt`` (e.g. output/data/dsb_test.json). Predictions: a perturbed copy of the GT (8% dropped,
@@ -13,8 +17,9 @@ Rows:
   between overlapping boxes (sparse), Hungarian only on conflicting pairs. Baseline: the dense
   all-pairs approach: decode every mask, IoU matrix by a product of the flattened masks,
   ``linear_sum_assignment`` on the full matrix per threshold. The TP counts must agree.
-- COCO AP: ours runs COCOeval on the 'all' area range only; baseline: COCOeval as configured
-  out of the box (4 area ranges), maxDets 1000 in both.
+- COCO AP: ours runs ``FastCOCOeval`` (pycocotools' greedy matching visiting only pairs above
+  the lowest IoU threshold) on the 'all' area range only; baseline: pycocotools ``COCOeval`` as
+  configured out of the box (4 area ranges); maxDets 1000 in both. The AP must agree.
 - evaluate(): the whole call (matching, AJI, PQ, score sweep, COCOeval): the 10 s target.
 """
 from __future__ import annotations
