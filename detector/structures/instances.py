@@ -86,7 +86,9 @@ class Instances:
     def areas(self) -> np.ndarray:
         """Mask areas in px when masks exist, else box areas."""
         if self.masks is not None and len(self.masks):
-            return mask_utils.area(self.masks).astype(np.float64)
+            # chunks of 255: pycocotools 2.0.11's mask.area overflows a uint8 on longer lists
+            return np.concatenate([np.asarray(mask_utils.area(self.masks[k:k + 255]), np.float64)
+                                   .reshape(-1) for k in range(0, len(self.masks), 255)])
         wh = np.clip(self.boxes[:, 2:] - self.boxes[:, :2], 0, None)
         return (wh[:, 0] * wh[:, 1]).astype(np.float64)
 
