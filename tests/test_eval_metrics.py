@@ -591,3 +591,15 @@ def test_match_pairs_is_one_to_one_and_of_maximum_size():
         g = csr_matrix((np.ones(valid.sum()), (rows[valid], cols[valid])), shape=(n_p, n_g))
         best = int(np.sum(maximum_bipartite_matching(g, perm_type="column") >= 0))
         assert len(m) == best
+
+
+def test_rle_areas_of_more_than_255_masks():
+    # pycocotools 2.0.11's mask.area overflows on lists longer than 255 (dense tiles have more)
+    m = np.zeros((30, 30), bool)
+    rles = []
+    for k in range(600):
+        m[:] = False
+        m[: 1 + k % 30, : 1 + (k // 30) % 30] = True
+        rles.append(rle_from_json(encode_mask(m)))
+    expect = [(1 + k % 30) * (1 + (k // 30) % 30) for k in range(600)]
+    np.testing.assert_array_equal(matching.rle_areas(rles), expect)
