@@ -78,7 +78,8 @@ def load_predictions(path: str) -> List[Dict[str, Any]]:
     """Read a predictions file: a COCO results list, a COCO instance file (its annotations) or
     a dict holding such a list under ``detections`` / ``results`` / ``annotations``."""
     if not os.path.isfile(path):
-        raise EvaluationInputError(f"{path}: predictions file not found")
+        what = "is a folder; give its detections.json" if os.path.isdir(path) else "not found"
+        raise EvaluationInputError(f"{path}: predictions file {what}")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
