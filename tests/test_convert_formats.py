@@ -7,7 +7,6 @@ import os
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_utils
 import pytest
 import tifffile
 from skimage.draw import disk
@@ -326,6 +325,17 @@ def test_labels_bad_cases(tmp_path):
     assert set(skipped) == {"orphan.png", "c.png", "b.png"}
     assert "20x21" in skipped["b.png"] and "no label image" in skipped["c.png"]
     assert [im["file_name"] for im in conv.coco["images"]] == ["a.png"]
+
+
+def test_labels_truncated_jpeg_image_is_an_error(tmp_path):
+    shape = (64, 64)
+    img = (np.random.default_rng(0).random(shape + (3,)) * 255).astype(np.uint8)
+    os.makedirs(tmp_path / "images")
+    assert cv2.imwrite(str(tmp_path / "images" / "a.jpg"), img)
+    write_png(str(tmp_path / "labels" / "a.png"), np.zeros(shape, np.uint8))
+    truncate(tmp_path / "images" / "a.jpg", 0.6)
+    with pytest.raises(ConversionError, match="a.jpg.*(truncated|cannot decode)"):
+        convert_labels(str(tmp_path), workers=1, progress=False)
 
 
 def test_labels_one_folder_with_suffixes(tmp_path):

@@ -83,14 +83,16 @@ def add_image(conv: Conversion, file_name: str, height: int, width: int,
 
 # ------------------------------------------------------------------------------ reading
 def read_label_array(path: str, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    """Read a mask or label image fast with OpenCV (PNG/TIFF, 8/16-bit), falling back to
-    :func:`read_array` (PIL/tifffile: 32-bit, odd modes) whose error names the file.
+    """Read a mask, label or image file as stored (RGB(A) channel order), PNGs fast with OpenCV,
+    falling back to :func:`read_array` (PIL/tifffile) whose error names the file.
 
     OpenCV's libpng decoder refuses truncated or CRC-damaged PNGs (``imread`` returns None), so
-    the fast path does not hide corrupt files.
+    the fast path does not hide corrupt files. Other formats go through :func:`read_array`
+    (tifffile for TIFF: 32-bit and float labels; PIL otherwise: OpenCV would return a truncated
+    JPEG half grey instead of failing).
     """
-    if path.lower().endswith((".tif", ".tiff")):
-        return read_array(path)  # tifffile: 32-bit and float labels, multi-page
+    if not path.lower().endswith(".png"):
+        return read_array(path)
     arr = cv2.imread(path, flags)
     if arr is None:
         arr = read_array(path)  # raises ImageReadError naming the file when it is bad
