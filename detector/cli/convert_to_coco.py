@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output COCO file; with --split/--folds, OUT_<split>.json / "
                         "OUT_fold<i>_<train|val>.json")
     p.add_argument("--mask-format", default="rle", choices=("rle", "polygon"),
-                   help="segmentation encoding (RLE is exact; polygons trace the mask)")
+                   help="segmentation encoding: RLE (default, exact) or polygons along the pixel "
+                        "corners (rasterise back to the same pixels, holes aside)")
     p.add_argument("--categories", metavar="SPEC",
                    help="name/map classes: NAME (rename a one-class set), or SOURCE=NAME pairs "
                         "separated by commas; NAME '-' drops SOURCE; names listed first get "
@@ -79,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels: folder of the label images (default: <input>/labels or "
                         "<input>/masks)")
     f.add_argument("--mpp", type=float, default=None,
-                   help="microns per pixel of the images (xml: default from the XML; amibr: "
-                        "default per MIDOG 2021 scanner; points: required unless "
-                        "--box-size-px)")
+                   help="microns per pixel of the images, stored per image (xml: default from "
+                        "the XML; amibr: default per MIDOG 2021 scanner; points: required "
+                        "unless --box-size-px or whole slides that state it; labels: none)")
     f.add_argument("--box-size-um", type=float, default=12.5,
                    help="points/amibr: side of the box around each point in microns "
                         "(default 12.5 = MIDOG's 50 px at 0.25 um/px)")
