@@ -208,6 +208,18 @@ def test_watershed_seeds_scores_small_objects_and_seedless_components():
         instances_from_probabilities(np.zeros((2, 5, 5)))
 
 
+def test_smoothing_joins_seed_fragments_of_one_nucleus():
+    probs = np.zeros((3, 40, 40), np.float32)
+    probs[0] = 1.0
+    probs[:, 10:30, 10:30] = np.array([0.0, 0.8, 0.2])[:, None, None]
+    # a one-pixel line of noisy, boundary-like output across the nucleus
+    probs[:, 19, 10:30] = np.array([0.0, 0.45, 0.55])[:, None]
+    split = instances_from_probabilities(probs, seed_thresh=0.3, min_size=5)
+    joined = instances_from_probabilities(probs, seed_thresh=0.3, min_size=5, smooth_sigma=1.0)
+    assert len(split) == 2
+    assert len(joined) == 1 and joined.boxes[0].tolist() == [10, 10, 30, 30]
+
+
 def test_crop_mask_to_rle_equals_pycocotools_encode():
     rng = np.random.default_rng(0)
     full = np.zeros((37, 41), np.uint8)

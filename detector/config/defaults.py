@@ -90,9 +90,13 @@ class UNetConfig:
     SIGMA: float = 5.0
     # Output tile size (px) for overlap-tile prediction; the input tile adds the border.
     TILE_SIZE: int = 256
-    # Watershed post-processing: probability threshold for the interior seeds and the
-    # foreground, and the smallest instance kept (px).
-    SEED_THRESH: float = 0.5
+    # Watershed post-processing (detector/modeling/watershed.py): probabilities are smoothed
+    # with a Gaussian of SMOOTH_SIGMA px (0 = off; removes seed fragments that over-split
+    # nuclei), seeds are p_interior - p_boundary > SEED_THRESH, the foreground is
+    # p_interior + p_boundary > FOREGROUND_THRESH, and the smallest instance kept is
+    # MIN_SIZE px.
+    SMOOTH_SIGMA: float = 1.0
+    SEED_THRESH: float = 0.3
     FOREGROUND_THRESH: float = 0.5
     MIN_SIZE: int = 10
 

@@ -219,6 +219,7 @@ class UNetModel(nn.Module):
         self.seed_thresh = float(u.SEED_THRESH)
         self.fg_thresh = float(u.FOREGROUND_THRESH)
         self.min_size = int(u.MIN_SIZE)
+        self.smooth_sigma = float(u.SMOOTH_SIGMA)
         self.tile_batch = 4
         # INPUT.SCALE: images are resized by this factor inside the model (as for R-CNN)
         self.scale = float(cfg.INPUT.SCALE)
@@ -313,7 +314,8 @@ class UNetModel(nn.Module):
         interior probability over each instance's seed, labels = the category id)."""
         probs = self.predict_probabilities(image, tile_size).cpu().numpy()
         return instances_from_probabilities(
-            probs, self.category_id, self.seed_thresh, self.fg_thresh, self.min_size
+            probs, self.category_id, self.seed_thresh, self.fg_thresh, self.min_size,
+            self.smooth_sigma,
         )
 
     # ----------------------------------------------------------------------- forward
