@@ -650,3 +650,23 @@ def test_demo_without_shared_data_converts_a_synthetic_set(tmp_path, monkeypatch
     assert len(data["annotations"]) > 0 and all(im["mpp"] == 0.5 for im in data["images"])
     for im in data["images"]:
         assert os.path.isfile(os.path.join(data["_image_root"], im["file_name"]))
+
+
+def test_coco_keeps_or_changes_the_mask_encoding(tmp_path):
+    make_dsb(tmp_path / "d", n_masks=(2, 3))
+    assert run_cli("--format", "dsb", "--input", tmp_path / "d", "--output", tmp_path / "p.json",
+                   "--mask-format", "polygon", "--workers", "1")[0] == 0
+    poly = json.load(open(tmp_path / "p.json"))
+    assert run_cli("--format", "coco", "--input", tmp_path / "p.json", "--output",
+                   tmp_path / "same.json")[0] == 0
+    same = json.load(open(tmp_path / "same.json"))
+    assert [a["segmentation"] for a in same["annotations"]] == \
+        [a["segmentation"] for a in poly["annotations"]]
+    assert run_cli("--format", "coco", "--input", tmp_path / "p.json", "--output",
+                   tmp_path / "rle.json", "--mask-format", "rle")[0] == 0
+    rle = json.load(open(tmp_path / "rle.json"))
+    assert rle["info"]["mask_format"] == "rle"
+    for a, b in zip(rle["annotations"], poly["annotations"]):
+        assert isinstance(a["segmentation"], dict)
+        assert np.array_equal(decoded(a, 40, 50), decoded(b, 40, 50))
+        assert decoded(a, 40, 50).sum() == b["area"]  # pixel-corner polygons: same pixels

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..data.coco import CocoFormatError, save_coco
 from ..data.converters import FORMATS, remap_categories, summary_text, to_polygon_format
 from ..data.converters.common import (Conversion, ConversionError, copy_images,
-                                      parse_category_spec)
+                                      parse_category_spec, to_rle_format)
 from ..data.image_io import ImageReadError
 from ..data.splits import image_groups, kfold_groups, parse_fractions, split_coco, split_groups
 
@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="OUT.json",
                    help="output COCO file; with --split/--folds, OUT_<split>.json / "
                         "OUT_fold<i>_<train|val>.json")
-    p.add_argument("--mask-format", default="rle", choices=("rle", "polygon"),
+    p.add_argument("--mask-format", default=None, choices=("rle", "polygon"),
                    help="segmentation encoding: RLE (default, exact) or polygons along the pixel "
-                        "corners (rasterise back to the same pixels, holes aside)")
+                        "corners (rasterise back to the same pixels, holes aside); --format "
+                        "coco keeps the input's encoding unless this is given")
     p.add_argument("--categories", metavar="SPEC",
                    help="name/map classes: NAME (rename a one-class set), or SOURCE=NAME pairs "
                         "separated by commas; NAME '-' drops SOURCE; names listed first get "
@@ -176,14 +177,18 @@ def convert(args: argparse.Namespace) -> Tuple[Conversion, List[Tuple[str, Dict[
         raise ConversionError("", str(e)) from None
     for name, n in dropped.items():
         conv.notes.append(f"dropped {n} instance(s) of class {name!r} (--categories)")
-    if args.mask_format == "polygon":
+    mask_format = args.mask_format or ("keep" if args.format == "coco" else "rle")
+    if mask_format == "polygon":
         to_polygon_format(coco)
+    elif mask_format == "rle" and args.format == "coco":
+        to_rle_format(coco)
     for i, a in enumerate(coco["annotations"], 1):
         a["id"] = i
     info = coco["info"]
     info["format"] = args.format
     info["input"] = [os.path.abspath(p) for p in args.input]
-    info["mask_format"] = args.mask_format
+    info["mask_format"] = mask_format if mask_format != "keep" else \
+        (info.get("mask_format") or "as input")
     info["date_created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds")
     if args.copy_images:

@@ -245,6 +245,18 @@ def rle_to_polygons(rle: Dict[str, Any]) -> List[List[float]]:
     return [[v + (x if i % 2 == 0 else y) for i, v in enumerate(p)] for p in polys]
 
 
+def to_rle_format(coco: Dict[str, Any]) -> None:
+    """Replace every polygon segmentation by its RLE (in place), with the image's size."""
+    sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
+    for a in coco["annotations"]:
+        seg = a.get("segmentation")
+        if isinstance(seg, list) and seg:
+            h, w = sizes[a["image_id"]]
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+            rle["counts"] = rle["counts"].decode("ascii")
+            a["segmentation"] = rle
+
+
 def to_polygon_format(coco: Dict[str, Any]) -> None:
     """Replace every RLE segmentation by polygons (in place); bbox and area stay those of the
     exact mask."""
