@@ -153,7 +153,7 @@ def test_non_finite_loss_stops_with_iteration_losses_and_advice(data, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_image", "unknown_category", "empty", "typo",
-                                  "maskrcnn_on_boxes"])
+                                  "maskrcnn_on_boxes", "batch_vs_processes"])
 def test_bad_input_is_a_clear_error_before_training(case, data, tmp_path, capsys):
     from detector.data.coco import new_coco, save_coco
 
@@ -175,11 +175,15 @@ def test_bad_input_is_a_clear_error_before_training(case, data, tmp_path, capsys
     elif case == "typo":
         extra = ["SOLVER.BASE_RL", "0.1"]
         expect = ["SOLVER.BASE_RL", "unknown config key"]
+    elif case == "batch_vs_processes":
+        extra = ["SOLVER.IMS_PER_BATCH", "3"]
+        expect = ["IMS_PER_BATCH 3", "--num-gpus 2", "divisible"]
     else:
         train = make_disc_coco(str(tmp_path), n_images=2, name="b.json", masks=False)
         expect = ["FasterRCNN"]
     out = tmp_path / "out"
-    rc = main(["--config-file", CONFIG, *tiny_opts(train, out, "SOLVER.MAX_ITER", "2"), *extra])
+    gpus = ["--num-gpus", "2"] if case == "batch_vs_processes" else []
+    rc = main(["--config-file", CONFIG, *gpus, *tiny_opts(train, out, "SOLVER.MAX_ITER", "2"), *extra])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("error: ") and "Traceback" not in err

@@ -89,6 +89,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.num_gpus < 1:
             raise ConfigError("--num-gpus must be at least 1")
+        if int(cfg.SOLVER.IMS_PER_BATCH) % args.num_gpus:
+            raise ConfigError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is the total over "
+                              f"--num-gpus {args.num_gpus} processes and must be divisible by it")
         from ..engine.distributed import launch
 
         import torch.multiprocessing as mp
