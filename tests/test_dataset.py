@@ -149,3 +149,9 @@ def test_real_dsb2018_image_loads_with_all_its_nuclei(tmp_path):
     assert image.shape == (3, h, w)
     assert len(t["masks"]) == len(mask_files) > 0
     assert int(t["masks"].sum()) == sum(a["area"] for a in coco["annotations"])
+
+
+def test_filter_empty_drops_negatives_only_when_asked(tmp_path):
+    path = make_disc_coco(str(tmp_path), n_images=2, empty_images=2)
+    assert len(CocoInstanceDataset([path], small_cfg())) == 4
+    assert len(CocoInstanceDataset([path], small_cfg("DATALOADER.FILTER_EMPTY", "true"))) == 2

@@ -168,7 +168,8 @@ class DatasetsConfig:
 class DataloaderConfig:
     # Worker processes that read and augment images while the model trains.
     NUM_WORKERS: int = 2
-    # Fraction of the sampled images that may have no instances (negatives are kept).
+    # Drop training images without instances; by default they are kept and train as
+    # negatives (fields without nuclei, tissue without mitoses).
     FILTER_EMPTY: bool = False
 
 

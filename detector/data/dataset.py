@@ -137,6 +137,8 @@ class CocoInstanceDataset(Dataset):
                         self.has_masks = False
                 n_anns += len(r["anns"])
             self.records.extend(recs)
+        if train and cfg.DATALOADER.FILTER_EMPTY:
+            self.records = [r for r in self.records if r["anns"]]
         if not self.records:
             raise DatasetError(f"{', '.join(paths)}: no images; the data set is empty")
         if train and n_anns == 0:

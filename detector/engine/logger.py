@@ -64,7 +64,7 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=output_dir, purge_step=start_iter or None)
+            self.tb = SummaryWriter(log_dir=output_dir, purge_step=start_iter + 1 if start_iter else None)
 
     def write(self, record: Dict[str, Any], prefix: str = "train") -> None:
         with open(self.path, "a", encoding="utf-8") as f:
