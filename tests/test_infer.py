@@ -362,3 +362,21 @@ def test_cli_rejects_a_checkpoint_that_is_not_ours(tmp_path, caplog):
     rc = main(["--weights", str(bad), "--input", str(tmp_path / "none*.svs"), "--output",
                str(tmp_path), "--quiet"])
     assert rc == 2 and "matched no slide" in caplog.text
+
+
+def test_torchrun_sharding_and_input_expansion(tmp_path):
+    from detector.cli.infer_tiles import expand_inputs
+    from detector.inference.runner import shard
+
+    slides = [f"s{i}.svs" for i in range(7)]
+    parts = [shard(slides, r, 3) for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(slides) and parts[0] == ["s0.svs", "s3.svs", "s6.svs"]
+    for n in ("a.svs", "b.ndpi", "c.txt"):
+        (tmp_path / n).write_bytes(b"x")
+    (tmp_path / "list.txt").write_text("a.svs\n\n# skip\n/abs/z.svs\n")
+    got, missing = expand_inputs([str(tmp_path / "*.svs"), str(tmp_path / "list.txt"),
+                                  str(tmp_path / "none_*.tif")])
+    assert got == [str(tmp_path / "a.svs"), "/abs/z.svs"]  # duplicates removed, order kept
+    assert missing == [str(tmp_path / "none_*.tif")]
+    got, _ = expand_inputs([str(tmp_path)])  # a folder: its slide files
+    assert got == [str(tmp_path / "a.svs"), str(tmp_path / "b.ndpi")]
