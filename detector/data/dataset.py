@@ -215,6 +215,8 @@ class CocoInstanceDataset(Dataset):
                                    dtype=torch.int64),
             "image_id": rec["image_id"],
         }
+        if rec["mpp"] is not None:  # UNetTargets scales its px sizes to the image's mpp
+            target["mpp"] = float(rec["mpp"])
         if self.with_masks:
             masks = np.zeros((len(anns), ch, cw), np.uint8)
             for i, a in enumerate(anns):
