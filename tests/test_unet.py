@@ -253,3 +253,31 @@ def test_state_dict_round_trip_gives_identical_predictions():
     b.load_state_dict(sd)
     img = torch.rand(3, 40, 40)
     assert torch.equal(a.predict_probabilities(img), b.predict_probabilities(img))
+
+
+def test_augmentation_deforms_image_targets_and_weights_alike():
+    """The paper's elastic deformation plus flips and rotations, applied before UNetTargets:
+    the targets and weight map follow the image (nuclei drawn as bright pixels stay on the
+    foreground of the target map after warping)."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    transforms = pytest.importorskip("detector.data.transforms")
+    _, masks = dsb_image_and_masks()
+    masks = masks[:, :128, :128]
+    masks = masks[masks.reshape(len(masks), -1).any(1)]
+    fg = masks.max(0).astype(np.float32)
+    image = torch.from_numpy(np.stack([fg * 255] * 3)).to(torch.uint8)
+    aug = v2.Compose([transforms.ElasticGrid(3, 10.0, 1.0), v2.RandomHorizontalFlip(0.5),
+                      transforms.RandomRot90()])
+    targets_fn = UNetTargets(small_cfg())
+    for seed in range(3):
+        torch.manual_seed(seed)
+        img, t = aug(tv_tensors.Image(image), {"masks": tv_tensors.Mask(torch.from_numpy(masks))})
+        assert not torch.equal(img, tv_tensors.Image(image))  # something moved
+        t = targets_fn(img.float() / 255, t)
+        bright = img[0].numpy() > 127
+        target_fg = t["unet_target"].numpy() > 0
+        agree = (bright == target_fg).mean()
+        assert agree > 0.97, f"image and target maps disagree on {1 - agree:.1%} of pixels"
+        assert t["unet_weight"].shape == img.shape[-2:]

@@ -29,7 +29,10 @@ Speed: ``d1``, ``d2`` need one distance transform per nucleus. Over the full ima
 O(N * H * W) (``weight_map_naive``, kept as the benchmark's baseline); :func:`weight_map` only
 computes each nucleus's distance transform within its box grown by the radius ``R`` beyond
 which the separation term is below ``tol`` (``d1 + d2 >= d2 > R``), so the cost is
-O(N * (box + 2R)^2). See ``benchmarks/bench_unet_targets.py``.
+O(N * (box + 2R)^2). On a real 1000 x 1000 px MoNuSeg tile with 575 nuclei (2 CPU cores
+shared with other jobs) the targets take about 0.16 s (label image 0.01 s, 3-class map 0.07 s,
+weight map 0.08 s) against 19.6 s for the naive weight map, so they are computed on the fly in
+the DataLoader workers. See ``benchmarks/bench_unet_targets.py``.
 """
 from __future__ import annotations
 
