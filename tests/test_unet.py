@@ -244,6 +244,22 @@ def test_small_training_loop_learns_nuclei_of_a_real_image():
     assert found >= 0.5 * len(gt), f"{found} of {len(gt)} nuclei found after 40 steps"
 
 
+def test_checkpoint_round_trip_through_load_model(tmp_path):
+    checkpoint = pytest.importorskip("detector.engine.checkpoint")
+    build = pytest.importorskip("detector.modeling.build")
+    cfg = small_cfg("MODEL.UNET.TILE_SIZE", "32")
+    model = build.build_model(cfg, [{"id": 3, "name": "nucleus"}]).eval()
+    path = str(tmp_path / "unet.pth")
+    checkpoint.save_checkpoint(path, model, cfg, [{"id": 3, "name": "nucleus"}], 0.25, 7)
+    loaded, cfg2, classes, mpp = build.load_model(path)
+    assert not loaded.training and classes == [{"id": 3, "name": "nucleus"}] and mpp == 0.25
+    assert cfg2.MODEL.UNET.DEPTH == 3 and loaded.tile_size == 32
+    img = torch.rand(3, 50, 60)
+    assert torch.equal(model.predict_probabilities(img), loaded.predict_probabilities(img))
+    with torch.no_grad():
+        assert (loaded([img])[0].labels == 3).all()
+
+
 def test_state_dict_round_trip_gives_identical_predictions():
     cfg = small_cfg()
     a = build_unet(cfg, NUCLEUS).eval()
