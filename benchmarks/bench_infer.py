@@ -131,7 +131,8 @@ def get_model(weights: str, device: str) -> Tuple[Any, List[Dict[str, Any]], flo
 
     torch.manual_seed(0)
     cfg = get_cfg(None, ["MODEL.BACKBONE.NAME", "resnet18",
-                         "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", "100"])
+                         "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", "100",
+                         "MODEL.RPN.POST_NMS_TOPK_TEST", "1000"])
     classes = [{"id": 1, "name": "nucleus"}, {"id": 2, "name": "mitotic figure"}]
     model = build_model(cfg, classes).to(device).eval()
     return model, classes, 0.25, "Mask R-CNN R18-FPN (random init)"
@@ -268,7 +269,10 @@ def main() -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--memory-sizes", default="10000,40000")
+    p.add_argument("--memory-tissue", type=int, default=1024,
+                   help="side (px) of the tissue placed on the memory-test slides")
     p.add_argument("--skip-sahi", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -285,6 +289,17 @@ def main() -> int:
 
     tmp = tempfile.mkdtemp(prefix="bench_infer_")
     model, classes, mpp, name = get_model(args.weights, args.device)
+    if not args.skip_speed:
+        speed_table(model, classes, mpp, name, tmp, args)
+    if not args.skip_memory:
+        memory_table(mpp, tmp, args)
+    log(f"(temporary files in {tmp})")
+    return 0
+
+
+def speed_table(model, classes, mpp, name, tmp, args) -> None:
+    import torch
+
     img = he_mosaic(args.size)
     path = os.path.join(tmp, "mosaic.tif")
     write_pyramid(path, img, mpp)
@@ -320,10 +335,12 @@ def main() -> int:
     for label, dt, f1, n in rows:
         print(f"| {label} | {dt:.1f} | {tissue_mpx / dt:.3f} | {base / dt:.2f} | {f1:.3f} | {n} |")
 
-    if not args.skip_memory:
+
+def memory_table(mpp, tmp, args) -> None:
+    if True:
         sizes = [int(s) for s in args.memory_sizes.split(",") if s.strip()]
-        tissue = he_mosaic(2048)
-        print(f"\nPeak memory: the same 2048x2048 px of tissue on slides of growing size "
+        tissue = he_mosaic(args.memory_tissue)
+        print(f"\nPeak memory: the same {args.memory_tissue} px square of tissue on slides of growing size "
               f"(pyramidal TIFF, JPEG tiles)")
         print("| slide (px) | Gpx | tiles analysed / total | detections | seconds | "
               "peak RSS main (MB) | peak RSS worker (MB) |")
@@ -346,8 +363,6 @@ def main() -> int:
                   f"{r['detections']} | {r['seconds']:.1f} | {r['rss_main_mb']:.0f} | "
                   f"{r['rss_workers_mb']:.0f} |")
             os.unlink(sp)
-    log(f"(temporary files in {tmp})")
-    return 0
 
 
 if __name__ == "__main__":
