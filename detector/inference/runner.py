@@ -400,4 +400,8 @@ def run_slides(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp:
         except (SlideError, ValueError, OSError) as e:
             log.error("%s", e)
             result["failed"][path] = str(e)
+        except Exception as e:  # a model or worker failure on one slide: the others still run
+            log.exception("%s: failed (%s); the journal keeps the finished tiles for --resume",
+                          path, type(e).__name__)
+            result["failed"][path] = f"{type(e).__name__}: {e}"
     return result
