@@ -30,23 +30,28 @@ def encode_mask(mask: np.ndarray) -> Dict[str, Any]:
     return rle_to_json(mask_utils.encode(m))
 
 
-def mask_to_polygons(mask: np.ndarray, min_points: int = 3) -> List[List[float]]:
-    """Outer contours of a binary mask as COCO polygons ``[x0, y0, x1, y1, ...]``.
+def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
+    """Outer boundaries of a binary ``(H, W)`` mask as COCO polygons through pixel *corners*
+    (``[x0, y0, x1, y1, ...]``), which pycocotools rasterises back to the same pixels (holes
+    aside). Contours traced through pixel centres (``cv2.findContours`` on the mask itself)
+    shave half a pixel off every side: IoU 0.44 on a 2-pixel-wide nucleus.
 
-    Contours run through the centres of the border pixels (OpenCV), so a polygon rasterised
-    back loses part of the one-pixel border (IoU about 0.85 to 0.95 for nuclei of 10 to 30 px);
-    holes are dropped. RLE is exact and is the default everywhere."""
+    Own code because no library traces pixel-edge outlines: the mask is upsampled 2x (each pixel
+    a 2x2 block) so that the traced upsampled pixels map exactly onto corners,
+    ``corner = (k + 1) // 2``.
+    """
     m = mask.astype(np.uint8, copy=False)
-    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    h, w = m.shape
+    up = cv2.resize(m, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     polys = []
     for c in contours:
-        c = c.reshape(-1, 2).astype(np.float64)
-        if len(c) < min_points:
-            # a one- or two-pixel-wide object: use its pixel square(s) outline
-            x0, y0 = c.min(0)
-            x1, y1 = c.max(0) + 1
-            c = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
-        polys.append([float(v) for v in c.reshape(-1)])
+        pts = (c.reshape(-1, 2) + 1) // 2
+        keep = np.ones(len(pts), bool)  # drop consecutive duplicates left by the mapping
+        keep[1:] = np.any(pts[1:] != pts[:-1], axis=1)
+        pts = pts[keep]
+        if len(pts) >= 3:
+            polys.append([float(v) for v in pts.reshape(-1)])
     return polys
 
 
