@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="formats:\n"
                "  dsb     DSB2018 folders <id>/images/<id>.png + <id>/masks/*.png\n"
-               "  labels  instance label images (0 = background) paired with images by name\n"
+               "  labels  instance label images (0 = background) paired with images by name;\n"
+               "          --classes DIR adds class maps (majority class per instance), e.g.\n"
+               "          --classes set/classes --categories '1=nucleus,2=mitotic figure'\n"
                "  xml     Aperio ImageScope / MoNuSeg XML polygons next to their images\n"
                "  points  CSV points x,y[,label][,slide] -> boxes of --box-size-um\n"
                "  amibr   AMi-Br mitotic figure crops (AMI-BR.csv + patches/)\n"
@@ -80,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--labels", metavar="DIR",
                    help="labels: folder of the label images (default: <input>/labels or "
                         "<input>/masks)")
+    f.add_argument("--classes", metavar="DIR",
+                   help="labels: folder of class-map images paired by name (0 background, "
+                        "v > 0 a class, as CoNSeP/PanNuke type maps); each instance gets the "
+                        "majority class under its pixels, category id v named class_<v> "
+                        "(name them with --categories '1=nucleus,2=mitotic figure')")
     f.add_argument("--mpp", type=float, default=None,
                    help="microns per pixel of the images, stored per image (xml: default from "
                         "the XML; amibr: default per MIDOG 2021 scanner; points: required "
@@ -102,6 +109,9 @@ def _run_converter(args: argparse.Namespace) -> Conversion:
         raise ConversionError(" ".join(args.input), f"--format {fmt} takes one --input path",
                               "several inputs are only merged with --format coco")
     inp = args.input[0]
+    if getattr(args, "classes", None) and fmt != "labels":
+        raise ConversionError(args.classes, f"--classes is an option of --format labels, not "
+                              f"--format {fmt}", "drop --classes, or use --format labels")
     if fmt == "dsb":
         from ..data.converters.dsb import convert_dsb
 
@@ -111,7 +121,8 @@ def _run_converter(args: argparse.Namespace) -> Conversion:
         from ..data.converters.labels import convert_labels
 
         return convert_labels(inp, labels_dir=args.labels, images_dir=args.images,
-                              mpp=args.mpp, skip_invalid=args.skip_invalid,
+                              classes_dir=args.classes, mpp=args.mpp,
+                              skip_invalid=args.skip_invalid,
                               workers=args.workers, progress=progress)
     if fmt == "xml":
         from ..data.converters.imagescope import convert_xml

@@ -8,6 +8,12 @@ with a suffix among ``_label(s)``, ``_mask(s)``, ``_instance(s)``, ``_inst``, ``
 their suffix. An image without a label file, a label file without an image, a size mismatch or a
 corrupt file is an error naming the file (``--skip-invalid`` skips it). A label image that is all
 0 gives a negative image (kept, no instances). The split group of an image is the image itself.
+
+Classes (``--classes DIR``): class-map images paired with the images by name like the label
+images (CoNSeP/PanNuke "type maps": 0 background, v > 0 a class). Each instance gets the class
+value most frequent under its pixels (class 0 pixels ignored; an instance over class 0 only is
+dropped and counted in a note); category ``v`` is named ``class_<v>`` with id ``v`` until
+``--categories "1=nucleus,2=mitotic figure"`` names (and renumbers) them.
 """
 from __future__ import annotations
 
@@ -83,8 +89,30 @@ def pair_files(images_dir: str, labels_dir: str) -> Tuple[List[Tuple[str, Option
     return pairs, orphans
 
 
+def instance_classes(label: np.ndarray, class_map: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The majority non-zero class value under each instance ``ids[k]`` of ``label`` ((H, W)
+    ints, 0 background) in ``class_map`` ((H, W) ints); 0 where an instance covers class 0
+    only. Returns ``(N,)`` int64 aligned with ``ids``."""
+    fg = (label != 0) & (class_map != 0)
+    out = np.zeros(len(ids), np.int64)
+    if not fg.any() or len(ids) == 0:
+        return out
+    lab = label[fg].astype(np.int64)
+    cls = class_map[fg].astype(np.int64)
+    pairs, counts = np.unique(np.stack([lab, cls], 1), axis=0, return_counts=True)
+    # sort by (instance, count) so the last row of each instance is its majority class
+    order = np.lexsort((counts, pairs[:, 0]))
+    pairs = pairs[order]
+    last = np.r_[pairs[1:, 0] != pairs[:-1, 0], True]
+    best = dict(zip(pairs[last, 0].tolist(), pairs[last, 1].tolist()))
+    for k, i in enumerate(ids.tolist()):
+        out[k] = best.get(int(i), 0)
+    return out
+
+
 def _convert_pair(args) -> Dict[str, Any]:
-    img_path, lab_path = args
+    img_path, lab_path = args[:2]
+    cls_path = args[2] if len(args) > 2 else None
     try:
         h, w = check_image(img_path)
     except Exception as e:
@@ -99,18 +127,36 @@ def _convert_pair(args) -> Dict[str, Any]:
         return {"error": (lab_path, f"label image is {lab.shape[1]}x{lab.shape[0]} px but "
                           f"{os.path.basename(img_path)} is {w}x{h} px")}
     ids, parts = encode_label_image(lab)
-    return {"height": h, "width": w, "anns": parts, "ids": ids.tolist()}
+    out = {"height": h, "width": w, "anns": parts, "ids": ids.tolist()}
+    if cls_path is not None:
+        try:
+            cmap = to_label_array(read_label_array(cls_path), cls_path)
+        except ConversionError as e:
+            return {"error": (cls_path, e.reason + (f" ({e.fix})" if e.fix else ""))}
+        except Exception as e:
+            return {"error": (cls_path, read_error_reason(e))}
+        if cmap.shape != (h, w):
+            return {"error": (cls_path, f"class map is {cmap.shape[1]}x{cmap.shape[0]} px but "
+                              f"{os.path.basename(img_path)} is {w}x{h} px")}
+        out["classes"] = instance_classes(lab, cmap, ids).tolist()
+    return out
 
 
 def convert_labels(input_path: str, *, labels_dir: Optional[str] = None,
-                   images_dir: Optional[str] = None, mpp: Optional[float] = None,
+                   images_dir: Optional[str] = None, classes_dir: Optional[str] = None,
+                   mpp: Optional[float] = None,
                    skip_invalid: bool = False, workers: Optional[int] = None,
                    progress: bool = True) -> Conversion:
     """Convert images + instance label images (see the module docstring for the layouts).
 
+    Args:
+        classes_dir: optional folder of class-map images paired by name (see the module
+            docstring): instances get the majority class value, categories ``class_<v>``.
+
     Returns:
-        a :class:`Conversion` with one category ``nucleus``; one exact RLE annotation per label
-        value; ``mpp`` on every image when given.
+        a :class:`Conversion` with one category ``nucleus`` (or one ``class_<v>`` per class
+        value found, with ``classes_dir``); one exact RLE annotation per label value; ``mpp``
+        on every image when given.
     """
     input_path = os.path.abspath(input_path)
     if not os.path.isdir(input_path):
@@ -148,15 +194,44 @@ def convert_labels(input_path: str, *, labels_dir: Optional[str] = None,
                       "objects), or pass --skip-invalid")
         else:
             todo.append((img, lab))
+    if classes_dir is not None:
+        classes_dir = os.path.abspath(classes_dir)
+        if not os.path.isdir(classes_dir):
+            raise ConversionError(classes_dir, "folder not found",
+                                  "--classes takes the folder of the class-map images")
+        cls_pairs, _ = pair_files(images_dir, classes_dir)
+        cls_of = dict(cls_pairs)
+        with_cls = []
+        for img, lab in todo:
+            if cls_of.get(img) is None:
+                conv.fail(img, f"no class map for it in {classes_dir}", skip_invalid,
+                          "add <stem>.png there (0 background, 1, 2, ... the classes), or "
+                          "pass --skip-invalid")
+            else:
+                with_cls.append((img, lab, cls_of[img]))
+        todo = with_cls
     workers = default_workers() if workers is None else workers
-    for (img, lab), r in zip(todo, parallel_map(_convert_pair, todo, workers, "labels",
-                                                 progress)):
+    seen_classes: set = set()
+    no_class = 0
+    for item, r in zip(todo, parallel_map(_convert_pair, todo, workers, "labels", progress)):
+        img = item[0]
         if "error" in r:
             conv.fail(*r["error"], skip_invalid=skip_invalid)
             continue
         image_id = add_image(conv, os.path.relpath(img, images_dir), r["height"], r["width"],
                              mpp=mpp, slide=os.path.splitext(os.path.basename(img))[0])
-        for part in r["anns"]:
-            conv.coco["annotations"].append({"image_id": image_id, "category_id": 1, **part,
-                                             "iscrowd": 0})
+        cats = r.get("classes") or [1] * len(r["anns"])
+        for part, cat in zip(r["anns"], cats):
+            if cat == 0:
+                no_class += 1
+                continue
+            seen_classes.add(int(cat))
+            conv.coco["annotations"].append({"image_id": image_id, "category_id": int(cat),
+                                             **part, "iscrowd": 0})
+    if classes_dir is not None:
+        conv.coco["categories"] = [{"id": v, "name": f"class_{v}", "supercategory": "cell"}
+                                   for v in sorted(seen_classes)]
+        if no_class:
+            conv.notes.append(f"dropped {no_class} instance(s) lying on class 0 only in the "
+                              f"class maps of {classes_dir}")
     return conv
