@@ -30,6 +30,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from ..structures.instances import Instances
 
@@ -96,15 +97,12 @@ def _resnet_backbone(cfg: Any) -> nn.Module:
     backbone = _resnet_fpn_extractor(resnet, trainable, norm_layer=head_norm)
     out = int(cfg.MODEL.BACKBONE.OUT_CHANNELS)
     if out != backbone.out_channels:
-        # same construction as _resnet_fpn_extractor, with another FPN width
-        from torchvision.models.detection.backbone_utils import BackboneWithFPN
-        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-
-        in_stage2 = resnet.inplanes // 8
-        in_channels_list = [in_stage2 * 2 ** (i - 1) for i in (1, 2, 3, 4)]
-        backbone = BackboneWithFPN(resnet, {f"layer{k}": str(v) for v, k in enumerate((1, 2, 3, 4))},
-                                   in_channels_list, out, extra_blocks=LastLevelMaxPool(),
-                                   norm_layer=head_norm)
+        # torchvision fixes the FPN width at 256; narrower FPNs make small CPU models
+        fpn = backbone.fpn
+        in_channels = [blk[0].in_channels for blk in fpn.inner_blocks]
+        backbone.fpn = FeaturePyramidNetwork(in_channels, out, extra_blocks=LastLevelMaxPool(),
+                                             norm_layer=head_norm)
+        backbone.out_channels = out
     return backbone
 
 
