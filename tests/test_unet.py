@@ -97,6 +97,14 @@ def test_same_padding_variant_has_batch_norm_and_keeps_size():
     net = UNet(3, 3, 3, 4, padding="same")
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     assert net(torch.zeros(2, 3, 32, 48)).shape == (2, 3, 32, 48)
+    model = build_unet(small_cfg("MODEL.UNET.PADDING", "same"), NUCLEUS)
+    model.train()
+    t = {"unet_target": torch.zeros(30, 45, dtype=torch.int64), "unet_weight": torch.ones(30, 45)}
+    assert torch.isfinite(model([torch.rand(3, 30, 45)], [t])["loss_unet"])
+    model.eval()
+    probs = model.predict_probabilities(torch.rand(3, 50, 70), tile_size=16)
+    assert probs.shape == (3, 50, 70)
+    assert torch.allclose(probs.sum(0), torch.ones(50, 70), atol=1e-5)
 
 
 def test_mirror_pad_matches_numpy_reflect_and_repeats_beyond_the_image():
