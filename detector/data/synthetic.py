@@ -199,16 +199,19 @@ def _imwrite(path: str, arr: np.ndarray) -> None:
 
 def write_dataset(out_dir: str, n_images: int = 24, size: Tuple[int, int] = (256, 256),
                   seed: int = 0, kind: str = "he", mitotic_fraction: float = 0.08,
-                  mpp: float = 0.5) -> Dict[str, object]:
+                  mpp: float = 0.5, progress: bool = False) -> Dict[str, object]:
     """Write ``n_images`` fields (images/, labels/, classes/, mitoses.csv, dataset.json).
 
     Each image is its own "slide" (group id) for splitting. Returns a summary dict with the
-    number of images, nuclei and mitotic figures.
+    number of images, nuclei and mitotic figures. ``progress``: a tqdm bar over the images.
     """
+    from tqdm import tqdm
+
     rng = np.random.default_rng(seed)
     rows = []
     n_nuc = n_mit = 0
-    for k in range(n_images):
+    for k in tqdm(range(n_images), desc="generate", unit="img", disable=not progress,
+                  leave=False):
         name = f"synth_{k:03d}"
         f = render_field(rng, size, kind=kind, mitotic_fraction=mitotic_fraction)
         _imwrite(os.path.join(out_dir, "images", name + ".png"), f.image)
