@@ -636,20 +636,8 @@ def test_remap_categories_rules():
     assert one["categories"][0]["name"] == "cell"
 
 
-# ----------------------------------------------------------------------------- demo
-def test_demo_without_shared_data_converts_a_synthetic_set(tmp_path, monkeypatch, capsys):
-    """``make demo`` on a machine without ../shared: a synthetic label set is generated,
-    converted with its images copied next to the JSON, and the summary printed."""
-    import detector.demo as demo
-
-    monkeypatch.setattr(demo, "ROOT", str(tmp_path / "repo"))
-    assert demo.main([]) == 0
-    out = capsys.readouterr().out
-    assert "synthetic label data set" in out and "images:    4 (1 without instances" in out
-    data = load_coco(str(tmp_path / "repo" / "output" / "demo" / "synthetic.json"))
-    assert len(data["annotations"]) > 0 and all(im["mpp"] == 0.5 for im in data["images"])
-    for im in data["images"]:
-        assert os.path.isfile(os.path.join(data["_image_root"], im["file_name"]))
+# The demo (python -m detector.demo), which converts synthetic label images with --classes,
+# is tested in tests/test_demo.py.
 
 
 def test_coco_keeps_or_changes_the_mask_encoding(tmp_path):
