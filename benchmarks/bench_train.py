@@ -63,7 +63,8 @@ def make_data(folder: str, boxes_only: bool, n: int = 8) -> str:
     return path
 
 
-def measure(config: str, device: str, warmup: int, iters: int, baseline: bool) -> Dict[str, Any]:
+def measure(config: str, device: str, warmup: int, iters: int, baseline: bool,
+            ims_per_batch: int = 0) -> Dict[str, Any]:
     """One measurement in this process (called in a subprocess by :func:`main`)."""
     import numpy as np
     import torch
@@ -80,6 +81,8 @@ def measure(config: str, device: str, warmup: int, iters: int, baseline: bool) -
             "MODEL.DEVICE", device, "SOLVER.MAX_ITER", str(warmup + iters),
             "SOLVER.CHECKPOINT_PERIOD", "0", "SOLVER.LOG_PERIOD", "1", "TEST.EVAL_PERIOD", "0",
             "SOLVER.TIME_LIMIT_MINUTES", "0"]
+    if ims_per_batch:
+        opts += ["SOLVER.IMS_PER_BATCH", str(ims_per_batch)]
     cfg = get_cfg(os.path.join(ROOT, config), opts)
     batch = int(cfg.SOLVER.IMS_PER_BATCH)
     if not baseline:
@@ -146,6 +149,8 @@ def main(argv=None) -> int:
                    "CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default "
                    "3 on CUDA, 1 on CPU)")
+    p.add_argument("--ims-per-batch", type=int, default=None, help="override SOLVER.IMS_PER_BATCH "
+                   "of every config (default: the configs' own on CUDA, 2 on CPU)")
     p.add_argument("--no-baseline", action="store_true", help="skip stock torchvision")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
@@ -155,20 +160,24 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     iters = args.iters or (10 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    batch = args.ims_per_batch if args.ims_per_batch is not None else (0 if cuda else 2)
     if args.one:
-        print(json.dumps(measure(args.configs[0], args.device, warmup, iters, args.baseline_only)))
+        print(json.dumps(measure(args.configs[0], args.device, warmup, iters, args.baseline_only,
+                                 batch)))
         return 0
     rows = []
     cache: Dict[Any, Dict[str, Any]] = {}
     for config in args.configs:
         for baseline in ([False] if args.no_baseline else [False, True]):
             cmd = [sys.executable, os.path.abspath(__file__), "--one", "--configs", config,
-                   "--device", args.device, "--iters", str(iters), "--warmup", str(warmup)]
+                   "--device", args.device, "--iters", str(iters), "--warmup", str(warmup),
+                   "--ims-per-batch", str(batch)]
             if baseline:
                 from detector.config.config import get_cfg
 
                 c = get_cfg(os.path.join(ROOT, config))
-                key = (c.MODEL.META_ARCHITECTURE, int(c.SOLVER.IMS_PER_BATCH), int(c.INPUT.CROP_SIZE))
+                # stock torchvision resizes every crop to 800 px: one baseline per model and batch
+                key = (c.MODEL.META_ARCHITECTURE, batch or int(c.SOLVER.IMS_PER_BATCH))
                 if key in cache:
                     rows.append(dict(cache[key], config=config))
                     continue
@@ -186,8 +195,9 @@ def main(argv=None) -> int:
     ours = {r["config"]: r for r in rows if r["model"] == "ours"}
     base = {r["config"]: r for r in rows if r["model"] != "ours"}
     dev = rows[0]["device"] if rows else args.device
-    print(f"\nTraining throughput on {dev} ({os.cpu_count()} CPUs visible), {iters} timed "
-          f"iterations after {warmup} warm-up, synthetic data")
+    print(f"\nTraining throughput on {dev} ({os.cpu_count()} CPUs visible, torch threads "
+          f"{torch.get_num_threads()}), {iters} timed iterations after {warmup} warm-up, "
+          "synthetic data" + (f", IMS_PER_BATCH {batch} for all" if batch else ""))
     print(f"{'config':<44}{'batch':>6}{'crop':>6}{'images/s':>10}{'peak MB':>10}"
           f"{'stock im/s':>12}{'stock MB':>10}{'ratio':>8}")
     for config in args.configs:
