@@ -114,6 +114,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if v <= 0:
             log.error("%s must be > 0, got %s", name, v)
             return 2
+    for name, v in (("--mpp", args.mpp), ("--hpf-area", args.hpf_area)):
+        if v is not None and not v > 0:
+            log.error("%s must be > 0, got %s", name, v)
+            return 2
     if not 0 <= args.overlap < args.tile_size:
         log.error("--overlap must be >= 0 and < --tile-size (%d), got %d", args.tile_size,
                   args.overlap)
