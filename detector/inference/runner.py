@@ -153,6 +153,12 @@ class TileDataset(Dataset):
             self._pid = os.getpid()
         return self._reader
 
+    def close(self) -> None:
+        """Close the slide opened in this process (workers' copies end with them)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def __getitem__(self, k: int) -> Dict[str, Any]:
         idx = self.indices[k]
         tile = self.tiles[idx]
@@ -292,6 +298,7 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         journal.append([b["index"] for b in batch], batch_inst, failed)
         bar.update(len(batch))
     bar.close()
+    ds.close()
     model_seconds = time.time() - t_model
 
     parts = [p for p in journal.instances() if len(p)]
