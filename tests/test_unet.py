@@ -11,7 +11,7 @@ import torch
 
 from detector.config.config import get_cfg
 from detector.data.image_io import read_array, read_image
-from detector.data.unet_targets import UNetTargets, labels_from_masks
+from detector.data.unet_targets import UNetTargets
 from detector.modeling.unet import (
     UNet,
     build_unet,
