@@ -178,3 +178,21 @@ def test_unet_is_imported_lazily():
     import detector.modeling.build as b
 
     assert "build_unet" not in dir(b)  # importing build does not need the U-Net module
+
+
+def test_our_checkpoint_as_initial_weights_for_other_classes(tmp_path):
+    """Fine-tuning from one of our checkpoints on data with other classes: everything but the
+    class-specific predictors is copied."""
+    from detector.engine.checkpoint import save_checkpoint
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    src = build_model(cfg, CLASSES)
+    save_checkpoint(str(tmp_path / "ck.pth"), src, cfg, CLASSES, 0.25, 10)
+    dst = build_model(cfg, CLASSES[:1])
+    load_weights(dst, str(tmp_path / "ck.pth"))
+    s, d = src.state_dict(), dst.state_dict()
+    assert torch.equal(s["model.backbone.fpn.layer_blocks.0.0.weight"],
+                       d["model.backbone.fpn.layer_blocks.0.0.weight"])
+    assert d["model.roi_heads.box_predictor.cls_score.weight"].shape[0] == 2
+    assert s["model.roi_heads.box_predictor.cls_score.weight"].shape[0] == 3
