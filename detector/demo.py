@@ -152,17 +152,19 @@ def run_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu") -> Di
     truth = r.step("generate", "generate synthetic H&E fields and a pyramidal slide "
                    "(detector.data.synthetic)", None, generate)
 
-    # 2. COCO
+    # 2. COCO (--workers 1: a few small images, and no processes forked from this one, which
+    # may already hold torch's threads)
     two = os.path.join(data, "synthetic.json")
     args = ["--format", "labels", "--input", fields, "--classes", os.path.join(fields, "classes"),
             "--categories", CATEGORIES, "--mpp", "0.5", "--split", "train=0.8,test=0.2",
-            "--seed", str(seed), "--output", two]
+            "--seed", str(seed), "--workers", "1", "--output", two]
     r.step("convert", "convert label images + class maps to COCO (two classes), split by image",
            _cmd("convert_to_coco", args), lambda: convert_main(args))
     two_train, two_test = (os.path.join(data, f"synthetic_{s}.json") for s in ("train", "test"))
     one_train, one_test = (os.path.join(data, f"nuclei_{s}.json") for s in ("train", "test"))
     a = ["--format", "labels", "--input", fields, "--mpp", "0.5", "--split", "train=0.8,test=0.2",
-         "--seed", str(seed), "--output", os.path.join(data, "nuclei.json")]
+         "--seed", str(seed), "--workers", "1",
+         "--output", os.path.join(data, "nuclei.json")]
     r.step("convert_one_class", "the same split with one class (every nucleus) for the U-Net",
            _cmd("convert_to_coco", a), lambda: convert_main(a))
 
@@ -310,9 +312,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     size = QUICK if args.quick else FULL
     try:
-        import torch
-
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
         run_demo(args.out, size, seed=args.seed, device=args.device)
     except DemoError as e:
         print(f"\ndemo: {e}", file=sys.stderr)

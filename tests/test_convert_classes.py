@@ -11,6 +11,10 @@ from detector.data.coco import annotation_to_mask, load_coco
 from detector.data.converters.labels import instance_classes
 
 
+# --workers 1 everywhere: no processes forked from a pytest process that may already hold
+# torch threads (a fork then can deadlock)
+
+
 def _write(path, arr):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(arr).save(path)
@@ -58,7 +62,7 @@ def test_convert_labels_with_classes_and_category_names(tmp_path, capsys):
     rc = convert_main(["--format", "labels", "--input", str(tmp_path / "set"),
                        "--classes", str(tmp_path / "set" / "classes"),
                        "--categories", "1=nucleus,2=mitotic figure", "--mpp", "0.5",
-                       "--output", str(out), "--quiet"])
+                       "--output", str(out), "--quiet", "--workers", "1"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "dropped 1 instance(s) lying on class 0" in text
@@ -80,7 +84,7 @@ def test_classes_default_names_and_missing_class_map(tmp_path, capsys):
     out = tmp_path / "out.json"
     assert convert_main(["--format", "labels", "--input", str(tmp_path / "set"),
                          "--classes", str(tmp_path / "set" / "classes"),
-                         "--output", str(out), "--quiet"]) == 0
+                         "--output", str(out), "--quiet", "--workers", "1"]) == 0
     coco = load_coco(str(out))
     assert [(c["id"], c["name"]) for c in coco["categories"]] == [(1, "class_1"),
                                                                    (2, "class_2")]
@@ -88,7 +92,7 @@ def test_classes_default_names_and_missing_class_map(tmp_path, capsys):
     capsys.readouterr()
     assert convert_main(["--format", "labels", "--input", str(tmp_path / "set"),
                          "--classes", str(tmp_path / "set" / "classes"),
-                         "--output", str(out), "--quiet"]) == 2
+                         "--output", str(out), "--quiet", "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert "b.png" in err and "no class map" in err
 
@@ -105,6 +109,7 @@ def test_class_map_of_the_wrong_size_is_named(tmp_path, capsys):
     _write(str(tmp_path / "set" / "classes" / "a.png"), np.zeros((10, 10), np.uint8))
     assert convert_main(["--format", "labels", "--input", str(tmp_path / "set"),
                          "--classes", str(tmp_path / "set" / "classes"),
-                         "--output", str(tmp_path / "o.json"), "--quiet"]) == 2
+                         "--output", str(tmp_path / "o.json"), "--quiet",
+                         "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert "a.png" in err and "class map is 10x10" in err

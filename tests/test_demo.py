@@ -1,0 +1,107 @@
+"""``make demo`` (``python -m detector.demo``): the whole pipeline at test size, so the demo
+cannot silently break. Generates, converts (two classes), trains Mask R-CNN and U-Net for 2
+iterations, evaluates, runs the slide, and checks every output users are pointed to."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from detector.data.coco import load_coco
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    import torch
+
+    import detector.demo as demo
+
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("demo")
+    rc = demo.main(["--quick", "--out", str(out), "--seed", "3"])
+    return rc, out
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_step_and_writes_its_outputs(quick_demo, capsys):
+    rc, out = quick_demo
+    assert rc == 0
+    with open(out / "summary.json", encoding="utf-8") as f:
+        s = json.load(f)
+    # every step ran and was timed, with a copyable command line for the tools
+    for step in ("generate", "convert", "convert_one_class", "train_maskrcnn", "predict_maskrcnn",
+                 "train_unet", "predict_unet", "evaluate", "evaluate_classes", "infer"):
+        assert step in s["seconds"], step
+    assert s["commands"]["train_maskrcnn"].startswith(
+        "python tools/train_net.py --config-file ")
+    assert "configs/demo/mask_rcnn_R_18_FPN.yaml" in s["commands"]["train_maskrcnn"]
+    assert "--classes" in s["commands"]["convert"]
+    # predicted vs true: the truth is the generator's, the prediction the slide summary's
+    truth = json.load(open(out / "data" / "synthetic_slide.tif.truth.json"))
+    slide = json.load(open(out / "slides" / "synthetic_slide" / "summary.json"))
+    assert s["slide"]["true"]["mitotic_figures"] == truth["mitotic_figures"] > 0
+    assert s["slide"]["true"]["per_10_hpf"] == pytest.approx(truth["mitoses_per_10hpf_0.237"])
+    assert s["slide"]["predicted"]["per_10_hpf"] == slide["mitotic_figures"]["per_10_hpf"]
+    assert s["slide"]["predicted"]["mitotic_figures"] == slide["mitotic_figures"]["total"]
+    assert "mitotic figure" in slide["mitotic_classes"]
+    # the comparison report of the two models
+    for key in ("report", "report_html", "overlay", "geojson", "slide_summary"):
+        assert os.path.isfile(s["paths"][key]), key
+    metrics = json.load(open(out / "report" / "metrics.json"))
+    assert [m["name"] for m in metrics["models"]] == ["Mask R-CNN", "U-Net"]
+    report = open(s["paths"]["report"], encoding="utf-8").read()
+    assert "Mask R-CNN" in report and "U-Net" in report
+    assert set(s["evaluation"]) == {"Mask R-CNN", "U-Net", "Mask R-CNN per class"}
+    assert set(s["evaluation"]["Mask R-CNN per class"]) == {"nucleus", "mitotic figure"}
+    # the GeoJSON QuPath imports
+    gj = json.load(open(s["paths"]["geojson"]))
+    assert gj["type"] == "FeatureCollection" and isinstance(gj["features"], list)
+    # the checkpoints carry both classes / one class and the training mpp
+    for k in ("maskrcnn", "unet"):
+        assert os.path.isfile(s["paths"][k])
+
+
+@pytest.mark.slow
+def test_quick_demo_coco_files_have_two_classes_and_matching_splits(quick_demo):
+    rc, out = quick_demo
+    assert rc == 0
+    two_train = load_coco(str(out / "data" / "synthetic_train.json"))
+    two_test = load_coco(str(out / "data" / "synthetic_test.json"))
+    one_test = load_coco(str(out / "data" / "nuclei_test.json"))
+    assert [c["name"] for c in two_train["categories"]] == ["nucleus", "mitotic figure"]
+    assert [c["name"] for c in one_test["categories"]] == ["nucleus"]
+    # the one-class test set is the same images, ids and objects: the two models are compared
+    # on the same ground truth
+    assert {(i["id"], i["file_name"]) for i in two_test["images"]} == \
+        {(i["id"], i["file_name"]) for i in one_test["images"]}
+    assert len(two_test["annotations"]) == len(one_test["annotations"])
+    train_names = {i["file_name"] for i in two_train["images"]}
+    assert not train_names & {i["file_name"] for i in two_test["images"]}
+    assert {a["category_id"] for a in two_train["annotations"]} == {1, 2}
+    assert all(i["mpp"] == 0.5 for i in two_train["images"])
+
+
+def test_demo_help_shows_the_options(capsys):
+    import detector.demo as demo
+
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--out", "--quick", "--seed", "--device"):
+        assert opt in text
+
+
+def test_a_failing_step_names_the_step_and_its_command(tmp_path, monkeypatch, capsys):
+    import detector.cli.train_net as train_net
+    import detector.demo as demo
+
+    monkeypatch.setattr(demo, "QUICK", demo.DemoSize(train_images=3, image_size=96,
+                                                      slide_size=256, slide_levels=1,
+                                                      maskrcnn_iters=1, unet_iters=1))
+    monkeypatch.setattr(train_net, "main", lambda argv=None: 2)
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "train the Mask R-CNN" in err and "failed with exit status 2" in err
+    assert "python tools/train_net.py --config-file" in err
