@@ -196,3 +196,24 @@ def test_our_checkpoint_as_initial_weights_for_other_classes(tmp_path):
                        d["model.backbone.fpn.layer_blocks.0.0.weight"])
     assert d["model.roi_heads.box_predictor.cls_score.weight"].shape[0] == 2
     assert s["model.roi_heads.box_predictor.cls_score.weight"].shape[0] == 3
+
+
+def test_test_time_keys_override_the_checkpoint(tmp_path):
+    """--eval-only with INPUT.SCALE or thresholds on the command line: the checkpoint's weights
+    with the test-time settings given now; keys that would change the weights are refused."""
+    from detector.engine.checkpoint import save_checkpoint
+    from detector.modeling.build import load_model, test_time_overrides
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "ck.pth"), build_model(cfg, CLASSES), cfg, CLASSES, None, 1)
+    plain, _, _, _ = load_model(str(tmp_path / "ck.pth"))
+    now = tiny_cfg("INPUT.SCALE", "0.5", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.3")
+    model, mcfg, _, _ = load_model(str(tmp_path / "ck.pth"), overrides=test_time_overrides(now))
+    assert mcfg.INPUT.SCALE == 0.5 and mcfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.3
+    assert model.model.roi_heads.score_thresh == 0.3
+    assert plain.model.roi_heads.score_thresh == 0.0
+    for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="not a test-time key"):
+        load_model(str(tmp_path / "ck.pth"), overrides={"MODEL.BACKBONE.NAME": "resnet50"})

@@ -370,14 +370,17 @@ class Trainer:
 
 def evaluate_only(cfg: Any, write_predictions: bool = True) -> Dict[str, Dict[str, float]]:
     """``--eval-only``: evaluate the checkpoint ``MODEL.WEIGHTS`` on ``DATASETS.TEST``."""
-    from ..modeling.build import load_model
+    from ..modeling.build import load_model, test_time_overrides
 
     if not cfg.MODEL.WEIGHTS:
         raise TrainingError("--eval-only needs MODEL.WEIGHTS (a checkpoint of ours)")
     if not list(cfg.DATASETS.TEST):
         raise DatasetError("--eval-only needs DATASETS.TEST (COCO files to evaluate on)")
     device = resolve_device(cfg.MODEL.DEVICE)
-    model, mcfg, classes, _ = load_model(cfg.MODEL.WEIGHTS, str(device))
+    # the weights and architecture come from the checkpoint; how it predicts (thresholds,
+    # INPUT.SCALE, U-Net tiles and watershed) from the config given now
+    model, mcfg, classes, _ = load_model(cfg.MODEL.WEIGHTS, str(device),
+                                         overrides=test_time_overrides(cfg))
     datasets = [CocoInstanceDataset([p], mcfg, train=False, classes=classes)
                 for p in cfg.DATASETS.TEST]
     metrics = evaluate_datasets(model, cfg, datasets, device, cfg.OUTPUT_DIR, None,

@@ -150,18 +150,52 @@ def load_weights(model: nn.Module, weights: str) -> None:
 
 
 # ------------------------------------------------------------------------------- trained models
-def load_model(path: str, device: str = "cpu") -> Tuple[nn.Module, Any, List[Dict[str, Any]], Optional[float]]:
+# Keys that change only how a trained model predicts, not its weights: a config given at test
+# time (``--eval-only``) may override the checkpoint's values of these.
+TEST_TIME_KEYS = (
+    "INPUT.SCALE",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+    "MODEL.ROI_HEADS.NMS_THRESH_TEST",
+    "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE",
+    "MODEL.ROI_HEADS.MASK_THRESHOLD",
+    "MODEL.UNET.TILE_SIZE",
+    "MODEL.UNET.SEED_THRESH",
+    "MODEL.UNET.FOREGROUND_THRESH",
+    "MODEL.UNET.MIN_SIZE",
+    "MODEL.UNET.SMOOTH_SIGMA",
+)
+
+
+def test_time_overrides(cfg: Any) -> Dict[str, Any]:
+    """The :data:`TEST_TIME_KEYS` values of ``cfg`` (for ``load_model(..., overrides=)``)."""
+    from omegaconf import OmegaConf
+
+    return {k: OmegaConf.select(cfg, k) for k in TEST_TIME_KEYS}
+
+
+def load_model(path: str, device: str = "cpu", overrides: Optional[Dict[str, Any]] = None
+               ) -> Tuple[nn.Module, Any, List[Dict[str, Any]], Optional[float]]:
     """Rebuild a trained model from one of our checkpoints.
 
     Returns ``(model in eval mode on device, cfg, classes, mpp)``; ``classes`` is the list of
     ``{"id", "name"}`` the model predicts and ``mpp`` the microns per pixel it was trained at
-    (or None).
+    (or None). ``overrides`` maps keys of :data:`TEST_TIME_KEYS` to values that replace the
+    checkpoint's (e.g. ``{"INPUT.SCALE": 0.5}`` for images at twice the training resolution);
+    other keys are refused, since they would not fit the trained weights.
     """
+    from omegaconf import OmegaConf
+
     from ..config.config import cfg_from_string
     from ..engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     cfg = cfg_from_string(ckpt["config"])
+    for key, value in (overrides or {}).items():
+        if key not in TEST_TIME_KEYS:
+            raise ValueError(f"load_model: '{key}' is not a test-time key ({', '.join(TEST_TIME_KEYS)})")
+        OmegaConf.update(cfg, key, value)
     classes = list(ckpt["classes"])
     model = build_model(cfg, classes)
     try:
