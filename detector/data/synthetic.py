@@ -199,11 +199,15 @@ def _imwrite(path: str, arr: np.ndarray) -> None:
 
 def write_dataset(out_dir: str, n_images: int = 24, size: Tuple[int, int] = (256, 256),
                   seed: int = 0, kind: str = "he", mitotic_fraction: float = 0.08,
-                  mpp: float = 0.5, progress: bool = False) -> Dict[str, object]:
+                  mpp: float = 0.5, progress: bool = False,
+                  edge_fraction: float = 0.0) -> Dict[str, object]:
     """Write ``n_images`` fields (images/, labels/, classes/, mitoses.csv, dataset.json).
 
     Each image is its own "slide" (group id) for splitting. Returns a summary dict with the
     number of images, nuclei and mitotic figures. ``progress``: a tqdm bar over the images.
+    ``edge_fraction``: fraction of the fields (H&E) crossed by the border of the tissue, with
+    bare glass beyond it, as at the edges of a slide's tissue (a model that never saw glass
+    and tissue borders finds objects there).
     """
     from tqdm import tqdm
 
@@ -213,7 +217,12 @@ def write_dataset(out_dir: str, n_images: int = 24, size: Tuple[int, int] = (256
     for k in tqdm(range(n_images), desc="generate", unit="img", disable=not progress,
                   leave=False):
         name = f"synth_{k:03d}"
-        f = render_field(rng, size, kind=kind, mitotic_fraction=mitotic_fraction)
+        tissue = None
+        if edge_fraction > 0 and kind == "he" and rng.random() < edge_fraction:
+            tissue = _field_edge(rng, *size)
+        f = render_field(rng, size, kind=kind, mitotic_fraction=mitotic_fraction, tissue=tissue)
+        if tissue is not None:
+            f = _glass_outside(rng, f, tissue)
         _imwrite(os.path.join(out_dir, "images", name + ".png"), f.image)
         _imwrite(os.path.join(out_dir, "labels", name + ".png"), f.labels.astype(np.uint16))
         _imwrite(os.path.join(out_dir, "classes", name + ".png"), f.class_map())
@@ -230,6 +239,27 @@ def write_dataset(out_dir: str, n_images: int = 24, size: Tuple[int, int] = (256
     with open(os.path.join(out_dir, "dataset.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     return summary
+
+
+def _field_edge(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Tissue on one side of a wavy border crossing an (h, w) field."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    t = rng.uniform(0, 2 * np.pi)
+    ramp = ((xx - w / 2) * np.cos(t) + (yy - h / 2) * np.sin(t)) / max(h, w)
+    wave = 0.08 * _smooth_noise(rng, (h, w), max(h, w) / 10)
+    return ramp + wave < rng.uniform(-0.1, 0.3)
+
+
+def _glass_outside(rng: np.random.Generator, f: Field, tissue: np.ndarray) -> Field:
+    """Bare glass beyond 4 px outside ``tissue``; objects (parts) drawn there are removed from
+    the labels, so the annotations still agree with the picture."""
+    white = ~ndi.binary_dilation(tissue, iterations=4)
+    img = f.image.copy()
+    img[white] = (np.array([242, 240, 244]) + rng.normal(0, 2, (int(white.sum()), 3))).clip(0, 255)
+    labels = f.labels.copy()
+    labels[white] = 0
+    present = set(np.unique(labels).tolist())
+    return Field(img, labels, {i: c for i, c in f.classes.items() if i in present})
 
 
 def _tissue_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
