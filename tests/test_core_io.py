@@ -103,3 +103,21 @@ def test_read_image_kinds_and_bad_files(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(ImageReadError, match="empty"):
         read_image(str(tmp_path / "empty.png"))
+
+
+def test_atomic_write_keeps_old_file_on_error_and_usual_mode(tmp_path):
+    import os
+
+    from detector.fileio import atomic_write
+
+    p = tmp_path / "out.json"
+    with atomic_write(str(p)) as f:
+        f.write("one")
+    umask = os.umask(0); os.umask(umask)
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
+    with pytest.raises(RuntimeError):
+        with atomic_write(str(p)) as f:
+            f.write("half")
+            raise RuntimeError("killed")
+    assert p.read_text() == "one"
+    assert [x.name for x in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind

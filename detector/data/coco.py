@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 
+from ..fileio import atomic_write
 from ..structures.instances import rle_from_json, rle_to_json
 
 
@@ -161,20 +161,8 @@ def save_coco(data: Dict[str, Any], path: str) -> None:
         if "id" not in a:
             a["id"] = next_id
             next_id += 1
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
 
 
 def resolve_image_root(data: Dict[str, Any], json_path: str) -> str:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
+
+from ..fileio import atomic_write
 
 LAST_CHECKPOINT = "last_checkpoint"
 
@@ -86,17 +87,8 @@ def save_checkpoint(path: str, model: nn.Module, cfg: Any, classes: List[Dict[st
         ckpt["scaler"] = scaler.state_dict()
     if extra:
         ckpt["extra"] = dict(extra)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(ckpt, f)
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
@@ -117,10 +109,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 
 def write_last_checkpoint(output_dir: str, name: str) -> None:
     """Record ``name`` (a file in ``output_dir``) as the newest checkpoint, atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=output_dir)
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(os.path.join(output_dir, LAST_CHECKPOINT), "w") as f:
         f.write(name + "\n")
-    os.replace(tmp, os.path.join(output_dir, LAST_CHECKPOINT))
 
 
 def last_checkpoint(output_dir: str) -> Optional[str]:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
-from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
-from ..structures.instances import Instances, rle_to_json
+from ..fileio import atomic_write
+from ..structures.instances import Instances
 from .rle import decode_crop
 
 # matplotlib's tab10, as RGB 0..255: class i (by position in the checkpoint's classes) gets
@@ -39,24 +37,8 @@ def class_colours(classes: Sequence[Dict[str, Any]], mitotic_ids: Sequence[int] 
     return out
 
 
-@contextmanager
-def _atomic(path: str, mode: str = "w", **kw) -> Iterator[Any]:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        with open(tmp, mode, **kw) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: str, obj: Any) -> None:
-    with _atomic(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
 
 
@@ -101,7 +83,7 @@ def write_geojson(path: str, inst: Instances, classes: Sequence[Dict[str, Any]],
     colours = class_colours(classes, mitotic_ids)
     if areas_px is None:
         areas_px = np.array([0.0] * len(inst))
-    with _atomic(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write('{"type": "FeatureCollection", "features": [\n')
         for i in range(len(inst)):
             rings = instance_polygons(inst, i)
@@ -129,7 +111,7 @@ def write_geojson(path: str, inst: Instances, classes: Sequence[Dict[str, Any]],
 def write_coco_results(path: str, inst: Instances, image_id: int = 1) -> None:
     """``detections.json``: COCO results (bbox XYWH, score, category_id, segmentation RLE of
     the level-0 slide size) for ``image_id``."""
-    with _atomic(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(inst.to_coco_results(image_id), f)
 
 
@@ -137,7 +119,7 @@ def write_csv(path: str, inst: Instances, classes: Sequence[Dict[str, Any]], mpp
               centroids: np.ndarray, areas_px: np.ndarray) -> None:
     """``detections.csv``: id, class, score, centroid (px and um), area (px and um^2), box."""
     names = {int(c["id"]): str(c["name"]) for c in classes}
-    with _atomic(path, "w", encoding="utf-8", newline="") as f:
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "class", "score", "x_px", "y_px", "x_um", "y_um", "area_px", "area_um2",
                     "box_x0", "box_y0", "box_x1", "box_y1"])
@@ -194,7 +176,7 @@ def write_overlay(path: str, thumb: np.ndarray, scale: float, inst: Instances,
                     (0, 0, 0), 3, cv2.LINE_AA)
         cv2.putText(img, label, (p0[0] + 4, max(p0[1] + 18, 18)), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
                     (255, 200, 0), 1, cv2.LINE_AA)
-    with _atomic(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         f.write(buf.tobytes())
 
@@ -248,6 +230,6 @@ def write_density(path: str, density: np.ndarray, cell_px: float, slide_size: Tu
     ax.set_xlabel("x (level-0 px)")
     ax.set_ylabel("y (level-0 px)")
     fig.tight_layout()
-    with _atomic(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
