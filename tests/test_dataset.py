@@ -1,5 +1,4 @@
 """COCO training dataset: items, label mapping, negatives, and the checks made before training."""
-import json
 import os
 
 import numpy as np
@@ -9,7 +8,7 @@ from skimage.draw import disk
 from skimage.io import imsave
 
 from detector.config.config import get_cfg
-from detector.data.coco import (box_annotation, image_entry, load_coco, mask_annotation,
+from detector.data.coco import (box_annotation, image_entry, mask_annotation,
                                 new_coco, save_coco)
 from detector.data.dataset import CocoInstanceDataset, DatasetError, collate_list
 from detector.data.transforms import masks_to_boxes_xyxy

@@ -12,7 +12,6 @@ import torch
 from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 
-from detector.data.coco import encode_mask
 from detector.inference import counting
 from detector.inference.journal import JOURNAL_NAME, Journal
 from detector.inference.rle import encode_crop

@@ -7,7 +7,7 @@ from detector.data.coco import encode_mask
 from detector.inference.merge import drop_cut, merge_detections, tile_to_slide
 from detector.inference.rle import (counts_from_string, counts_to_string, decode_crop,
                                     encode_crop, mask_iou, rle_area, rle_bbox)
-from detector.structures.instances import Instances, rle_from_json
+from detector.structures.instances import Instances
 
 
 def test_encode_crop_equals_pycocotools_encode_of_full_raster():

@@ -1,7 +1,5 @@
 """The R-CNN models: configuration for cells, the Instances they return, and initial weights."""
-import os
 
-import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Two CPU processes on the gloo backend train together with DistributedDataParallel."""
 import os
 
-import pytest
 import torch
 
 from detector.config.config import cfg_from_string, cfg_to_yaml, get_cfg

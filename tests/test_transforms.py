@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from detector.config.config import get_cfg
 from detector.data.transforms import (ElasticGrid, HEDJitter, RandomRot90, RandomScaleCrop,

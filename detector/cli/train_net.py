@@ -45,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(cfg, resume: bool) -> None:
     """Per-process entry point (also the target of the multi-process launcher)."""
-    from ..engine import distributed as du
     from ..engine.logger import setup_logging
     from ..engine.trainer import Trainer
 

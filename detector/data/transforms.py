@@ -10,7 +10,7 @@ whole), the U-Net paper's coarse-grid elastic deformation, and H&E stain jitter.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
