@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -357,7 +358,12 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
         if workers > 1 and len(items) > 1:
             import multiprocessing as mp
 
-            ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+            # fork is fastest, but forking a process whose torch (OpenMP) threads have run can
+            # deadlock the children: then start them from a clean server process instead
+            if hasattr(os, "fork") and "torch" not in sys.modules:
+                ctx = mp.get_context("fork")
+            else:
+                ctx = mp.get_context("forkserver" if hasattr(os, "fork") else "spawn")
             with ctx.Pool(workers, initializer=_worker_init) as pool:
                 for r in pool.imap(fn, items, chunksize=4):
                     bar.update(1)
