@@ -63,6 +63,18 @@ class Conversion:
                                   "--skip-invalid to leave it out")
 
 
+    def image_info(self, path: str, skip_invalid: bool) -> Optional[Tuple[int, int, Optional[float]]]:
+        """:func:`image_info` of ``path``, or None after recording the unreadable file with
+        :meth:`fail` (which raises unless ``skip_invalid``)."""
+        try:
+            return image_info(path)
+        except ConversionError as e:
+            self.fail(path, e.reason, skip_invalid)
+        except Exception as e:
+            self.fail(path, read_error_reason(e), skip_invalid)
+        return None
+
+
 def empty_conversion(categories: Sequence[Dict[str, Any]], image_root: str,
                      description: str) -> Conversion:
     return Conversion(new_coco(categories, os.path.abspath(image_root), description))

@@ -25,8 +25,8 @@ from defusedxml import ElementTree as ET
 from skimage.draw import ellipse as draw_ellipse
 from skimage.draw import polygon as draw_polygon
 
-from .common import (IMAGE_EXTS, WSI_EXTS, Conversion, ConversionError, add_image, image_info,
-                     empty_conversion, pixels_to_annotation, read_error_reason)
+from .common import (IMAGE_EXTS, WSI_EXTS, Conversion, ConversionError, add_image,
+                     empty_conversion, pixels_to_annotation)
 
 DEFAULT_CATEGORY = "nucleus"
 _TCGA = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
@@ -183,14 +183,10 @@ def convert_xml(input_path: str, *, images_dir: Optional[str] = None, mpp: Optio
     overlap_images = 0
     for xp, img, file_mpp, regions in tqdm(parsed, desc="xml", unit="file", disable=not progress,
                                            leave=False):
-        try:
-            h, w, slide_mpp = image_info(img)
-        except ConversionError as e:
-            conv.fail(img, e.reason, skip_invalid)
+        info = conv.image_info(img, skip_invalid)
+        if info is None:
             continue
-        except Exception as e:
-            conv.fail(img, read_error_reason(e), skip_invalid)
-            continue
+        h, w, slide_mpp = info
         if h * w >= 2 ** 32:
             conv.fail(img, f"{w}x{h} px is too large for COCO RLE (32-bit run lengths)",
                       skip_invalid, "cut the slide into tiles with their own XML, or pass "

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 from tqdm import tqdm
 
 from .common import (IMAGE_EXTS, WSI_EXTS, Conversion, ConversionError, add_image,
-                     empty_conversion, image_info, read_error_reason)
+                     empty_conversion)
 
 DEFAULT_CATEGORY = "mitosis"
 POINT_IMAGE_EXTS = IMAGE_EXTS + WSI_EXTS
@@ -175,14 +175,10 @@ def convert_points(input_path: str, *, images_dir: Optional[str] = None,
     outside = clipped = 0
     for name in tqdm(images, desc="points", unit="img", disable=not progress, leave=False):
         path = os.path.join(images_dir, name)
-        try:
-            h, w, file_mpp = image_info(path)
-        except ConversionError as e:
-            conv.fail(path, e.reason, skip_invalid)
+        info = conv.image_info(path, skip_invalid)
+        if info is None:
             continue
-        except Exception as e:
-            conv.fail(path, read_error_reason(e), skip_invalid)
-            continue
+        h, w, file_mpp = info
         img_mpp = mpp if mpp is not None else file_mpp
         if box_size_px is not None:
             side = float(box_size_px)
