@@ -63,6 +63,18 @@ class Conversion:
                                   "--skip-invalid to leave it out")
 
 
+    def set_categories(self, names: Iterable[str], default: str) -> Dict[str, int]:
+        """Make the COCO categories from the class names found in the input (sorted, ``default``
+        first when present; ``[default]`` when there are none) and return name -> id."""
+        labels = sorted(set(names)) or [default]
+        if default in labels:  # the usual single class first
+            labels.remove(default)
+            labels.insert(0, default)
+        cat_id = {n: i + 1 for i, n in enumerate(labels)}
+        self.coco["categories"] = [{"id": i, "name": n, "supercategory": "cell"}
+                                   for n, i in cat_id.items()]
+        return cat_id
+
     def image_info(self, path: str, skip_invalid: bool) -> Optional[Tuple[int, int, Optional[float]]]:
         """:func:`image_info` of ``path``, or None after recording the unreadable file with
         :meth:`fail` (which raises unless ``skip_invalid``)."""

@@ -172,13 +172,8 @@ def convert_xml(input_path: str, *, images_dir: Optional[str] = None, mpp: Optio
             conv.fail(xp, e.reason, skip_invalid)
             continue
         parsed.append((xp, img, file_mpp, regions))
-    labels = sorted({r["label"] for _, _, _, regs in parsed for r in regs}) or [DEFAULT_CATEGORY]
-    if DEFAULT_CATEGORY in labels:  # the usual single class first
-        labels.remove(DEFAULT_CATEGORY)
-        labels.insert(0, DEFAULT_CATEGORY)
-    cat_id = {n: i + 1 for i, n in enumerate(labels)}
-    conv.coco["categories"] = [{"id": i, "name": n, "supercategory": "cell"}
-                               for n, i in cat_id.items()]
+    cat_id = conv.set_categories({r["label"] for _, _, _, regs in parsed for r in regs},
+                                 DEFAULT_CATEGORY)
     tot_degenerate = tot_unsupported = 0
     overlap_images = 0
     for xp, img, file_mpp, regions in tqdm(parsed, desc="xml", unit="file", disable=not progress,

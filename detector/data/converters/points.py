@@ -165,13 +165,8 @@ def convert_points(input_path: str, *, images_dir: Optional[str] = None,
                           "image, or name the CSV after its image")
                 continue
             points[name].extend((x, y, label) for x, y, label, _ in rows)
-    labels = sorted({p[2] for pts in points.values() for p in pts}) or [DEFAULT_CATEGORY]
-    if DEFAULT_CATEGORY in labels:  # the usual single class first
-        labels.remove(DEFAULT_CATEGORY)
-        labels.insert(0, DEFAULT_CATEGORY)
-    cat_id = {n: i + 1 for i, n in enumerate(labels)}
-    conv.coco["categories"] = [{"id": i, "name": n, "supercategory": "cell"}
-                               for n, i in cat_id.items()]
+    cat_id = conv.set_categories({p[2] for pts in points.values() for p in pts},
+                                 DEFAULT_CATEGORY)
     outside = clipped = 0
     for name in tqdm(images, desc="points", unit="img", disable=not progress, leave=False):
         path = os.path.join(images_dir, name)
