@@ -117,29 +117,32 @@ def _convert_pair(args) -> Dict[str, Any]:
         h, w = check_image(img_path)
     except Exception as e:
         return {"error": (img_path, read_error_reason(e))}
-    try:
-        lab = to_label_array(read_label_array(lab_path), lab_path)
-    except ConversionError as e:
-        return {"error": (lab_path, e.reason + (f" ({e.fix})" if e.fix else ""))}
-    except Exception as e:
-        return {"error": (lab_path, read_error_reason(e))}
-    if lab.shape != (h, w):
-        return {"error": (lab_path, f"label image is {lab.shape[1]}x{lab.shape[0]} px but "
-                          f"{os.path.basename(img_path)} is {w}x{h} px")}
+    lab = _read_map(lab_path, "label image", img_path, h, w)
+    if isinstance(lab, dict):
+        return lab
     ids, parts = encode_label_image(lab)
     out = {"height": h, "width": w, "anns": parts, "ids": ids.tolist()}
     if cls_path is not None:
-        try:
-            cmap = to_label_array(read_label_array(cls_path), cls_path)
-        except ConversionError as e:
-            return {"error": (cls_path, e.reason + (f" ({e.fix})" if e.fix else ""))}
-        except Exception as e:
-            return {"error": (cls_path, read_error_reason(e))}
-        if cmap.shape != (h, w):
-            return {"error": (cls_path, f"class map is {cmap.shape[1]}x{cmap.shape[0]} px but "
-                              f"{os.path.basename(img_path)} is {w}x{h} px")}
+        cmap = _read_map(cls_path, "class map", img_path, h, w)
+        if isinstance(cmap, dict):
+            return cmap
         out["classes"] = instance_classes(lab, cmap, ids).tolist()
     return out
+
+
+def _read_map(path: str, what: str, img_path: str, h: int, w: int) -> Any:
+    """A label or class map of the image's size as an integer array, or ``{"error": (path,
+    reason)}`` when it cannot be read or has another size."""
+    try:
+        arr = to_label_array(read_label_array(path), path)
+    except ConversionError as e:
+        return {"error": (path, e.reason + (f" ({e.fix})" if e.fix else ""))}
+    except Exception as e:
+        return {"error": (path, read_error_reason(e))}
+    if arr.shape != (h, w):
+        return {"error": (path, f"{what} is {arr.shape[1]}x{arr.shape[0]} px but "
+                          f"{os.path.basename(img_path)} is {w}x{h} px")}
+    return arr
 
 
 def convert_labels(input_path: str, *, labels_dir: Optional[str] = None,
