@@ -18,7 +18,7 @@ from .coco_eval import run_cocoeval
 from .inputs import (EvaluationInputError, check_compatible, check_mpp, choose_mode,
                      normalize_results, objects_of)
 from .metrics import (ImageEval, evaluate_image_instances, iou_curve, prf, score_curve,
-                      summarize_instances)
+                      summarize_counts, summarize_instances)
 from .points import MIDOG_RADIUS_UM, evaluate_image_points
 
 
@@ -132,12 +132,7 @@ def evaluate(gt: Dict[str, Any], results: Sequence[Dict[str, Any]], iou_thresh: 
         per_image.append(row)
 
     if mode == "points":
-        tp = sum(e.tp for e in evals)
-        n_pred = sum(e.n_pred for e in evals)
-        n_gt = sum(e.n_gt for e in evals)
-        summary = prf(tp, n_pred - tp, n_gt - tp)
-        summary.update({"tp": float(tp), "fp": float(n_pred - tp), "fn": float(n_gt - tp),
-                        "n_gt": float(n_gt), "n_pred": float(n_pred)})
+        summary = summarize_counts(evals)
         # instance scores of the boxes, so that every mode has the same keys
         box = evaluate(gt, res, iou_thresh, score_thresh, max_dets, "boxes", sweep=False,
                        source=source)

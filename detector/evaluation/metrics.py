@@ -196,14 +196,20 @@ def evaluate_image_instances(pred: ImageObjects, gt: ImageObjects, iou_thresh: f
         aji_inter=inter_sum, aji_union=union_sum, tp_sweep=tp_sweep, npred_sweep=npred_sweep)
 
 
-def summarize_instances(evals: "list[ImageEval]") -> Dict[str, float]:
-    """Dataset-level instance metrics (see the module docstring for each definition)."""
+def summarize_counts(evals: "list[ImageEval]") -> Dict[str, float]:
+    """Precision, recall and F1 from TP/FP/FN summed over images, with the counts."""
     tp = sum(e.tp for e in evals)
     n_pred = sum(e.n_pred for e in evals)
     n_gt = sum(e.n_gt for e in evals)
     out = prf(tp, n_pred - tp, n_gt - tp)
     out.update({"tp": float(tp), "fp": float(n_pred - tp), "fn": float(n_gt - tp),
                 "n_gt": float(n_gt), "n_pred": float(n_pred)})
+    return out
+
+
+def summarize_instances(evals: "list[ImageEval]") -> Dict[str, float]:
+    """Dataset-level instance metrics (see the module docstring for each definition)."""
+    out = summarize_counts(evals)
     if evals:
         out["dsb_score"] = float(np.mean([e.dsb() for e in evals]))
         out["AJI"] = float(np.mean([e.aji() for e in evals]))
