@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  xml     Aperio ImageScope / MoNuSeg XML polygons next to their images\n"
                "  points  CSV points x,y[,label][,slide] -> boxes of --box-size-um\n"
                "  amibr   AMi-Br mitotic figure crops (AMI-BR.csv + patches/)\n"
+               "  images  a folder of images without annotations (negatives: tissue without\n"
+               "          figures); --categories lists the positive set's category names\n"
                "  coco    existing COCO file(s): merge, re-split, remap categories\n")
     p.add_argument("--format", required=True, choices=FORMATS, help="input annotation format")
     p.add_argument("--input", required=True, nargs="+", metavar="PATH",
@@ -141,6 +143,11 @@ def _run_converter(args: argparse.Namespace) -> Conversion:
         return convert_amibr(inp, label_mode=args.label_mode, mpp=args.mpp,
                              box_size_um=args.box_size_um, box_size_px=args.box_size_px,
                              skip_invalid=args.skip_invalid)
+    if fmt == "images":
+        from ..data.converters.images import convert_images
+
+        return convert_images(inp, categories=args.categories, mpp=args.mpp,
+                              skip_invalid=args.skip_invalid, progress=progress)
     if fmt == "coco":
         from ..data.converters.coco_files import convert_coco
 
@@ -182,8 +189,8 @@ def convert(args: argparse.Namespace) -> Tuple[Conversion, List[Tuple[str, Dict[
         raise ConversionError(where, "nothing was converted (no valid image"
                               + (f"; {len(conv.skipped)} skipped, listed above)" if conv.skipped
                                  else ")"), "check the input path and --format")
-    try:
-        dropped = remap_categories(coco, args.categories)
+    try:  # --format images takes --categories as its category list, already applied
+        dropped = remap_categories(coco, None if args.format == "images" else args.categories)
     except ValueError as e:
         raise ConversionError("", str(e)) from None
     for name, n in dropped.items():

@@ -3,11 +3,13 @@
     infer_tiles.py --weights model_final.pth --input slides/*.svs --output results/
                    [--tile-size 512 --overlap 96 --batch-size 4 --mpp 0.25 --device cuda
                     --resume --roi 1000,2000,9000,8000 --hpf-area 0.237
-                    --mitotic-classes "mitotic figure" --score-thresh 0.5 --num-workers 2]
+                    --mitotic-classes "mitotic figure" --score-thresh 0.5 --num-workers 2
+                    --nuclei-weights nuclei.pth]
 
 The model's config, classes and training mpp come from the checkpoint. One folder per slide
 ``OUTPUT/<slide stem>/`` with summary.json, detections.geojson (QuPath), detections.json (COCO
-results), detections.csv, overlay.png and density.png. Under ``torchrun`` the slides are shared
+results), detections.csv, overlay.png and density.png. A two-stage mitosis bundle
+(``tools/mitosis_stage2.py bundle``) runs both stages from the one ``--weights``. Under ``torchrun`` the slides are shared
 among the processes (each writes its own slides' folders).
 """
 from __future__ import annotations
@@ -56,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mitotic-classes", default=None,
                    help="classes counted as mitotic figures (names or ids, comma-separated); "
                         "default: classes whose name says mitosis")
-    p.add_argument("--score-thresh", type=float, default=d.score_thresh,
-                   help="drop detections below this score (default %(default)s)")
+    p.add_argument("--score-thresh", type=float, default=None,
+                   help=f"drop detections below this score (default: the threshold a two-stage "
+                        f"bundle was built with, else {d.score_thresh})")
+    p.add_argument("--nuclei-weights", default=None,
+                   help="a nuclei model run over the same slides and tissue (results in "
+                        "<slide>/nuclei/): the mitotic index becomes mitotic figures / nuclei")
     p.add_argument("--nms-thresh", type=float, default=d.nms_thresh,
                    help="box IoU for duplicate removal across tiles (default %(default)s)")
     p.add_argument("--no-tissue-detection", action="store_true",
@@ -101,7 +107,8 @@ def expand_inputs(items: List[str]) -> Tuple[List[str], List[str]]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ..engine.checkpoint import CheckpointError
+    from ..engine.checkpoint import CheckpointError, load_checkpoint
+    from ..inference.second_stage import second_stage_from_checkpoint
     from ..modeling.build import WeightsError, load_model
 
     slides, missing = expand_inputs(args.input)
@@ -125,9 +132,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = resolve_device(args.device)
     try:
         model, _cfg, classes, model_mpp = load_model(args.weights, str(device))
+        second = second_stage_from_checkpoint(load_checkpoint(args.weights), str(device))
+        nuclei = load_model(args.nuclei_weights, str(device)) if args.nuclei_weights else None
     except (CheckpointError, WeightsError, OSError, ValueError, KeyError) as e:
         log.error("%s", e)
         return 2
+    if args.score_thresh is None:
+        args.score_thresh = second.threshold if second is not None else \
+            InferenceOptions().score_thresh
+    if second is not None:
+        log.info("two-stage bundle: candidates at detector score >= %.2f re-scored by the patch "
+                 "classifier (classes %s), kept at >= %.3f", second.candidate_threshold,
+                 ", ".join(c["name"] for c in second.classes), args.score_thresh)
     opts = InferenceOptions(
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
         num_workers=args.num_workers, mpp=args.mpp, roi=args.roi, hpf_area=args.hpf_area,
@@ -150,7 +166,8 @@ def main(argv: Optional[List[str]] = None) -> int:
              len(mine), len(slides), os.path.basename(args.weights), model_mpp,
              ", ".join(c["name"] for c in classes), device)
     res = run_slides(model, classes, model_mpp, mine, args.output, opts,
-                     os.path.abspath(args.weights))
+                     os.path.abspath(args.weights), second_stage=second,
+                     nuclei=(nuclei[0], nuclei[2], nuclei[3]) if nuclei else None)
     print(f"slides: {len(res['done'])} analysed, {len(res['skipped'])} already finished, "
           f"{len(res['failed'])} failed; results in {args.output}")
     for path, msg in res["failed"].items():

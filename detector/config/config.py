@@ -23,7 +23,7 @@ BASE_KEY = "_BASE_"
 
 # Keys whose value must be one of a few words; checked after every merge.
 CHOICES: Dict[str, Sequence[str]] = {
-    "MODEL.META_ARCHITECTURE": ("MaskRCNN", "FasterRCNN", "UNet"),
+    "MODEL.META_ARCHITECTURE": ("MaskRCNN", "FasterRCNN", "UNet", "PatchClassifier"),
     "MODEL.BACKBONE.NAME": ("resnet18", "resnet34", "resnet50"),
     "MODEL.BACKBONE.NORM": ("FrozenBN", "BN", "SyncBN", "GN"),
     "MODEL.UNET.PADDING": ("valid", "same"),

@@ -102,8 +102,24 @@ class UNetConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    # The patch classifier (MODEL.META_ARCHITECTURE PatchClassifier): the second stage of the
+    # mitosis counter, which re-scores every candidate of the detector from a square patch
+    # centred on it. Its backbone is torchvision's ResNet of MODEL.BACKBONE.NAME (trained from
+    # scratch, MODEL.BACKBONE.NORM "BN" or "GN"). Classes: index 0 is "look-alike" (objects of
+    # DATASETS.NEGATIVE_CATEGORIES: mined false positives, nuclei), 1..K the data's categories
+    # (mitotic figure, or the phases, or normal/atypical).
+    # Side of the patch in px at the training mpp (64 px = 16 um at 0.25 um/px: a figure and
+    # its immediate surroundings).
+    PATCH_SIZE: int = 64
+    # Training: the patch centre is moved by up to this many px (annotated centres are not
+    # exact; detector boxes neither).
+    CENTER_JITTER: int = 6
+
+
+@dataclass
 class ModelConfig:
-    # "MaskRCNN", "FasterRCNN" or "UNet".
+    # "MaskRCNN", "FasterRCNN", "UNet", or "PatchClassifier" (second stage, see CLASSIFIER).
     META_ARCHITECTURE: str = "MaskRCNN"
     # Initial weights: a checkpoint of ours, a torchvision state dict (.pth), a torchvision
     # weights name (e.g. "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1", downloaded only when
@@ -121,6 +137,7 @@ class ModelConfig:
     RPN: RPNConfig = field(default_factory=RPNConfig)
     ROI_HEADS: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
     UNET: UNetConfig = field(default_factory=UNetConfig)
+    CLASSIFIER: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
 # --------------------------------------------------------------------------------------- INPUT
@@ -148,6 +165,15 @@ class InputConfig:
     # Side (px) of the random crops that training images are cut to (larger images are
     # cropped, never resized down); smaller images are padded.
     CROP_SIZE: int = 256
+    # Where training crops are placed. A CROP_OBJECT_FRACTION of them is centred on an
+    # annotated object drawn at random (objects of DATASETS.NEGATIVE_CATEGORIES included), the
+    # centre moved by up to CROP_JITTER x the crop side; the rest are placed at random. For
+    # large fields with a few figures each (MIDOG: ~7000 x 5000 px), uniform crops would almost
+    # never hold one. Random crops are redrawn (up to 10 times) until at least CROP_MIN_TISSUE
+    # of the crop is tissue (not white glass or black padding); 0 = any place.
+    CROP_OBJECT_FRACTION: float = 0.0
+    CROP_JITTER: float = 0.25
+    CROP_MIN_TISSUE: float = 0.0
     # Resize policy: images are used at native resolution unless SCALE != 1.0
     # (e.g. 2.0 to upsample very small nuclei). No upscaling to 800 px as for COCO.
     SCALE: float = 1.0
@@ -162,6 +188,11 @@ class DatasetsConfig:
     # COCO instance files (each names its image root in info.image_root).
     TRAIN: List[str] = field(default_factory=list)
     TEST: List[str] = field(default_factory=list)
+    # Categories whose objects are never predicted: they centre negative training crops (hard
+    # negatives such as MIDOG's "not mitotic figure", or nuclei in tissue without figures) and
+    # are the "look-alike" class of the patch classifier. A file whose annotations are all of
+    # these categories (or that has none: plain negatives) may have any category list.
+    NEGATIVE_CATEGORIES: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -171,6 +202,9 @@ class DataloaderConfig:
     # Drop training images without instances; by default they are kept and train as
     # negatives (fields without nuclei, tissue without mitoses).
     FILTER_EMPTY: bool = False
+    # Fraction of the training samples drawn from negative images (no object of a predicted
+    # class: tissue without figures); the rest from the others. 0 = every image equally often.
+    NEGATIVE_FRACTION: float = 0.0
 
 
 # -------------------------------------------------------------------------------------- SOLVER

@@ -18,9 +18,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .coco import CocoFormatError, annotation_to_mask, load_coco
-from .image_io import read_image
 from torchvision.transforms import v2
+
+from .coco import CocoFormatError, annotation_to_mask, load_coco
+from .image_io import WindowCache, tissue_fraction
 
 from .transforms import RandomScaleCrop, build_train_transforms, masks_to_boxes_xyxy
 
@@ -54,20 +55,36 @@ def check_classes(found: List[Dict[str, Any]], expected: List[Dict[str, Any]], w
         "same categories with the same ids; convert them with the same category list.")
 
 
-def _records(data: Dict[str, Any], path: str) -> List[Dict[str, Any]]:
+def split_negative_categories(data: Dict[str, Any], negative_names: Sequence[str]
+                              ) -> Tuple[List[Dict[str, Any]], set]:
+    """The predicted categories of a loaded COCO dict (``[{"id", "name"}]`` sorted by id) and the
+    ids of its negative-only ones (names in ``DATASETS.NEGATIVE_CATEGORIES``)."""
+    neg = set(negative_names)
+    cats = coco_classes(data)
+    return [c for c in cats if c["name"] not in neg], {c["id"] for c in cats if c["name"] in neg}
+
+
+def _records(data: Dict[str, Any], path: str, negative_ids: set = frozenset()
+             ) -> List[Dict[str, Any]]:
+    """One record per image: its file, size, mpp, the annotations of predicted categories
+    (``anns``) and the boxes (XYXY) of negative-only objects (``negatives``)."""
     anns: Dict[int, List[Dict[str, Any]]] = {}
     for a in data["annotations"]:
         anns.setdefault(a["image_id"], []).append(a)
     root = data["_image_root"]
     out = []
     for im in data["images"]:
+        own = [a for a in anns.get(im["id"], []) if not a.get("iscrowd", 0)]
+        negatives = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                      a["bbox"][1] + a["bbox"][3]] for a in own if a["category_id"] in negative_ids]
         out.append({
             "file": os.path.join(root, im["file_name"]),
             "image_id": int(im["id"]),
             "height": int(im["height"]),
             "width": int(im["width"]),
             "mpp": im.get("mpp"),
-            "anns": [a for a in anns.get(im["id"], []) if not a.get("iscrowd", 0)],
+            "anns": [a for a in own if a["category_id"] not in negative_ids],
+            "negatives": np.asarray(negatives, np.float32).reshape(-1, 4),
             "source": path,
         })
     return out
@@ -116,20 +133,31 @@ class CocoInstanceDataset(Dataset):
         expected_from = "the expected categories (checkpoint/config)" if classes else None
         self.has_masks = True
         n_anns = 0
+        negative_names = list(cfg.DATASETS.NEGATIVE_CATEGORIES)
+        pending: List[Tuple[str, List[Dict[str, Any]], str]] = []
         for path in paths:
             try:
                 data = load_coco(path)
             except CocoFormatError as e:
                 raise DatasetError(str(e)) from None
-            found = coco_classes(data)
-            if not found:
+            found, negative_ids = split_negative_categories(data, negative_names)
+            if not found and not negative_ids:
                 raise DatasetError(f"{path}: has no categories")
-            if not self.classes:
-                self.classes, expected_from = found, f"those of {paths[0]}"
-            else:
-                check_classes(found, self.classes, path, expected_from or paths[0])
-            recs = _records(data, path)
-            check_images_exist(recs, path, data["_image_root"])
+            recs = _records(data, path, negative_ids)
+            # a file whose objects are all of negative-only categories may carry any category
+            # list: it cannot mislabel anything
+            if not negative_ids or any(r["anns"] for r in recs):
+                if not self.classes:
+                    self.classes, expected_from = found, f"those of {path}"
+                else:
+                    check_classes(found, self.classes, path, expected_from or paths[0])
+            pending.append((path, recs, data["_image_root"]))
+        if not self.classes:
+            raise DatasetError(f"{', '.join(paths)}: no file has objects of a predicted category "
+                               f"(all are negatives or of DATASETS.NEGATIVE_CATEGORIES "
+                               f"{negative_names}); add the positive set")
+        for path, recs, root in pending:
+            check_images_exist(recs, path, root)
             for r in recs:
                 for a in r["anns"]:
                     seg = a.get("segmentation")
@@ -144,6 +172,13 @@ class CocoInstanceDataset(Dataset):
         if train and n_anns == 0:
             raise DatasetError(f"{', '.join(paths)}: {len(self.records)} images but no "
                                "annotations; nothing to learn from (check the conversion)")
+        for key, value in (("INPUT.CROP_OBJECT_FRACTION", cfg.INPUT.CROP_OBJECT_FRACTION),
+                           ("INPUT.CROP_MIN_TISSUE", cfg.INPUT.CROP_MIN_TISSUE),
+                           ("DATALOADER.NEGATIVE_FRACTION", cfg.DATALOADER.NEGATIVE_FRACTION)):
+            if not 0.0 <= float(value) < 1.0 + (key != "DATALOADER.NEGATIVE_FRACTION"):
+                raise DatasetError(f"{key} {value}: must be a fraction in [0, 1]"
+                                   + ("" if key != "DATALOADER.NEGATIVE_FRACTION" else
+                                      " below 1 (some positives must be drawn)"))
         n_cfg = int(cfg.MODEL.NUM_CLASSES)
         if n_cfg and n_cfg != len(self.classes):
             raise DatasetError(f"{paths[0]}: {len(self.classes)} categories "
@@ -171,6 +206,27 @@ class CocoInstanceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def window_cache(self) -> WindowCache:
+        """This process's reader cache (each DataLoader worker makes its own)."""
+        cache = self.__dict__.get("_window_cache")
+        if cache is None:
+            cache = self._window_cache = WindowCache()
+        return cache
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_window_cache", None)  # open files and cached pixels stay in their process
+        return state
+
+    def sample_weights(self) -> Optional[np.ndarray]:
+        """Sampling probability of every record for ``DATALOADER.NEGATIVE_FRACTION`` (negative
+        images together drawn that often, the others the rest), or None for uniform sampling."""
+        frac = float(self.cfg.DATALOADER.NEGATIVE_FRACTION)
+        neg = np.array([not r["anns"] for r in self.records])
+        if frac <= 0 or not neg.any() or neg.all():
+            return None
+        return np.where(neg, frac / neg.sum(), (1.0 - frac) / (~neg).sum())
+
     @property
     def mpp(self) -> Optional[float]:
         """Median ``mpp`` of the images when all have one, else None."""
@@ -187,11 +243,16 @@ class CocoInstanceDataset(Dataset):
         With ``window = (top, left, size)`` only that square is returned (zero-padded where it
         leaves the image), and only the masks of instances whose box meets it are decoded:
         a 1000 px field with hundreds of nuclei is never expanded to hundreds of full-size
-        masks for a 256 px training crop.
+        masks for a 256 px training crop. Only the window is read from whole-slide files and
+        large TIFFs; other images are decoded once per worker and cached (:class:`WindowCache`).
         """
         rec = self.records[idx]
-        img = read_image(rec["file"])
-        h, w = img.shape[:2]
+        cache = self.window_cache()
+        h, w = cache.size(rec["file"])
+        if window is None:
+            img = cache.read(rec["file"], 0, 0, h, w)
+        else:
+            img = cache.read(rec["file"], window[0], window[1], window[2], window[2])
         anns = rec["anns"]
         boxes = np.zeros((len(anns), 4), np.float32)
         for i, a in enumerate(anns):
@@ -203,7 +264,6 @@ class CocoInstanceDataset(Dataset):
                     & (boxes[:, 1] < top + size) & (boxes[:, 3] > top))
             anns = [a for a, k in zip(anns, keep) if k]
             boxes = boxes[keep] - np.array([left, top, left, top], np.float32)
-            img = _crop_pad(img, top, left, size)
             ch, cw = size, size
         else:
             ch, cw = h, w
@@ -263,7 +323,8 @@ class CocoInstanceDataset(Dataset):
         if isinstance(first, RandomScaleCrop):
             # draw the crop window first and load only it (same RNG draws as the transform)
             rec = self.records[idx]
-            p = first.make_params([tv_tensors.Mask(torch.empty(0, rec["height"], rec["width"]))])
+            canvas = [tv_tensors.Mask(torch.empty(0, rec["height"], rec["width"]))]
+            p = self._place_crop(rec, first, canvas)
             image, target = self.load(idx, (p["top"], p["left"], p["win"]))
             image = first.transform(image, {"top": 0, "left": 0, "win": p["win"]})
             target = {k: first.transform(v, {"top": 0, "left": 0, "win": p["win"]})
@@ -281,6 +342,38 @@ class CocoInstanceDataset(Dataset):
         if self.target_fn is not None:
             target = self.target_fn(image, target)
         return image, target
+
+
+    def _place_crop(self, rec: Dict[str, Any], crop: RandomScaleCrop, canvas: List[Any]
+                    ) -> Dict[str, int]:
+        """The crop window ``{"top", "left", "win"}`` of a training sample: drawn by ``crop``,
+        then centred on an object (``INPUT.CROP_OBJECT_FRACTION``) or redrawn until it holds
+        tissue (``INPUT.CROP_MIN_TISSUE``). Random numbers come from torch's RNG, which the
+        sample's seed fixes."""
+        p = crop.make_params(canvas)
+        inp = self.cfg.INPUT
+        frac, min_tissue = float(inp.CROP_OBJECT_FRACTION), float(inp.CROP_MIN_TISSUE)
+        if frac <= 0 and min_tissue <= 0:
+            return p
+        win = p["win"]
+        if frac > 0 and torch.rand(()) < frac:
+            boxes = [a["bbox"] for a in rec["anns"]]
+            objects = [[x + bw / 2, y + bh / 2] for x, y, bw, bh in boxes] + \
+                [[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in rec["negatives"]]
+            if objects:
+                cx, cy = objects[int(torch.randint(0, len(objects), ()).item())]
+                jitter = float(inp.CROP_JITTER) * win
+                dx, dy = ((torch.rand(2) * 2 - 1) * jitter).tolist()
+                return {"top": int(round(cy + dy - win / 2)), "left": int(round(cx + dx - win / 2)),
+                        "win": win}
+        if min_tissue > 0:
+            cache = self.window_cache()
+            for _ in range(10):
+                w = p["win"]
+                if tissue_fraction(cache.read(rec["file"], p["top"], p["left"], w, w)) >= min_tissue:
+                    break
+                p = crop.make_params(canvas)
+        return p
 
 
 def _crop_pad(arr: np.ndarray, top: int, left: int, size: int) -> np.ndarray:

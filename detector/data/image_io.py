@@ -6,7 +6,7 @@ same clear :class:`ImageReadError` everywhere.
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -110,3 +110,94 @@ def image_size(path: str) -> Tuple[int, int]:
         return int(h), int(w)
     except Exception as e:
         raise ImageReadError(path, f"cannot read image header ({type(e).__name__}: {e})") from None
+
+
+# ------------------------------------------------------------------------------ windows
+#: Files whose windows are read through the slide readers (only the window is decoded):
+#: whole-slide formats, and TIFFs larger than this many pixels (tiled pyramids, MIDOG fields).
+WINDOW_READ_EXTS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu")
+WINDOW_READ_MIN_PX = 4096 * 4096
+
+
+class WindowCache:
+    """Reads ``(top, left, size_h, size_w)`` windows of training images, keeping the most recently
+    used files open: a whole-slide file or a large TIFF as a slide reader (only the window is
+    decoded), an ordinary image decoded once and cached (up to ``max_bytes`` of pixels per process).
+    One per DataLoader worker process (it is created lazily in each)."""
+
+    def __init__(self, max_bytes: int = 1 << 30, max_open: int = 16) -> None:
+        self.max_bytes, self.max_open = int(max_bytes), int(max_open)
+        self._items: Dict[str, Any] = {}   # path -> ndarray or slide reader (LRU order)
+        self._bytes = 0
+
+    def _open(self, path: str) -> Any:
+        low = path.lower()
+        big_tiff = False
+        if low.endswith((".tif", ".tiff")):
+            try:
+                h, w = image_size(path)
+                big_tiff = h * w >= WINDOW_READ_MIN_PX
+            except ImageReadError:
+                big_tiff = False
+        if low.endswith(WINDOW_READ_EXTS) or big_tiff:
+            # the slide readers live with inference (OpenSlide, tiled TIFF); imported here only
+            # because ``detector.inference`` imports the data package itself
+            from ..inference.slide import open_slide
+
+            return open_slide(path)
+        return read_image(path)
+
+    def get(self, path: str) -> Any:
+        item = self._items.pop(path, None)
+        if item is None:
+            item = self._open(path)
+            if isinstance(item, np.ndarray):
+                self._bytes += item.nbytes
+        self._items[path] = item
+        while len(self._items) > 1 and (self._bytes > self.max_bytes
+                                        or len(self._items) > self.max_open):
+            old_path = next(iter(self._items))
+            old = self._items.pop(old_path)
+            if isinstance(old, np.ndarray):
+                self._bytes -= old.nbytes
+            elif hasattr(old, "close"):
+                old.close()
+        return item
+
+    def size(self, path: str) -> Tuple[int, int]:
+        """``(height, width)`` of the file (level 0)."""
+        item = self.get(path)
+        if isinstance(item, np.ndarray):
+            return int(item.shape[0]), int(item.shape[1])
+        w, h = item.level_dimensions[0]
+        return int(h), int(w)
+
+    def read(self, path: str, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """``height x width x 3`` uint8 RGB window with its top-left corner at ``(top, left)``
+        (may lie partly outside the image: zeros there)."""
+        item = self.get(path)
+        if isinstance(item, np.ndarray):
+            h, w = item.shape[:2]
+        else:
+            w, h = item.level_dimensions[0]
+        out = np.zeros((height, width, 3), np.uint8)
+        y0, x0 = max(top, 0), max(left, 0)
+        y1, x1 = min(top + height, h), min(left + width, w)
+        if y1 > y0 and x1 > x0:
+            if isinstance(item, np.ndarray):
+                part = item[y0:y1, x0:x1]
+            else:
+                part = item.read_region(0, x0, y0, x1 - x0, y1 - y0)
+            out[y0 - top:y1 - top, x0 - left:x1 - left] = part
+        return out
+
+
+def tissue_fraction(rgb: np.ndarray) -> float:
+    """Fraction of a window's pixels that look like stained tissue (or cells): neither near-white
+    glass (all channels > 215) nor black padding (all channels < 5). A cheap per-crop test for
+    placing random training crops; slides use the Otsu mask of ``detector.inference.tissue``."""
+    if rgb.size == 0:
+        return 0.0
+    hi = (rgb > 215).all(axis=-1)
+    lo = (rgb < 5).all(axis=-1)
+    return float(1.0 - (hi | lo).mean())

@@ -255,14 +255,15 @@ class HEDJitter(v2.Transform):
         return tv_tensors.wrap(t, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else t
 
 
-def build_train_transforms(cfg: Any) -> v2.Compose:
-    """The training augmentation of ``cfg.INPUT``: scale jitter + crop to ``INPUT.CROP_SIZE``,
-    flips, 90-degree rotations, elastic deformation, colour and stain jitter. Inputs are uint8
-    images; the dataset converts to float afterwards."""
+def build_train_transforms(cfg: Any, crop: bool = True) -> v2.Compose:
+    """The training augmentation of ``cfg.INPUT``: scale jitter + crop to ``INPUT.CROP_SIZE``
+    (unless ``crop`` is False: the patch classifier cuts its own patches), flips, 90-degree
+    rotations, elastic deformation, colour and stain jitter. Inputs are uint8 images; the
+    dataset converts to float afterwards."""
     aug = cfg.INPUT.AUG
     ts: List[v2.Transform] = []
     lo, hi = (float(aug.SCALE_RANGE[0]), float(aug.SCALE_RANGE[1]))
-    if cfg.INPUT.CROP_SIZE and cfg.INPUT.CROP_SIZE > 0:
+    if crop and cfg.INPUT.CROP_SIZE and cfg.INPUT.CROP_SIZE > 0:
         # the model applies INPUT.SCALE itself, so crops are cut at native resolution
         ts.append(RandomScaleCrop(int(cfg.INPUT.CROP_SIZE), (lo, hi)))
     if aug.FLIP:

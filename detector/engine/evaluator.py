@@ -7,7 +7,9 @@ import contextlib
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -16,6 +18,10 @@ from tqdm import tqdm
 from ..data.coco import load_coco
 from ..data.dataset import CocoInstanceDataset
 from ..data.image_io import read_image
+from ..data.patches import CocoPatchDataset
+from ..evaluation.classification import classification_metrics
+from ..inference.second_stage import SecondStage, predict_two_stage
+from ..structures.instances import Instances
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +29,27 @@ logger = logging.getLogger(__name__)
 def dataset_name(path: str) -> str:
     """Short name of a COCO file for logs and output files: its file stem."""
     return os.path.splitext(os.path.basename(path))[0]
+
+
+def predict_dataset_two_stage(model: nn.Module, second: SecondStage, dataset: CocoInstanceDataset,
+                              keep_phases: bool, det_label: int = 1, progress: bool = True
+                              ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """COCO results of a two-stage bundle on every image of ``dataset``: the detector's
+    candidates scored by stage 2 (labels: the classifier's classes when ``keep_phases``, else
+    the detector's class ``det_label``), and the same candidates with the detector's own
+    scores."""
+    final: List[Dict[str, Any]] = []
+    stage1: List[Dict[str, Any]] = []
+    for rec in tqdm(dataset.records, desc=f"eval {dataset_name(dataset.paths[0])}",
+                    disable=not progress, leave=False):
+        inst, det_scores = predict_two_stage(model, second, read_image(rec["file"]))
+        one = Instances(inst.image_size, inst.boxes, det_scores,
+                        np.full(len(inst), det_label, np.int64), inst.masks)
+        if not keep_phases:
+            inst = Instances(inst.image_size, inst.boxes, inst.scores, one.labels, inst.masks)
+        final.extend(inst.to_coco_results(rec["image_id"]))
+        stage1.extend(one.to_coco_results(rec["image_id"]))
+    return final, stage1
 
 
 @torch.no_grad()
@@ -46,6 +73,27 @@ def predict_dataset(model: nn.Module, dataset: CocoInstanceDataset, device: torc
     return results
 
 
+@torch.no_grad()
+def predict_patches(model: nn.Module, dataset: CocoPatchDataset, device: torch.device,
+                    autocast: Optional[Any] = None, batch_size: int = 64,
+                    progress: bool = True) -> torch.Tensor:
+    """``[N, K + 1]`` class probabilities of the patch classifier on every item of ``dataset``."""
+    model = model.module if hasattr(model, "module") else model
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in tqdm(range(0, len(dataset), batch_size), disable=not progress, leave=False,
+                          desc=f"eval {dataset_name(dataset.paths[0])}"):
+            batch = torch.stack([dataset[i][0] for i in
+                                 range(start, min(start + batch_size, len(dataset)))])
+            with (autocast() if autocast is not None else contextlib.nullcontext()):
+                out.append(model(batch.to(device)).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, len(dataset.classes) + 1))
+
+
 def evaluate_datasets(model: nn.Module, cfg: Any, datasets: List[CocoInstanceDataset],
                       device: torch.device, output_dir: Optional[str] = None,
                       iteration: Optional[int] = None, write_predictions: bool = False,
@@ -58,6 +106,16 @@ def evaluate_datasets(model: nn.Module, cfg: Any, datasets: List[CocoInstanceDat
     with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
         for ds in datasets:
             name = dataset_name(ds.paths[0])
+            if isinstance(ds, CocoPatchDataset):
+                probs = predict_patches(model, ds, device, autocast)
+                m = classification_metrics(ds.labels(), probs.numpy(), ds.label_names)
+                all_metrics[name] = m
+                if write_predictions and output_dir:
+                    os.makedirs(output_dir, exist_ok=True)
+                    with open(os.path.join(output_dir, f"patch_probs_{name}.json"), "w") as f:
+                        json.dump({"labels": ds.labels().tolist(), "names": ds.label_names,
+                                   "probs": probs.tolist()}, f)
+                continue
             results = predict_dataset(model, ds, device, autocast)
             if write_predictions and output_dir:
                 os.makedirs(output_dir, exist_ok=True)

@@ -16,6 +16,7 @@ uninterrupted run (on CPU bit for bit; on GPU up to non-deterministic kernels).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -30,12 +31,16 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ..config.config import cfg_to_yaml
+from ..data.coco import load_coco
 from ..data.dataset import CocoInstanceDataset, DatasetError, check_classes, collate_list
+from ..data.patches import build_dataset
+from ..inference.second_stage import SecondStage, second_stage_from_checkpoint
 from ..modeling.build import build_model, load_weights
 from . import distributed as du
 from .checkpoint import (get_rng_state, last_checkpoint, load_checkpoint, save_checkpoint,
                          set_rng_state, write_last_checkpoint)
-from .evaluator import evaluate_datasets, format_metrics
+from ..evaluation import evaluate_coco
+from .evaluator import dataset_name, evaluate_datasets, format_metrics, predict_dataset_two_stage
 from .logger import MetricsWriter, peak_memory_mb
 from .optim import build_lr_scheduler, build_optimizer
 
@@ -76,9 +81,14 @@ class TrainingSampler(Sampler):
     ``(seed, e)``; this rank takes the global positions ``start, start + W, ...`` shifted by its
     rank (``start`` = images already consumed by all ranks)."""
 
-    def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1,
+                 weights: Optional[np.ndarray] = None) -> None:
         self.size, self.seed, self.start = int(size), int(seed), int(start)
         self.rank, self.world_size = int(rank), int(world_size)
+        # with per-index sampling probabilities, position g draws its index from them with a
+        # generator seeded by (seed, g): still a pure function of the position
+        self.cum = None if weights is None else np.cumsum(np.asarray(weights, np.float64)
+                                                          / float(np.sum(weights)))
 
     def _perm(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, stream=1))
@@ -87,6 +97,11 @@ class TrainingSampler(Sampler):
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         pos = self.start + self.rank
         epoch, perm = -1, None
+        while self.cum is not None:
+            u = np.random.default_rng(sample_seed(self.seed, pos, stream=2)).random()
+            yield min(int(np.searchsorted(self.cum, u, side="right")), self.size - 1), \
+                sample_seed(self.seed, pos)
+            pos += self.world_size
         while True:
             e = pos // self.size
             if e != epoch:
@@ -144,12 +159,12 @@ class Trainer:
                 ckpt = load_checkpoint(path)
                 logger.info("resuming from %s (iteration %d)", path, ckpt["iteration"])
         # ---- data (all checks happen here, before the model is even built)
-        self.train_set = CocoInstanceDataset(list(cfg.DATASETS.TRAIN), cfg, train=True)
+        self.train_set = build_dataset(cfg, list(cfg.DATASETS.TRAIN), train=True)
         self.classes = self.train_set.classes
         if ckpt is not None:
             check_classes(self.classes, list(ckpt["classes"]), ", ".join(cfg.DATASETS.TRAIN),
                           f"the checkpoint being resumed ({self.output_dir})")
-        self.test_sets = [CocoInstanceDataset([p], cfg, train=False, classes=self.classes)
+        self.test_sets = [build_dataset(cfg, [p], train=False, classes=self.classes)
                           for p in cfg.DATASETS.TEST]
         self.mpp = float(cfg.INPUT.MPP) if cfg.INPUT.MPP else self.train_set.mpp
         # ---- model
@@ -203,7 +218,8 @@ class Trainer:
         cfg = self.cfg
         sampler = TrainingSampler(len(self.train_set), self.seed,
                                   start=self.start_iter * int(cfg.SOLVER.IMS_PER_BATCH),
-                                  rank=self.rank, world_size=self.world_size)
+                                  rank=self.rank, world_size=self.world_size,
+                                  weights=self.train_set.sample_weights())
         workers = int(cfg.DATALOADER.NUM_WORKERS)
         return DataLoader(
             self.train_set, batch_size=self.batch_per_rank, sampler=sampler,
@@ -381,8 +397,49 @@ def evaluate_only(cfg: Any, write_predictions: bool = True) -> Dict[str, Dict[st
     # INPUT.SCALE, U-Net tiles and watershed) from the config given now
     model, mcfg, classes, _ = load_model(cfg.MODEL.WEIGHTS, str(device),
                                          overrides=test_time_overrides(cfg))
-    datasets = [CocoInstanceDataset([p], mcfg, train=False, classes=classes)
-                for p in cfg.DATASETS.TEST]
+    second = second_stage_from_checkpoint(load_checkpoint(cfg.MODEL.WEIGHTS), str(device))
+    if second is not None:
+        return evaluate_two_stage(model, classes, second, cfg, write_predictions)
+    datasets = [build_dataset(mcfg, [p], train=False, classes=classes) for p in cfg.DATASETS.TEST]
     metrics = evaluate_datasets(model, cfg, datasets, device, cfg.OUTPUT_DIR, None,
                                 write_predictions=write_predictions)
     return metrics
+
+
+def evaluate_two_stage(model: nn.Module, classes: List[Dict[str, Any]], second: SecondStage,
+                       cfg: Any, write_predictions: bool = True) -> Dict[str, Dict[str, float]]:
+    """``--eval-only`` of a two-stage mitosis bundle: per test file, the metrics after stage 2
+    (at the bundle's threshold; phases scored when the file has the classifier's classes) and,
+    as ``<file>/stage1``, the detector's candidates alone (at ``TEST.SCORE_THRESH``)."""
+    out: Dict[str, Dict[str, float]] = {}
+    for path in cfg.DATASETS.TEST:
+        gt = load_coco(path)
+        file_classes = [{"id": int(c["id"]), "name": str(c["name"])} for c in gt["categories"]]
+        keep_phases = sorted(file_classes, key=lambda c: c["id"]) == \
+            sorted(({"id": int(c["id"]), "name": str(c["name"])} for c in second.classes),
+                   key=lambda c: c["id"])
+        ds = CocoInstanceDataset([path], cfg, train=False)
+        final, stage1 = predict_dataset_two_stage(model, second, ds, keep_phases,
+                                                  det_label=int(classes[0]["id"]))
+        gt_one = gt
+        if not keep_phases and len(file_classes) > 1:  # score detection of any figure class
+            gt_one = dict(gt, categories=[dict(classes[0])], annotations=[
+                dict(a, category_id=int(classes[0]["id"])) for a in gt["annotations"]])
+        name = dataset_name(path)
+        for key, results, g, thresh in ((name, final, gt if keep_phases else gt_one,
+                                         second.threshold),
+                                        (f"{name}/stage1", stage1, gt_one,
+                                         float(cfg.TEST.SCORE_THRESH))):
+            m = evaluate_coco(g, results, iou_thresh=float(cfg.TEST.IOU_THRESH),
+                              score_thresh=thresh, max_dets=int(cfg.TEST.MAX_DETS))
+            out[key] = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in m.items()}
+            out[key]["score_thresh"] = thresh
+            if write_predictions:
+                os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+                fname = f"predictions_{key.replace('/', '_')}.json"
+                with open(os.path.join(cfg.OUTPUT_DIR, fname), "w") as f:
+                    json.dump(results, f)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with open(os.path.join(cfg.OUTPUT_DIR, "eval_final.json"), "w") as f:
+        json.dump({"iter": None, "metrics": out}, f, indent=1)
+    return out

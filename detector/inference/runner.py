@@ -11,6 +11,7 @@ slide raster.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -28,11 +29,15 @@ from ..structures.instances import Instances
 from . import counting, export
 from .journal import JOURNAL_NAME, Journal
 from .merge import drop_cut, merge_detections, tile_to_slide
+from .second_stage import SecondStage
 from .slide import SlideReadError, SlideReader, choose_level, open_slide
 from .tiling import Tile, grid_shape, interior_edges, tile_grid, tiles_in_mask
 from .tissue import parse_roi, points_in_roi, roi_mask, tissue_mask
 
 log = logging.getLogger(__name__)
+
+#: A nuclei model run beside a mitosis model: (model, classes, training mpp).
+NucleiModel = Tuple[torch.nn.Module, List[Dict[str, Any]], Optional[float]]
 
 OUTPUT_FILES = ("summary.json", "detections.geojson", "detections.json", "detections.csv",
                 "overlay.png", "density.png")
@@ -222,15 +227,22 @@ def is_finished(out_dir: str) -> bool:
 
 def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp: Optional[float],
                 slide_path: str, output_dir: str, opts: InferenceOptions,
-                weights_name: str = "") -> Dict[str, Any]:
+                weights_name: str = "", second_stage: Optional[SecondStage] = None,
+                nuclei: Optional[NucleiModel] = None, folder: Optional[str] = None
+                ) -> Dict[str, Any]:
     """Analyse one slide and write its folder ``output_dir/<slide stem>/``.
 
     Returns the summary (also written to ``summary.json``). Raises :class:`SlideError` when the
     slide cannot be analysed at all (unreadable, no mpp); tiles that fail to decode are logged,
-    skipped and listed in the summary.
+    skipped and listed in the summary. With ``second_stage`` (a two-stage mitosis bundle), the
+    detector's candidates above its candidate threshold are re-scored by the patch classifier
+    and ``opts.score_thresh`` applies to the new scores; the classes are then the classifier's
+    (the phases). With ``nuclei`` (a nuclei model run over the same slide and tissue, output in
+    ``<slide>/nuclei/``), the mitotic index is mitotic figures / nuclei found. ``folder``
+    replaces the slide stem as the output folder's name.
     """
     t_start = time.time()
-    out_dir = os.path.join(output_dir, slide_stem(slide_path))
+    out_dir = os.path.join(output_dir, folder or slide_stem(slide_path))
     try:
         reader = open_slide(slide_path)
     except SlideReadError as e:
@@ -260,10 +272,12 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         tissue_area_mm2 = float(tissue.sum()) * (tscale * slide_mpp / 1000.0) ** 2
         selected = tiles_in_mask(tiles, tissue, tscale / geom.factor)
     sel_idx = [int(i) for i in np.flatnonzero(selected)]
+    # with a second stage, tiles keep the detector's candidates; opts.score_thresh applies later
+    tile_thresh = second_stage.candidate_threshold if second_stage else opts.score_thresh
 
     header = {"slide": os.path.abspath(slide_path), "weights": weights_name,
               "slide_size": [H0, W0], "tile_size": opts.tile_size, "overlap": opts.overlap,
-              "score_thresh": opts.score_thresh, "mpp": slide_mpp, "roi": opts.roi,
+              "score_thresh": tile_thresh, "mpp": slide_mpp, "roi": opts.roi,
               "level": geom.level, "scale": geom.scale, "tissue": opts.tissue_detection}
     os.makedirs(out_dir, exist_ok=True)
     journal = Journal(os.path.join(out_dir, JOURNAL_NAME), header, resume=opts.resume)
@@ -288,7 +302,7 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         if good:
             preds = predict_batch(model, [b["image"] for b in good], opts.amp)
             for b, inst in zip(good, preds):
-                inst = inst[inst.scores >= opts.score_thresh]
+                inst = inst[inst.scores >= tile_thresh]
                 edges = interior_edges(b["index"], rows, cols, selected)
                 inst = drop_cut(inst, edges, opts.edge_margin)
                 parts.append(tile_to_slide(inst, b["tile"][:2], geom.factor, (H0, W0)))
@@ -325,7 +339,23 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         outside_tissue = int((~on).sum())
         merged, centroids, areas = merged[on], centroids[on], areas[on]
 
-    mitotic_ids = counting.resolve_class_ids(opts.mitotic_classes, classes)
+    stage2: Optional[Dict[str, Any]] = None
+    if second_stage is not None:
+        with open_slide(slide_path) as reader:
+            H_a, W_a = geom.size[1], geom.size[0]
+            merged, det_scores = second_stage.apply(
+                merged, lambda t, l, h, w: read_tile(reader, geom, (l, t, l + w, t + h)),
+                (H_a, W_a), geom.factor)
+        keep = merged.scores >= opts.score_thresh
+        stage2 = {"candidates": int(len(merged)),
+                  "candidate_threshold": second_stage.candidate_threshold,
+                  "threshold": opts.score_thresh, "kept": int(keep.sum()),
+                  "candidates_per_mm2": len(merged) / tissue_area_mm2 if tissue_area_mm2 else 0.0}
+        merged, centroids, areas = merged[keep], centroids[keep], areas[keep]
+        classes = second_stage.classes
+        mitotic_ids = [int(c["id"]) for c in classes]  # every class of stage 2 is a figure
+    else:
+        mitotic_ids = counting.resolve_class_ids(opts.mitotic_classes, classes)
     summary: Dict[str, Any] = {
         "slide": os.path.abspath(slide_path),
         "weights": weights_name,
@@ -349,6 +379,25 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
     }
     summary.update(counting.summarize(merged, classes, slide_mpp, tissue_area_mm2, mitotic_ids,
                                       opts.hpf_area, centroids, tissue, tscale))
+    if len(mitotic_ids) > 1:  # phases (or normal / atypical): figures per class
+        summary["mitotic_figures"]["by_class"] = {
+            str(c["name"]): int((merged.labels == int(c["id"])).sum()) for c in classes
+            if int(c["id"]) in set(mitotic_ids)}
+    if stage2 is not None:
+        stage2["mitotic_figures_before"] = stage2["candidates"]
+        stage2["mitotic_figures_after"] = summary["mitotic_figures"]["total"]
+        summary["second_stage"] = stage2
+    if nuclei is not None:
+        n_model, n_classes, n_mpp = nuclei
+        n_opts = dataclasses.replace(opts, score_thresh=InferenceOptions.score_thresh,
+                                     mitotic_classes="none")
+        n_sum = infer_slide(n_model, n_classes, n_mpp, slide_path, out_dir, n_opts,
+                            weights_name=f"{weights_name} (nuclei)", folder="nuclei")
+        n_nuclei = int(n_sum["total_detections"])
+        summary["nuclei"] = {"count": n_nuclei, "folder": os.path.join(out_dir, "nuclei"),
+                             "tissue_area_mm2": n_sum["tissue_area_mm2"]}
+        summary["mitotic_index"] = (summary["mitotic_figures"]["total"] / n_nuclei
+                                    if n_nuclei else None)
     hs = summary["mitotic_figures"]["hotspot"]
 
     export.write_geojson(os.path.join(out_dir, "detections.geojson"), merged, classes, slide_mpp,
@@ -390,8 +439,10 @@ def shard(slides: Sequence[str], rank: Optional[int] = None, world: Optional[int
 
 def run_slides(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp: Optional[float],
                slides: Sequence[str], output_dir: str, opts: InferenceOptions,
-               weights_name: str = "") -> Dict[str, Any]:
-    """Analyse ``slides`` one after another; a slide that fails is reported and the others
+               weights_name: str = "", second_stage: Optional[SecondStage] = None,
+               nuclei: Optional[NucleiModel] = None) -> Dict[str, Any]:
+    """Analyse ``slides`` one after another (see :func:`infer_slide` for ``second_stage`` and
+    ``nuclei``); a slide that fails is reported and the others
     still run. With ``opts.resume`` finished slides are skipped. Returns
     ``{"done": [...], "skipped": [...], "failed": {slide: message}}``."""
     result: Dict[str, Any] = {"done": [], "skipped": [], "failed": {}}
@@ -402,7 +453,8 @@ def run_slides(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp:
             result["skipped"].append(path)
             continue
         try:
-            infer_slide(model, classes, model_mpp, path, output_dir, opts, weights_name)
+            infer_slide(model, classes, model_mpp, path, output_dir, opts, weights_name,
+                        second_stage=second_stage, nuclei=nuclei)
             result["done"].append(path)
         except (SlideError, ValueError, OSError) as e:
             log.error("%s", e)

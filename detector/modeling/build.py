@@ -42,7 +42,12 @@ def build_model(cfg: Any, classes: List[Dict[str, Any]]) -> nn.Module:
         except ImportError as e:
             raise ImportError(f"MODEL.META_ARCHITECTURE UNet needs detector.modeling.unet ({e})") from e
         return build_unet(cfg, classes)
-    raise ValueError(f"MODEL.META_ARCHITECTURE {arch!r} is not one of MaskRCNN, FasterRCNN, UNet")
+    if arch == "PatchClassifier":
+        from .classifier import build_classifier
+
+        return build_classifier(cfg, classes)
+    raise ValueError(f"MODEL.META_ARCHITECTURE {arch!r} is not one of MaskRCNN, FasterRCNN, UNet, "
+                     "PatchClassifier")
 
 
 # ----------------------------------------------------------------------------- initial weights

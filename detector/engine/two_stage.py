@@ -1,0 +1,211 @@
+"""Building the two-stage mitosis counter: hard-negative mining, thresholds chosen on
+validation, and the bundle checkpoint that ``infer_tiles.py`` and ``train_net.py --eval-only``
+run as one model.
+
+The recipe (``docs/results/reproduce_mitosis.sh`` runs it):
+1. train the detector (figures + tissue without figures as negatives);
+2. :func:`mine_negatives`: run it over images whose figures are all annotated (tissue without
+   figures, the training crops) and write every detection farther than ``radius_um`` from an
+   annotated figure as a "look-alike" object (a COCO file of negative-only annotations);
+3. train the patch classifier on the figures against the mined look-alikes and nuclei;
+4. :func:`choose_thresholds` on validation (figures of held-out slides, tissue of held-out
+   slides without figures) and :func:`write_bundle`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from tqdm import tqdm
+
+from ..data.coco import load_coco, new_coco, save_coco
+from ..data.image_io import read_image
+from ..fileio import atomic_write
+from ..inference.second_stage import SecondStage, predict_two_stage
+from .checkpoint import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+#: The category of mined false positives (list it in DATASETS.NEGATIVE_CATEGORIES).
+LOOK_ALIKE = "look-alike"
+#: MIDOG's matching rule: a detection within 7.5 um of a figure's centre finds it.
+MATCH_RADIUS_UM = 7.5
+
+
+def _centres_xywh(anns: Sequence[Dict[str, Any]]) -> np.ndarray:
+    return np.array([[a["bbox"][0] + a["bbox"][2] / 2, a["bbox"][1] + a["bbox"][3] / 2]
+                     for a in anns], np.float64).reshape(-1, 2)
+
+
+def _box_centres(boxes: np.ndarray) -> np.ndarray:
+    return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1) \
+        if len(boxes) else np.zeros((0, 2))
+
+
+@dataclass
+class ImageCandidates:
+    """The candidates of one image: detector and stage-2 scores, centres, and the truth."""
+
+    file: str
+    area_mm2: float
+    radius_px: float
+    centres: np.ndarray          # (N, 2) candidate centres, px
+    det_scores: np.ndarray       # (N,)
+    fig_scores: np.ndarray       # (N,) p(figure) of stage 2 (== det_scores without one)
+    labels: np.ndarray           # (N,) predicted class ids
+    gt: np.ndarray               # (M, 2) annotated figure centres
+    gt_labels: np.ndarray        # (M,) their category ids
+
+
+def collect_candidates(detector: torch.nn.Module, second: Optional[SecondStage], coco_path: str,
+                       default_mpp: float = 0.25, negative_categories: Sequence[str] = (),
+                       progress: bool = True) -> List[ImageCandidates]:
+    """Run both stages (every candidate of the detector above its own test threshold; stage 2
+    on all of them) over the images of a COCO file, keeping the truth beside them."""
+    data = load_coco(coco_path)
+    neg = {c["id"] for c in data["categories"] if c["name"] in set(negative_categories)}
+    by_image: Dict[int, List[Dict[str, Any]]] = {}
+    for a in data["annotations"]:
+        if a["category_id"] not in neg:
+            by_image.setdefault(a["image_id"], []).append(a)
+    keep_all = None if second is None else SecondStage(
+        second.model, second.classes, second.patch_size, second.threshold, 0.0, second.mpp)
+    out = []
+    for im in tqdm(data["images"], desc=os.path.basename(coco_path), disable=not progress,
+                   leave=False):
+        path = os.path.join(data["_image_root"], im["file_name"])
+        image = read_image(path)
+        mpp = float(im.get("mpp") or default_mpp)
+        inst, det_scores = predict_two_stage(detector, keep_all, image)
+        anns = by_image.get(im["id"], [])
+        out.append(ImageCandidates(
+            file=path, area_mm2=image.shape[0] * image.shape[1] * (mpp / 1000.0) ** 2,
+            radius_px=MATCH_RADIUS_UM / mpp, centres=_box_centres(inst.boxes),
+            det_scores=det_scores, fig_scores=inst.scores.copy(), labels=inst.labels.copy(),
+            gt=_centres_xywh(anns), gt_labels=np.array([a["category_id"] for a in anns],
+                                                       np.int64)))
+    return out
+
+
+def _near_truth(img: ImageCandidates) -> np.ndarray:
+    """(N,) whether each candidate lies within the matching radius of an annotated figure."""
+    if len(img.gt) == 0 or len(img.centres) == 0:
+        return np.zeros(len(img.centres), bool)
+    d, _ = cKDTree(img.gt).query(img.centres, k=1)
+    return d <= img.radius_px
+
+
+def mine_negatives(detector: torch.nn.Module, coco_path: str, output: str,
+                   score_thresh: float = 0.3, default_mpp: float = 0.25,
+                   negative_categories: Sequence[str] = (), progress: bool = True
+                   ) -> Dict[str, Any]:
+    """Hard-negative mining: every detection with score >= ``score_thresh`` farther than
+    7.5 um from an annotated figure of ``coco_path`` becomes a ``look-alike`` object of a new
+    COCO file ``output`` (same images and image root, category list ``[look-alike]``).
+    Only images whose figures are all annotated may be mined (tissue known to hold none, or
+    fully annotated fields): an unannotated figure would be taught as a look-alike."""
+    cands = collect_candidates(detector, None, coco_path, default_mpp, negative_categories,
+                               progress)
+    data = load_coco(coco_path)
+    out = new_coco([{"id": 1, "name": LOOK_ALIKE, "supercategory": "cell"}],
+                   data["_image_root"], f"detector false positives mined from {coco_path}")
+    n_mined = 0
+    for im, c in zip(data["images"], cands):
+        keep = (c.det_scores >= score_thresh) & ~_near_truth(c)
+        out["images"].append({k: v for k, v in im.items() if not k.startswith("_")})
+        for (cx, cy), s in zip(c.centres[keep], c.det_scores[keep]):
+            side = c.radius_px * 12.5 / MATCH_RADIUS_UM  # the point converters' 12.5 um box
+            out["annotations"].append({
+                "image_id": im["id"], "category_id": 1, "iscrowd": 0, "score": float(s),
+                "bbox": [float(cx - side / 2), float(cy - side / 2), float(side), float(side)],
+                "area": float(side * side)})
+            n_mined += 1
+    save_coco(out, output)
+    area = sum(c.area_mm2 for c in cands)
+    stats = {"images": len(cands), "look_alikes": n_mined, "area_mm2": area,
+             "per_mm2": n_mined / area if area else 0.0, "score_thresh": score_thresh}
+    logger.info("mined %d look-alikes from %d images (%.1f per mm^2) into %s", n_mined,
+                len(cands), stats["per_mm2"], output)
+    return stats
+
+
+def operating_point(images: Sequence[ImageCandidates], t_det: float, t_fig: float
+                    ) -> Dict[str, float]:
+    """Figures found (any kept candidate within the radius), false positives (kept candidates
+    near no figure) and FP per mm^2 at detector threshold ``t_det`` and stage-2 threshold
+    ``t_fig``."""
+    n_gt = tp = fp = 0
+    area = 0.0
+    for img in images:
+        keep = (img.det_scores >= t_det) & (img.fig_scores >= t_fig)
+        near = _near_truth(img)
+        fp += int((keep & ~near).sum())
+        area += img.area_mm2
+        n_gt += len(img.gt)
+        if len(img.gt) and keep.any():
+            d, _ = cKDTree(img.centres[keep]).query(img.gt, k=1)
+            tp += int((d <= img.radius_px).sum())
+    return {"t_det": t_det, "t_fig": t_fig, "figures": n_gt, "found": tp, "false_positives": fp,
+            "recall": tp / n_gt if n_gt else float("nan"), "area_mm2": area,
+            "fp_per_mm2": fp / area if area else float("nan")}
+
+
+def choose_thresholds(positives: Sequence[ImageCandidates], negatives: Sequence[ImageCandidates],
+                      max_fp_per_mm2: float) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """The detector and stage-2 thresholds with the highest recall on ``positives`` (figures of
+    validation slides) whose false positives on ``negatives`` (validation tissue without
+    figures) stay at or below ``max_fp_per_mm2``; ties go to fewer false positives, then to
+    higher thresholds. Returns (the positives' operating point, the negatives')."""
+    t_dets = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    figs = np.concatenate([c.fig_scores for c in list(positives) + list(negatives)] + [np.ones(1)])
+    t_figs = np.unique(np.round(np.quantile(figs, np.linspace(0, 1, 401)), 4))
+    best = None
+    for td in t_dets:
+        for tf in t_figs:
+            neg = operating_point(negatives, float(td), float(tf))
+            if neg["fp_per_mm2"] > max_fp_per_mm2:
+                continue
+            pos = operating_point(positives, float(td), float(tf))
+            key = (pos["recall"], -neg["false_positives"], td, tf)
+            if best is None or key > best[0]:
+                best = (key, pos, neg)
+    if best is None:  # nothing meets the bound: the fewest false positives
+        td, tf = float(t_dets[-1]), 1.0
+        return operating_point(positives, td, tf), operating_point(negatives, td, tf)
+    return best[1], best[2]
+
+
+def best_f1_threshold(images: Sequence[ImageCandidates], stage2: bool = False) -> Dict[str, float]:
+    """The detector-only (or, with ``stage2``, the stage-2) threshold of best point F1 on
+    ``images``, and its operating point: how a one-stage detector's threshold is chosen."""
+    best = None
+    for t in np.round(np.arange(0.05, 0.991, 0.01), 2):
+        op = operating_point(images, 0.0, float(t)) if stage2 else \
+            operating_point(images, float(t), 0.0)
+        tp, fp, n = op["found"], op["false_positives"], op["figures"]
+        f1 = 2 * tp / (2 * tp + fp + (n - tp)) if tp else 0.0
+        if best is None or f1 > best["f1"]:
+            best = dict(op, f1=f1, threshold=float(t))
+    return best or {}
+
+
+def write_bundle(detector_path: str, classifier_path: str, output: str, candidate_threshold: float,
+                 threshold: float, info: Optional[Dict[str, Any]] = None) -> None:
+    """One checkpoint holding both stages (see :mod:`detector.inference.second_stage`): the
+    detector's entries as they are, plus ``second_stage``. Training states are left out."""
+    det = load_checkpoint(detector_path)
+    cls = load_checkpoint(classifier_path)
+    bundle = {k: det[k] for k in ("model", "config", "classes", "mpp", "iteration") if k in det}
+    bundle["second_stage"] = {
+        "model": cls["model"], "config": cls["config"], "classes": list(cls["classes"]),
+        "mpp": cls.get("mpp"), "threshold": float(threshold),
+        "candidate_threshold": float(candidate_threshold), "info": dict(info or {}),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with atomic_write(output, "wb") as f:
+        torch.save(bundle, f)

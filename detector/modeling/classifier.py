@@ -1,0 +1,59 @@
+"""The patch classifier: stage 2 of the mitosis counter.
+
+A detector trained on figure crops circles every dark nucleus of ordinary tissue; a classifier
+that looks at a patch centred on each candidate, trained on the figures against the detector's
+own false positives and on nuclei, tells figures from look-alikes (the two-stage design of the
+MIDOG and TUPAC winners). The network is torchvision's ResNet (``MODEL.BACKBONE.NAME``), from
+scratch. Output index 0 is "look-alike", 1..K the data's categories (mitotic figure, or the
+phases prophase-prometaphase / metaphase / anaphase-telophase / atypical, or normal/atypical).
+
+Input: patches ``[N, 3, P, P]`` float in 0..1 (P = ``MODEL.CLASSIFIER.PATCH_SIZE``), as a tensor
+or a list of ``[3, P, P]`` tensors. Training (``targets`` given, each ``{"labels": int64 []}``):
+returns ``{"loss_cls": cross-entropy}``. Eval: returns ``[N, K + 1]`` class probabilities.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+
+class PatchClassifier(nn.Module):
+    def __init__(self, cfg: Any, classes: Sequence[Dict[str, Any]]) -> None:
+        super().__init__()
+        self.classes = [dict(c) for c in classes]
+        self.patch_size = int(cfg.MODEL.CLASSIFIER.PATCH_SIZE)
+        norm = cfg.MODEL.BACKBONE.NORM
+        if norm == "GN":
+            norm_layer = functools.partial(nn.GroupNorm, 32)
+        elif norm in ("BN", "SyncBN"):
+            norm_layer = nn.BatchNorm2d
+        else:
+            raise ValueError(f"MODEL.BACKBONE.NORM {norm!r}: the patch classifier is trained from "
+                             "scratch with BN or GN")
+        ctor = getattr(torchvision.models, cfg.MODEL.BACKBONE.NAME)
+        self.net = ctor(weights=None, num_classes=len(self.classes) + 1, norm_layer=norm_layer)
+        self.register_buffer("pixel_mean", torch.tensor(list(cfg.MODEL.PIXEL_MEAN)).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(list(cfg.MODEL.PIXEL_STD)).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def forward(self, images: Union[Tensor, List[Tensor]],
+                targets: Optional[List[Dict[str, Any]]] = None) -> Any:
+        x = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
+        x = (x - self.pixel_mean) / self.pixel_std
+        logits = self.net(x.contiguous(memory_format=torch.channels_last))
+        if self.training:
+            if targets is None:
+                raise ValueError("PatchClassifier: training needs targets with 'labels'")
+            labels = torch.stack([torch.as_tensor(t["labels"]).reshape(()) for t in targets])
+            return {"loss_cls": F.cross_entropy(logits.float(), labels.to(logits.device))}
+        return logits.float().softmax(dim=1)
+
+
+def build_classifier(cfg: Any, classes: Sequence[Dict[str, Any]]) -> PatchClassifier:
+    return PatchClassifier(cfg, classes).to(memory_format=torch.channels_last)

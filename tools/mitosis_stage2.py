@@ -1,0 +1,5 @@
+import sys
+
+from detector.cli.mitosis_stage2 import main
+
+sys.exit(main())
