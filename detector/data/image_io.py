@@ -121,14 +121,16 @@ WINDOW_READ_MIN_PX = 4096 * 4096
 
 class WindowCache:
     """Reads ``(top, left, size_h, size_w)`` windows of training images, keeping the most recently
-    used files open: a whole-slide file or a large TIFF as a slide reader (only the window is
-    decoded), an ordinary image decoded once and cached (up to ``max_bytes`` of pixels per process).
-    One per DataLoader worker process (it is created lazily in each)."""
+    used files: a whole-slide file or a large TIFF open as a slide reader (only the window is
+    decoded; at most ``max_open`` of them), an ordinary image decoded once and cached (up to
+    ``max_bytes`` of pixels per process). One per DataLoader worker process (it is created
+    lazily in each)."""
 
     def __init__(self, max_bytes: int = 1 << 30, max_open: int = 16) -> None:
         self.max_bytes, self.max_open = int(max_bytes), int(max_open)
         self._items: Dict[str, Any] = {}   # path -> ndarray or slide reader (LRU order)
         self._bytes = 0
+        self._open_readers = 0
 
     def _open(self, path: str) -> Any:
         low = path.lower()
@@ -153,14 +155,17 @@ class WindowCache:
             item = self._open(path)
             if isinstance(item, np.ndarray):
                 self._bytes += item.nbytes
+            else:
+                self._open_readers += 1
         self._items[path] = item
         while len(self._items) > 1 and (self._bytes > self.max_bytes
-                                        or len(self._items) > self.max_open):
+                                        or self._open_readers > self.max_open):
             old_path = next(iter(self._items))
             old = self._items.pop(old_path)
             if isinstance(old, np.ndarray):
                 self._bytes -= old.nbytes
-            elif hasattr(old, "close"):
+            else:
+                self._open_readers -= 1
                 old.close()
         return item
 

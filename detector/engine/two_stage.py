@@ -134,25 +134,52 @@ def mine_negatives(detector: torch.nn.Module, coco_path: str, output: str,
     return stats
 
 
+class CandidateTable:
+    """All candidates of a set of images flattened once, so that an operating point (figures
+    found and false positives at a pair of thresholds) is a few vector operations: the
+    threshold search visits thousands of pairs."""
+
+    def __init__(self, images: Sequence[ImageCandidates]) -> None:
+        det, fig, near, pair_gt, pair_cand = [], [], [], [], []
+        n_cand = n_gt = 0
+        self.area = 0.0
+        for img in images:
+            det.append(img.det_scores)
+            fig.append(img.fig_scores)
+            near.append(_near_truth(img))
+            if len(img.gt) and len(img.centres):
+                hits = cKDTree(img.gt).query_ball_point(img.centres, img.radius_px)
+                for c, gs in enumerate(hits):
+                    for g in gs:
+                        pair_gt.append(n_gt + g)
+                        pair_cand.append(n_cand + c)
+            n_cand += len(img.centres)
+            n_gt += len(img.gt)
+            self.area += img.area_mm2
+        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+        self.det, self.fig = cat(det, np.float64), cat(fig, np.float64)
+        self.near = cat(near, bool)
+        self.pair_gt = np.asarray(pair_gt, np.int64)
+        self.pair_cand = np.asarray(pair_cand, np.int64)
+        self.n_gt = n_gt
+
+    def point(self, t_det: float, t_fig: float) -> Dict[str, float]:
+        keep = (self.det >= t_det) & (self.fig >= t_fig)
+        fp = int((keep & ~self.near).sum())
+        found = np.zeros(self.n_gt, bool)
+        found[self.pair_gt[keep[self.pair_cand]]] = True
+        tp = int(found.sum())
+        return {"t_det": t_det, "t_fig": t_fig, "figures": self.n_gt, "found": tp,
+                "false_positives": fp, "recall": tp / self.n_gt if self.n_gt else float("nan"),
+                "area_mm2": self.area, "fp_per_mm2": fp / self.area if self.area else float("nan")}
+
+
 def operating_point(images: Sequence[ImageCandidates], t_det: float, t_fig: float
                     ) -> Dict[str, float]:
     """Figures found (any kept candidate within the radius), false positives (kept candidates
     near no figure) and FP per mm^2 at detector threshold ``t_det`` and stage-2 threshold
     ``t_fig``."""
-    n_gt = tp = fp = 0
-    area = 0.0
-    for img in images:
-        keep = (img.det_scores >= t_det) & (img.fig_scores >= t_fig)
-        near = _near_truth(img)
-        fp += int((keep & ~near).sum())
-        area += img.area_mm2
-        n_gt += len(img.gt)
-        if len(img.gt) and keep.any():
-            d, _ = cKDTree(img.centres[keep]).query(img.gt, k=1)
-            tp += int((d <= img.radius_px).sum())
-    return {"t_det": t_det, "t_fig": t_fig, "figures": n_gt, "found": tp, "false_positives": fp,
-            "recall": tp / n_gt if n_gt else float("nan"), "area_mm2": area,
-            "fp_per_mm2": fp / area if area else float("nan")}
+    return CandidateTable(images).point(t_det, t_fig)
 
 
 def choose_thresholds(positives: Sequence[ImageCandidates], negatives: Sequence[ImageCandidates],
@@ -164,29 +191,30 @@ def choose_thresholds(positives: Sequence[ImageCandidates], negatives: Sequence[
     t_dets = np.round(np.arange(0.05, 0.951, 0.05), 2)
     figs = np.concatenate([c.fig_scores for c in list(positives) + list(negatives)] + [np.ones(1)])
     t_figs = np.unique(np.round(np.quantile(figs, np.linspace(0, 1, 401)), 4))
+    pos_t, neg_t = CandidateTable(positives), CandidateTable(negatives)
     best = None
     for td in t_dets:
         for tf in t_figs:
-            neg = operating_point(negatives, float(td), float(tf))
+            neg = neg_t.point(float(td), float(tf))
             if neg["fp_per_mm2"] > max_fp_per_mm2:
                 continue
-            pos = operating_point(positives, float(td), float(tf))
+            pos = pos_t.point(float(td), float(tf))
             key = (pos["recall"], -neg["false_positives"], td, tf)
             if best is None or key > best[0]:
                 best = (key, pos, neg)
     if best is None:  # nothing meets the bound: the fewest false positives
         td, tf = float(t_dets[-1]), 1.0
-        return operating_point(positives, td, tf), operating_point(negatives, td, tf)
+        return pos_t.point(td, tf), neg_t.point(td, tf)
     return best[1], best[2]
 
 
 def best_f1_threshold(images: Sequence[ImageCandidates], stage2: bool = False) -> Dict[str, float]:
     """The detector-only (or, with ``stage2``, the stage-2) threshold of best point F1 on
     ``images``, and its operating point: how a one-stage detector's threshold is chosen."""
+    table = CandidateTable(images)
     best = None
     for t in np.round(np.arange(0.05, 0.991, 0.01), 2):
-        op = operating_point(images, 0.0, float(t)) if stage2 else \
-            operating_point(images, float(t), 0.0)
+        op = table.point(0.0, float(t)) if stage2 else table.point(float(t), 0.0)
         tp, fp, n = op["found"], op["false_positives"], op["figures"]
         f1 = 2 * tp / (2 * tp + fp + (n - tp)) if tp else 0.0
         if best is None or f1 > best["f1"]:

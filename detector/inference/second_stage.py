@@ -105,7 +105,7 @@ def predict_two_stage(detector: nn.Module, second: Optional[SecondStage], image:
     second stage: the detector's instances and their scores."""
     from .runner import predict_batch  # the runner imports this module
 
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
     inst = predict_batch(detector, [x], amp)[0]
     if second is None:
         return inst, inst.scores.copy()

@@ -3,8 +3,8 @@
 A detector trained on figure crops circles every dark nucleus of ordinary tissue; a classifier
 that looks at a patch centred on each candidate, trained on the figures against the detector's
 own false positives and on nuclei, tells figures from look-alikes (the two-stage design of the
-MIDOG and TUPAC winners). The network is torchvision's ResNet (``MODEL.BACKBONE.NAME``), from
-scratch. Output index 0 is "look-alike", 1..K the data's categories (mitotic figure, or the
+MIDOG and TUPAC winners). The network is a torchvision classification model
+(``MODEL.CLASSIFIER.NAME``), from scratch. Output index 0 is "look-alike", 1..K the data's categories (mitotic figure, or the
 phases prophase-prometaphase / metaphase / anaphase-telophase / atypical, or normal/atypical).
 
 Input: patches ``[N, 3, P, P]`` float in 0..1 (P = ``MODEL.CLASSIFIER.PATCH_SIZE``), as a tensor
@@ -27,16 +27,20 @@ class PatchClassifier(nn.Module):
         super().__init__()
         self.classes = [dict(c) for c in classes]
         self.patch_size = int(cfg.MODEL.CLASSIFIER.PATCH_SIZE)
-        norm = cfg.MODEL.BACKBONE.NORM
-        if norm == "GN":
-            norm_layer = functools.partial(nn.GroupNorm, 32)
-        elif norm in ("BN", "SyncBN"):
-            norm_layer = nn.BatchNorm2d
-        else:
-            raise ValueError(f"MODEL.BACKBONE.NORM {norm!r}: the patch classifier is trained from "
-                             "scratch with BN or GN")
-        ctor = getattr(torchvision.models, cfg.MODEL.BACKBONE.NAME)
-        self.net = ctor(weights=None, num_classes=len(self.classes) + 1, norm_layer=norm_layer)
+        name = str(cfg.MODEL.CLASSIFIER.NAME)
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"MODEL.CLASSIFIER.NAME {name!r} is not a torchvision classification "
+                             "model (e.g. mobilenet_v3_small, resnet18)")
+        kwargs: Dict[str, Any] = {}
+        if name.startswith("resnet"):
+            norm = cfg.MODEL.BACKBONE.NORM
+            if norm not in ("BN", "SyncBN", "GN"):
+                raise ValueError(f"MODEL.BACKBONE.NORM {norm!r}: the patch classifier is trained "
+                                 "from scratch with BN or GN")
+            kwargs["norm_layer"] = functools.partial(nn.GroupNorm, 32) if norm == "GN" \
+                else nn.BatchNorm2d
+        self.net = torchvision.models.get_model(name, weights=None,
+                                                num_classes=len(self.classes) + 1, **kwargs)
         self.register_buffer("pixel_mean", torch.tensor(list(cfg.MODEL.PIXEL_MEAN)).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(list(cfg.MODEL.PIXEL_STD)).view(1, 3, 1, 1),

@@ -12,7 +12,7 @@
 #   2. stage 1, the detector: configs/mitosis/faster_rcnn_R_18_FPN_tissue_cpu.yaml (25 min cap).
 #   3. one round of hard-negative mining: the detector's detections on the training tissue and
 #      away from the figures of the training crops become "look-alike" objects.
-#   4. stage 2, the patch classifier: configs/mitosis/patch_classifier_R18_cpu.yaml (15 min cap).
+#   4. stage 2, the patch classifier: configs/mitosis/patch_classifier_cpu.yaml (18 min cap).
 #   5. the bundle OUT/mitosis.pth: thresholds chosen on validation (recall on the AMi-Br val
 #      crops, at most MAX_FP false positives per mm² on the 4 validation tiles).
 #   6. evaluation: train_net.py --eval-only on the AMi-Br test crops, and
@@ -66,7 +66,7 @@ say "3. hard-negative mining"
 say "4. stage 2: patch classifier -> $OUT/classifier"
 t0=$(date +%s)
 [ -f "$OUT/classifier/model_final.pth" ] || "$PY" tools/train_net.py --resume \
-    --config-file configs/mitosis/patch_classifier_R18_cpu.yaml \
+    --config-file configs/mitosis/patch_classifier_cpu.yaml \
     DATASETS.TRAIN "[$D/amibr_phase_train.json, $D/monuseg_nuclei_train.json, $D/mined_unlabelled.json, $D/mined_tiles_train.json, $D/mined_amibr_train.json]" \
     DATASETS.TEST "[$D/classifier_val.json]" OUTPUT_DIR "$OUT/classifier"
 t_cls=$(( $(date +%s) - t0 ))

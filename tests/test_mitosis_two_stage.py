@@ -1,0 +1,197 @@
+"""The two-stage mitosis counter: mining, thresholds on validation, the bundle, and stage 2
+re-scoring candidates on a slide (patches read at the right place through level resampling)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from torch import nn
+
+from detector.config.config import get_cfg
+from detector.data.coco import image_entry, new_coco, save_coco
+from detector.data.dataset import CocoInstanceDataset
+from detector.data.patches import read_patch
+from detector.engine.checkpoint import load_checkpoint, save_checkpoint
+from detector.engine.two_stage import (ImageCandidates, choose_thresholds, mine_negatives,
+                                       operating_point, write_bundle)
+from detector.evaluation.classification import classification_metrics
+from detector.inference.runner import InferenceOptions, infer_slide
+from detector.inference.second_stage import SecondStage, second_stage_from_checkpoint
+from detector.modeling.build import build_model
+from detector.structures.instances import Instances
+
+torch.set_num_threads(1)
+FIGURE = [{"id": 1, "name": "mitotic figure"}]
+PHASES = [{"id": 1, "name": "metaphase"}, {"id": 2, "name": "atypical"}]
+
+
+class BlobDetector(nn.Module):
+    """Stage 1 stand-in: every dark square blob (dark and mid-grey alike, as a detector trained
+    on figure crops circles every dark nucleus) becomes a candidate box of 24 px."""
+
+    def forward(self, images, targets=None):
+        from scipy import ndimage as ndi
+
+        out = []
+        for im in images:
+            g = im.float().mean(0).numpy()
+            lab, n = ndi.label(g < 0.6)
+            boxes = []
+            for sl in ndi.find_objects(lab):
+                cy, cx = (sl[0].start + sl[0].stop) / 2, (sl[1].start + sl[1].stop) / 2
+                boxes.append([cx - 12, cy - 12, cx + 12, cy + 12])
+            k = len(boxes)
+            out.append(Instances(g.shape, np.array(boxes, np.float32).reshape(-1, 4),
+                                 np.full(k, 0.9, np.float32), np.ones(k, np.int64)))
+        return out
+
+
+class DarkCentreClassifier(nn.Module):
+    """Stage 2 stand-in: a patch whose central 6 x 6 px are near-black is a figure (class 2,
+    'atypical'), anything else a look-alike; a patch read at the wrong place is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, targets=None):
+        c = x.shape[-1] // 2
+        centre = x[:, :, c - 3:c + 3, c - 3:c + 3].mean(dim=(1, 2, 3))
+        fig = (centre < 0.2).float()
+        return torch.stack([1 - fig, torch.zeros_like(fig), fig], 1) + 0 * self.w
+
+
+def blob_image(h=600, w=800, dark=((100, 120), (400, 300), (700, 500)),
+               grey=((250, 450), (520, 100))):
+    img = np.full((h, w, 3), 225, np.uint8)
+    for x, y in dark:
+        img[y - 8:y + 8, x - 8:x + 8] = 10
+    for x, y in grey:
+        img[y - 8:y + 8, x - 8:x + 8] = 110
+    return img
+
+
+def test_read_patch_mirrors_at_the_border():
+    img = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
+    read = lambda t, l, h, w: img[t:t + h, l:l + w]  # noqa: E731
+    p = read_patch(read, 10, 12, 6.0, 5.0, 4)
+    assert np.array_equal(p, img[3:7, 4:8])
+    p = read_patch(read, 10, 12, 1.0, 1.0, 6)  # near the corner: mirrored, not black
+    assert p.shape == (6, 6, 3) and np.array_equal(p[2:, 2:], img[:4, :4])
+    assert np.array_equal(p[1, 2:], img[1, :4]) and np.array_equal(p[0, 2:], img[2, :4])
+    assert np.array_equal(p[2:, 0], img[:4, 2])
+
+
+def test_classification_metrics_by_hand():
+    labels = np.array([0, 0, 1, 1, 2, 2, 2])
+    probs = np.array([[.9, .1, 0], [.3, .6, .1], [.1, .8, .1], [.2, .1, .7], [0, .1, .9],
+                      [0, .2, .8], [.6, .1, .3]])
+    m = classification_metrics(labels, probs, ["look-alike", "metaphase", "atypical"])
+    assert m["confusion"] == [[1, 1, 0], [0, 1, 1], [1, 0, 2]]
+    assert m["tp"] == 4 and m["fp"] == 1 and m["fn"] == 1
+    # among the 5 true figures: atypical said for [2-class] rows 3, 4, 5, 6? p_atyp > p_norm
+    assert m["atypical_balanced_accuracy"] == pytest.approx((1 / 2 + 3 / 3) / 2)
+
+
+def _cands(gt, centres, det, fig, area=1.0):
+    return ImageCandidates("x", area, 10.0, np.array(centres, float).reshape(-1, 2),
+                           np.array(det, float), np.array(fig, float), np.ones(len(det), int),
+                           np.array(gt, float).reshape(-1, 2), np.ones(len(gt), int))
+
+
+def test_thresholds_are_the_best_pair_under_the_false_positive_bound():
+    pos = [_cands([[50, 50]], [[52, 50], [90, 90]], [0.9, 0.8], [0.95, 0.2]),
+           _cands([[30, 30]], [[30, 33]], [0.35], [0.7]),
+           _cands([[60, 60]], [[61, 60]], [0.6], [0.3])]
+    neg = [_cands([], [[10, 10], [40, 40], [70, 70]], [0.95, 0.5, 0.3], [0.6, 0.4, 0.99],
+                  area=1.0)]
+    p, n = choose_thresholds(pos, neg, max_fp_per_mm2=1.0)
+    # brute force over all pairs (every score is a threshold that changes the outcome)
+    scores = sorted({0.0, *(float(v) for c in pos + neg for v in c.fig_scores)})
+    best = max(((operating_point(pos, td, tf)["recall"],
+                 -operating_point(neg, td, tf)["false_positives"], td, tf)
+                for td in np.round(np.arange(0.05, 0.951, 0.05), 2)
+                for tf in scores
+                if operating_point(neg, td, tf)["fp_per_mm2"] <= 1.0))
+    assert p["recall"] == best[0] and n["false_positives"] == -best[1]
+    assert n["fp_per_mm2"] <= 1.0 and p["recall"] == pytest.approx(2 / 3)
+    assert operating_point(pos, 0.05, 0.0)["recall"] == 1.0  # unbounded, all found
+
+
+def test_mining_writes_only_detections_away_from_figures(tmp_path):
+    img = blob_image()
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "f.png"), img[..., ::-1])
+    coco = new_coco(FIGURE, ".")
+    coco["images"].append(image_entry(1, "f.png", 600, 800, mpp=0.25))
+    coco["annotations"].append({"image_id": 1, "category_id": 1, "bbox": [390, 290, 20, 20],
+                                "area": 400, "iscrowd": 0})
+    save_coco(coco, str(tmp_path / "a.json"))
+    stats = mine_negatives(BlobDetector(), str(tmp_path / "a.json"), str(tmp_path / "m.json"),
+                           score_thresh=0.5, default_mpp=0.25, progress=False)
+    mined = json.loads((tmp_path / "m.json").read_text())
+    centres = sorted((a["bbox"][0] + a["bbox"][2] / 2, a["bbox"][1] + a["bbox"][3] / 2)
+                     for a in mined["annotations"])
+    assert stats["look_alikes"] == 4 and mined["categories"][0]["name"] == "look-alike"
+    assert centres == sorted([(100.0, 120.0), (700.0, 500.0), (250.0, 450.0), (520.0, 100.0)])
+    # the mined file trains as negatives beside the positive set
+    cfg = get_cfg(None, ["MODEL.META_ARCHITECTURE", "PatchClassifier",
+                         "DATASETS.NEGATIVE_CATEGORIES", "[look-alike]"])
+    ds = CocoInstanceDataset([str(tmp_path / "a.json"), str(tmp_path / "m.json")], cfg)
+    assert [len(r["negatives"]) for r in ds.records] == [0, 4]
+
+
+def test_second_stage_rescores_candidates_on_a_resampled_slide(tmp_path):
+    img = blob_image(1200, 1600, dark=((200, 240), (800, 600), (1400, 1000)),
+                     grey=((500, 900), (1040, 200)))
+    path = str(tmp_path / "slide.tif")
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb")
+    # model at 0.5 um/px, slide at 0.25: the slide is analysed at half size
+    second = SecondStage(DarkCentreClassifier(), PHASES, patch_size=16, threshold=0.5,
+                         candidate_threshold=0.5)
+    opts = InferenceOptions(mpp=0.25, num_workers=0, tissue_detection=False, progress=False,
+                            tile_size=256, overlap=48, score_thresh=0.5)
+    s = infer_slide(BlobDetector(), FIGURE, 0.5, path, str(tmp_path / "out"), opts,
+                    second_stage=second)
+    assert s["second_stage"]["candidates"] == 5
+    assert s["second_stage"]["mitotic_figures_before"] == 5
+    assert s["second_stage"]["mitotic_figures_after"] == 3 == s["mitotic_figures"]["total"]
+    assert s["mitotic_figures"]["by_class"] == {"metaphase": 0, "atypical": 3}
+    with open(tmp_path / "out" / "slide" / "detections.csv") as f:
+        rows = f.read().splitlines()
+    assert len(rows) == 4  # header + the 3 dark figures
+
+
+def test_bundle_round_trip_and_cli_threshold(tmp_path, capsys):
+    cfg = get_cfg(None, ["MODEL.META_ARCHITECTURE", "FasterRCNN", "MODEL.BACKBONE.NAME",
+                         "resnet18", "MODEL.BACKBONE.OUT_CHANNELS", "32",
+                         "MODEL.RPN.POST_NMS_TOPK_TEST", "20"])
+    ccfg = get_cfg(None, ["MODEL.META_ARCHITECTURE", "PatchClassifier",
+                          "MODEL.CLASSIFIER.PATCH_SIZE", "32"])
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "det.pth"), build_model(cfg, FIGURE), cfg, FIGURE, 0.5, 10)
+    save_checkpoint(str(tmp_path / "cls.pth"), build_model(ccfg, PHASES), ccfg, PHASES, 0.5, 10)
+    write_bundle(str(tmp_path / "det.pth"), str(tmp_path / "cls.pth"), str(tmp_path / "b.pth"),
+                 0.3, 0.77, {"note": "test"})
+    ckpt = load_checkpoint(str(tmp_path / "b.pth"))  # weights_only
+    assert "optimizer" not in ckpt and ckpt["second_stage"]["threshold"] == 0.77
+    second = second_stage_from_checkpoint(ckpt)
+    assert second.classes == PHASES and second.candidate_threshold == 0.3
+    assert second.patch_size == 32 and not second.model.training
+    assert second_stage_from_checkpoint(load_checkpoint(str(tmp_path / "det.pth"))) is None
+    # the CLI runs both stages from the one file, at the bundle's threshold
+    from detector.cli.infer_tiles import main
+
+    img = blob_image()
+    tifffile.imwrite(str(tmp_path / "s.tif"), img, photometric="rgb")
+    rc = main(["--weights", str(tmp_path / "b.pth"), "--input", str(tmp_path / "s.tif"),
+               "--output", str(tmp_path / "o"), "--mpp", "0.5", "--num-workers", "0", "--quiet",
+               "--device", "cpu"])
+    assert rc == 0
+    s = json.loads((tmp_path / "o" / "s" / "summary.json").read_text())
+    assert s["second_stage"]["threshold"] == 0.77
+    assert s["second_stage"]["candidate_threshold"] == 0.3
+    assert set(s["counts"]) == {"metaphase", "atypical"}
