@@ -279,7 +279,7 @@ def main() -> int:
     args = p.parse_args()
     import torch
 
-    from detector.inference.runner import resolve_device
+    from detector.device import resolve_device
 
     args.device = str(resolve_device(args.device))
     torch.set_num_threads(args.threads)

@@ -19,7 +19,9 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from ..inference.runner import InferenceOptions, resolve_device, run_slides, shard
+from ..errors import DetectorError
+from ..device import resolve_device
+from ..inference.runner import InferenceOptions, run_slides, shard
 from ..inference.slide import SLIDE_EXTS
 
 log = logging.getLogger("detector.infer")
@@ -101,7 +103,6 @@ def expand_inputs(items: List[str]) -> Tuple[List[str], List[str]]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ..engine.checkpoint import CheckpointError
     from ..modeling.build import WeightsError, load_model
 
     slides, missing = expand_inputs(args.input)
@@ -122,10 +123,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.error("--overlap must be >= 0 and < --tile-size (%d), got %d", args.tile_size,
                   args.overlap)
         return 2
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         model, _cfg, classes, model_mpp = load_model(args.weights, str(device))
-    except (CheckpointError, WeightsError, OSError, ValueError, KeyError) as e:
+    except (DetectorError, OSError, ValueError, KeyError) as e:
         log.error("%s", e)
         return 2
     opts = InferenceOptions(

@@ -14,11 +14,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import pycocotools.mask as mask_utils
 
+from ..errors import DetectorError
 from ..fileio import atomic_write
 from ..structures.masks import CropMask, rle_from_json, rle_to_json, trace_polygons
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(ValueError, DetectorError):
     """A COCO file that cannot be used; the message names the file and the problem."""
 
 

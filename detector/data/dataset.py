@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from ..errors import DetectorError
 from .coco import CocoFormatError, annotation_to_mask, load_coco
 from .image_io import read_image
 from torchvision.transforms import v2
@@ -27,7 +28,7 @@ from .transforms import RandomScaleCrop, build_train_transforms, masks_to_boxes_
 logger = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(ValueError, DetectorError):
     """A data set that cannot be trained or evaluated on; the message names the file and fix."""
 
 

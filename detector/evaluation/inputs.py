@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import DetectorError
 from ..data.coco import (CocoFormatError, annotation_to_crop_mask, annotation_to_rle, load_coco,
                         rle_to_json)
 from ..structures.masks import CropMask, mask_areas, mask_boxes
@@ -31,7 +32,7 @@ from ..structures.masks import CropMask, mask_areas, mask_boxes
 MODES = ("auto", "masks", "boxes", "points")
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(ValueError, DetectorError):
     """Ground truth or predictions that cannot be evaluated; the message names the file."""
 
 

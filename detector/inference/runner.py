@@ -37,6 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..device import get_rank, get_world_size
+from ..errors import DetectorError
 from ..structures.instances import Instances
 from . import counting, export
 from .journal import JOURNAL_NAME, Journal
@@ -51,7 +53,7 @@ OUTPUT_FILES = ("summary.json", "detections.geojson", "detections.json", "detect
                 "overlay.png", "density.png")
 
 
-class SlideError(RuntimeError):
+class SlideError(RuntimeError, DetectorError):
     """A slide that cannot be analysed (unreadable, no mpp, ...); the message says why."""
 
 
@@ -186,15 +188,6 @@ class TileDataset(Dataset):
 
 def _collate(batch: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return batch
-
-
-def resolve_device(device: str) -> torch.device:
-    if device in ("auto", "", None):
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device(f"cuda:{local}")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -531,8 +524,8 @@ def shard(slides: Sequence[str], rank: Optional[int] = None, world: Optional[int
           ) -> List[str]:
     """The slides of this process under ``torchrun`` (``RANK``/``WORLD_SIZE``): every
     ``world``-th slide from ``rank``."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world is None else world
     return list(slides[rank::world])
 
 
@@ -552,7 +545,7 @@ def run_slides(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp:
         try:
             infer_slide(model, classes, model_mpp, path, output_dir, opts, weights_name)
             result["done"].append(path)
-        except (SlideError, ValueError, OSError) as e:
+        except (DetectorError, ValueError, OSError) as e:
             log.error("%s", e)
             result["failed"][path] = str(e)
         except Exception as e:  # a model or worker failure on one slide: the others still run

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import cv2
 import numpy as np
 
+from ...errors import DetectorError
 from ...structures.masks import CropMask
 from ..coco import (annotation_parts, annotation_to_crop_mask, annotation_to_rle,
                     new_coco, rle_to_json)
@@ -20,7 +21,7 @@ IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 WSI_EXTS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu")
 
 
-class ConversionError(ValueError):
+class ConversionError(ValueError, DetectorError):
     """Input that cannot be converted. ``str(e)`` is one line: the file, the problem, the fix."""
 
     def __init__(self, path: str, reason: str, fix: str = ""):
