@@ -34,7 +34,7 @@ setup(
         "openslide-bin>=4.0",
     ],
     extras_require={
-        "dev": ["pytest>=7.4"],
+        "dev": ["pytest>=7.4", "shapely>=2.0", "ruff>=0.5", "mypy>=1.10"],
         "bench": ["sahi>=0.11", "psutil>=5.9"],
     },
     entry_points={

@@ -188,17 +188,17 @@ def run_naive(model, classes, mpp, path, args) -> Tuple[float, np.ndarray]:
     reader = open_slide(path)
     W0, H0 = reader.dimensions
     geom = slide_geometry(reader, reader.mpp, mpp)
-    tiles = tile_grid(geom.size[0], geom.size[1], args.tile_size, args.overlap)
-    rows, cols = grid_shape(geom.size[0], geom.size[1], args.tile_size, args.overlap)
+    tiles = tile_grid(geom.size[1], geom.size[0], args.tile_size, args.overlap)
+    rows, cols = grid_shape(geom.size[1], geom.size[0], args.tile_size, args.overlap)
     thumb, tscale = reader.thumbnail(2048)
-    selected = tiles_in_mask(tiles, tissue_mask(thumb), tscale / geom.factor)
+    selected = tiles_in_mask(tiles, tissue_mask(thumb), tscale / geom.level0_per_analysis)
     parts = []
     for i in np.flatnonzero(selected):
         img = torch.from_numpy(read_tile(reader, geom, tiles[i])).permute(2, 0, 1)
         inst = predict_batch(model, [img])[0]
         inst = inst[inst.scores >= args.score_thresh]
         inst = drop_cut(inst, interior_edges(int(i), rows, cols, selected))
-        parts.append(tile_to_slide(inst, tiles[i][:2], geom.factor, (H0, W0)))
+        parts.append(tile_to_slide(inst, tiles[i][:2], geom.level0_per_analysis, (H0, W0)))
     merged = merge_detections(Instances.cat(parts, (H0, W0)))
     return time.perf_counter() - t, merged.boxes
 
@@ -279,7 +279,7 @@ def main() -> int:
     args = p.parse_args()
     import torch
 
-    from detector.inference.runner import resolve_device
+    from detector.device import resolve_device
 
     args.device = str(resolve_device(args.device))
     torch.set_num_threads(args.threads)

@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from .errors import DetectorError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs", "demo")
 CATEGORIES = "1=nucleus,2=mitotic figure"
@@ -92,7 +94,7 @@ def _cmd(tool: str, args: Sequence[str]) -> str:
     return " ".join(["python", f"tools/{tool}.py"] + [shlex.quote(str(a)) for a in args])
 
 
-class DemoError(RuntimeError):
+class DemoError(RuntimeError, DetectorError):
     """A step failed; the message names the step and the command to rerun."""
 
 
@@ -328,6 +330,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DemoError as e:
         print(f"\ndemo: {e}", file=sys.stderr)
         return 1
+    except DetectorError as e:  # a bad --out, an unreadable file, ...
+        return report(e, "\ndemo")
     except OSError as e:
         print(f"\ndemo: {getattr(e, 'filename', '') or ''}: {e.strerror or e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from detector.data.coco import (
     CocoFormatError, annotation_to_mask, bbox_of_mask, encode_mask, image_entry, load_coco,
     mask_annotation, new_coco, save_coco, to_pycocotools)
 from detector.data.image_io import ImageReadError, image_size, read_image
-from detector.structures import Instances, rle_from_json
+from detector.structures import CropMask, Instances, rle_from_json
 
 
 def disc(h, w, cy, cx, r):
@@ -32,7 +32,7 @@ def test_mask_annotation_rle_exact_and_polygon_close():
 
 
 def test_instances_select_cat_and_coco_results():
-    masks = [encode_mask(disc(30, 30, 10, 10, 4)), encode_mask(disc(30, 30, 20, 20, 5))]
+    masks = [CropMask.from_full(disc(30, 30, 10, 10, 4)), CropMask.from_full(disc(30, 30, 20, 20, 5))]
     inst = Instances((30, 30), [[6, 6, 15, 15], [15, 15, 26, 26]], [0.9, 0.4], [1, 2], masks)
     assert len(inst[inst.scores > 0.5]) == 1 and inst[inst.scores > 0.5].labels[0] == 1
     both = Instances.cat([inst, inst[[1]]])

@@ -19,7 +19,8 @@ from detector.data.image_io import read_array
 from detector.evaluation import EvaluationInputError, evaluate, evaluate_coco
 from detector.evaluation import matching
 from detector.evaluation.coco_eval import APResampler, run_cocoeval
-from detector.structures.instances import rle_from_json
+from detector.structures import CropMask, rle_from_json
+from detector.structures.masks import mask_areas
 from tests.conftest import shared_path
 
 DSB_IDS = [
@@ -101,7 +102,8 @@ def test_deleted_duplicated_shifted_give_exact_counts(dsb_gt_path):
     xyxy = lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]]  # noqa: E731
     _, _, ious = matching.iou_pairs(
         np.array([xyxy(moved["bbox"])]), np.array([xyxy(a["bbox"]) for a in anns]),
-        [rle_from_json(moved["segmentation"])], [rle_from_json(a["segmentation"]) for a in anns])
+        [CropMask.from_coco_rle(rle_from_json(moved["segmentation"]))],
+        [CropMask.from_coco_rle(rle_from_json(a["segmentation"])) for a in anns])
     assert ious.max(initial=0) <= 0.5
     ev = evaluate(gt, res)
     n = len(gt["annotations"])
@@ -602,4 +604,4 @@ def test_rle_areas_of_more_than_255_masks():
         m[: 1 + k % 30, : 1 + (k // 30) % 30] = True
         rles.append(rle_from_json(encode_mask(m)))
     expect = [(1 + k % 30) * (1 + (k // 30) % 30) for k in range(600)]
-    np.testing.assert_array_equal(matching.rle_areas(rles), expect)
+    np.testing.assert_array_equal(mask_areas([CropMask.from_coco_rle(r) for r in rles]), expect)

@@ -14,9 +14,9 @@ from scipy.optimize import linear_sum_assignment
 
 from detector.inference import counting
 from detector.inference.journal import JOURNAL_NAME, Journal
-from detector.inference.rle import encode_crop
+from detector.structures import CropMask
 from detector.inference.runner import InferenceOptions, SlideError, infer_slide, run_slides
-from detector.structures.instances import Instances, rle_from_json
+from detector.structures import Instances, rle_from_json
 from tests.conftest import shared_path
 
 torch.set_num_threads(1)
@@ -62,7 +62,7 @@ class ClassicalNucleusDetector(torch.nn.Module):
                 if crop.sum() < self.min_area:
                     continue
                 boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
-                masks.append(encode_crop(crop, sl[1].start, sl[0].start, *fg.shape))
+                masks.append(CropMask.from_crop(crop, sl[1].start, sl[0].start, fg.shape))
             n = len(boxes)
             out.append(Instances(fg.shape, np.array(boxes, np.float32).reshape(-1, 4),
                                  np.linspace(1.0, 0.6, n, dtype=np.float32), np.ones(n, np.int64),
@@ -337,7 +337,7 @@ def test_cli_end_to_end_with_our_checkpoint(tiny_checkpoint, tmp_path, capsys):
         assert (folder / name).is_file(), name
     s = json.loads((folder / "summary.json").read_text())
     assert s["mpp"] == pytest.approx(0.499, abs=1e-3) and s["analysis"]["model_mpp"] == 2.0
-    assert s["analysis"]["scale"] == pytest.approx(0.499 / 2.0, rel=1e-3)
+    assert s["analysis"]["analysis_per_level"] == pytest.approx(0.499 / 2.0, rel=1e-3)
     assert s["mitotic_classes"] == ["mitotic figure"]
     assert s["total_detections"] > 0 and set(s["counts"]) == {"nucleus", "mitotic figure"}
     dets = json.loads((folder / "detections.json").read_text())
@@ -401,7 +401,7 @@ def test_every_architecture_runs_through_the_pipeline(arch, opts, tmp_path):
     model, _, classes, mpp = load_model(ckpt)
     s = infer_slide(model, classes, mpp, str(shared_path(*MONUSEG)), str(tmp_path),
                     _opts(tile_size=128, overlap=32, score_thresh=0.0))
-    assert s["analysis"]["scale"] == 0.25 and s["analysis"]["tiles_total"] == 9  # 250 px: 3 x 3
+    assert s["analysis"]["analysis_per_level"] == 0.25 and s["analysis"]["tiles_total"] == 9  # 250 px: 3 x 3
     folder = tmp_path / "TCGA-2Z-A9J9-01A-01-TS1"
     dets = json.loads((folder / "detections.json").read_text())
     assert len(dets) == s["total_detections"] > 0

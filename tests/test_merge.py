@@ -3,11 +3,29 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 
-from detector.data.coco import encode_mask
 from detector.inference.merge import drop_cut, merge_detections, tile_to_slide
-from detector.inference.rle import (counts_from_string, counts_to_string, decode_crop,
-                                    encode_crop, mask_iou, rle_area, rle_bbox)
-from detector.structures.instances import Instances
+from detector.structures import CropMask, Instances
+from detector.structures.masks import counts_from_string, counts_to_string
+
+
+def encode_crop(crop, x0, y0, H, W):
+    return CropMask.from_crop(crop, x0, y0, (H, W))
+
+
+def decode_crop(m):
+    return m.crop(), m.x0, m.y0
+
+
+def rle_area(m):
+    return m.area
+
+
+def rle_bbox(m):
+    return m.bbox
+
+
+def mask_iou(a, b):
+    return a.iou(b)
 
 
 def test_encode_crop_equals_pycocotools_encode_of_full_raster():
@@ -21,7 +39,7 @@ def test_encode_crop_equals_pycocotools_encode_of_full_raster():
         full[y0:y0 + h, x0:x0 + w] = crop
         ref = mask_utils.encode(np.asfortranarray(full))
         got = encode_crop(crop, x0, y0, H, W)
-        assert got["counts"] == ref["counts"] and got["size"] == [H, W]
+        assert got.to_coco_rle()["counts"] == ref["counts"] and list(got.image_size) == [H, W]
         back, bx, by = decode_crop(got)
         rec = np.zeros((H, W), bool)
         rec[by:by + back.shape[0], bx:bx + back.shape[1]] = back
@@ -31,12 +49,12 @@ def test_encode_crop_equals_pycocotools_encode_of_full_raster():
 
 def test_counts_string_roundtrip_and_clipping():
     counts = [5, 3, 1000000, 2, 7]
-    assert counts_from_string(counts_to_string(counts)) == counts
+    assert counts_from_string(counts_to_string(counts)).tolist() == counts
     # a crop hanging over the image border is clipped, as the raster would be
     crop = np.ones((4, 4), bool)
     full = np.zeros((6, 6), np.uint8)
     full[4:, 4:] = 1
-    assert encode_crop(crop, 4, 4, 6, 6)["counts"] == mask_utils.encode(np.asfortranarray(full))["counts"]
+    assert encode_crop(crop, 4, 4, 6, 6).to_coco_rle()["counts"] == mask_utils.encode(np.asfortranarray(full))["counts"]
 
 
 def test_large_slide_rle_without_raster():
@@ -46,12 +64,12 @@ def test_large_slide_rle_without_raster():
     disk[(yy - 10) ** 2 + (xx - 10) ** 2 <= 100] = True
     a = encode_crop(disk, 30000, 12000, H, W)
     b = encode_crop(disk, 30005, 12000, H, W)
-    assert len(a["counts"]) < 200  # a few runs, not a slide
+    assert len(a.to_coco_rle()["counts"]) < 200  # a few runs, not a slide
     assert rle_bbox(a) == (30000.0, 12000.0, 30021.0, 12021.0)
     assert rle_area(a) == disk.sum()
     # pycocotools reads our slide-sized RLE directly: area, box and IoU agree
-    assert int(mask_utils.area(a)) == disk.sum()
-    assert mask_utils.toBbox(a).tolist() == [30000, 12000, 21, 21]
+    assert int(mask_utils.area(a.to_coco_rle())) == disk.sum()
+    assert mask_utils.toBbox(a.to_coco_rle()).tolist() == [30000, 12000, 21, 21]
     inter = np.logical_and(disk[:, 5:], disk[:, :-5]).sum()
     expected = inter / (2 * disk.sum() - inter)
     assert mask_iou(a, b) == pytest.approx(expected, abs=1e-6)
@@ -76,7 +94,7 @@ def _tile_inst(size, objects, label=1):
         m[y0:y0 + bh, x0:x0 + bw] = 1
         boxes.append([x0, y0, x0 + bw, y0 + bh])
         scores.append(s)
-        masks.append(encode_mask(m))
+        masks.append(CropMask.from_full(m))
     return Instances(size, np.array(boxes, np.float32).reshape(-1, 4), scores, [label] * len(boxes), masks)
 
 
@@ -96,7 +114,7 @@ def test_tile_to_slide_offsets_and_scales_masks():
     assert s.boxes[0].tolist() == [110, 220, 116, 224]
     full = np.zeros((1000, 800), np.uint8)
     full[220:224, 110:116] = 1
-    assert s.masks[0]["counts"] == mask_utils.encode(np.asfortranarray(full))["counts"]
+    assert s.masks[0].to_coco_rle()["counts"] == mask_utils.encode(np.asfortranarray(full))["counts"]
     # analysed at half resolution: level-0 coordinates double, the mask is scaled with them
     s2 = tile_to_slide(inst, (100, 200), 2.0, (2000, 1600))
     assert s2.boxes[0].tolist() == [220, 440, 232, 448]

@@ -63,8 +63,8 @@ def test_eval_returns_instances_in_input_pixels_with_coco_ids_and_rle(mask_model
         assert set(inst.labels.tolist()) <= {3, 7}
         assert inst.boxes[:, 2].max() <= w and inst.boxes[:, 3].max() <= h
         assert len(inst.masks) == len(inst)
-        assert tuple(inst.masks[0]["size"]) == (h, w)
-        assert mask_utils.decode(inst.masks[0]).shape == (h, w)
+        assert tuple(inst.masks[0].image_size) == (h, w)
+        assert mask_utils.decode(inst.masks[0].to_coco_rle()).shape == (h, w)
 
 
 def test_native_resolution_and_scale_factor():

@@ -47,11 +47,11 @@ def test_ndpi_seven_levels_and_level_choice():
     assert r.mpp == pytest.approx(0.228, abs=1e-3)
     # a model trained at ~0.9 um/px reads level 2 (0.913 um/px) without resampling
     geom = slide_geometry(r, r.mpp, 0.9)
-    assert geom.level == 2 and geom.scale == 1.0 and geom.factor == pytest.approx(4.0)
-    assert geom.size == r.level_dimensions[2]
+    assert geom.level == 2 and geom.analysis_per_level == 1.0 and geom.level0_per_analysis == pytest.approx(4.0)
+    assert geom.size == r.level_dimensions[2][::-1]  # (H, W)
     # between levels: the finer level, downsampled
     geom = slide_geometry(r, r.mpp, 1.3)
-    assert geom.level == 2 and geom.scale == pytest.approx(r.mpp * 4 / 1.3)
+    assert geom.level == 2 and geom.analysis_per_level == pytest.approx(r.mpp * 4 / 1.3)
     tile = read_tile(r, geom, (0, 0, 128, 96))
     assert tile.shape == (96, 128, 3)
 
@@ -71,7 +71,7 @@ def test_pyramidal_ome_tiff_levels_regions_and_mpp(tmp_path, he_tile):
                                   img[::2, ::2][400:530, 700:800])
     # model at 0.5 um/px -> level 1
     geom = slide_geometry(r, r.mpp, 0.5)
-    assert (geom.level, geom.scale) == (1, 1.0)
+    assert (geom.level, geom.analysis_per_level) == (1, 1.0)
     np.testing.assert_array_equal(read_tile(r, geom, (10, 20, 74, 84)), img[::2, ::2][20:84, 10:74])
     thumb, scale = r.thumbnail(300)
     assert thumb.shape == (200, 300, 3) and scale == pytest.approx(10.0)

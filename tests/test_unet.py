@@ -158,7 +158,7 @@ def test_eval_forward_returns_instances_for_any_image_size():
         h, w = img.shape[-2:]
         assert inst.image_size == (h, w)
         assert len(inst) >= 1 and inst.masks is not None
-        assert all(tuple(m["size"]) == (h, w) for m in inst.masks)
+        assert all(tuple(m.image_size) == (h, w) for m in inst.masks)
         assert (inst.labels == 5).all()
         assert ((inst.scores >= 0) & (inst.scores <= 1)).all()
         assert (inst.boxes[:, 2] <= w).all() and (inst.boxes[:, 3] <= h).all()
@@ -247,7 +247,7 @@ def test_small_training_loop_learns_nuclei_of_a_real_image():
     with torch.no_grad():
         inst = model([img])[0]
     gt = [mask_utils.encode(np.asfortranarray(x)) for x in m]
-    iou = mask_utils.iou(inst.masks, gt, [0] * len(gt)) if len(inst) else np.zeros((0, len(gt)))
+    iou = mask_utils.iou([x.to_coco_rle() for x in inst.masks], gt, [0] * len(gt)) if len(inst) else np.zeros((0, len(gt)))
     found = int((iou.max(0) >= 0.5).sum()) if len(inst) else 0
     assert found >= 0.5 * len(gt), f"{found} of {len(gt)} nuclei found after 40 steps"
 

@@ -23,11 +23,11 @@ from detector.data.unet_targets import (
     weight_map_naive,
 )
 from detector.modeling.watershed import (
-    crop_mask_to_rle,
     instances_from_probabilities,
     label_map_from_probabilities,
     probabilities_from_classes,
 )
+from detector.structures import CropMask
 from tests.conftest import shared_path
 
 # DSB2018 stage1_train images with many touching nuclei (found by scanning for masks that
@@ -156,16 +156,16 @@ def test_touching_nuclei_are_separated_by_the_watershed_on_real_dsb(image_id):
     inst = instances_from_probabilities(probabilities_from_classes(cls), category_id=7,
                                         min_size=1)
     gt = [mask_utils.encode(np.asfortranarray(m)) for m in masks]
-    iou = mask_utils.iou(inst.masks, gt, [0] * len(gt))
+    iou = mask_utils.iou([m.to_coco_rle() for m in inst.masks], gt, [0] * len(gt))
     rows, cols = linear_sum_assignment(-iou)
     recovered = int((iou[rows, cols] >= 0.5).sum())
     assert recovered >= 0.95 * len(gt), f"{recovered} of {len(gt)} nuclei recovered"
     # the prediction structure Mask R-CNN gives
     assert inst.image_size == lab.shape
     assert (inst.labels == 7).all()
-    assert all(tuple(m["size"]) == lab.shape for m in inst.masks)
+    assert all(tuple(m.image_size) == lab.shape for m in inst.masks)
     # boxes are the masks' boxes (pixel edges)
-    bb = mask_utils.toBbox(inst.masks)
+    bb = mask_utils.toBbox([m.to_coco_rle() for m in inst.masks])
     assert np.allclose(inst.boxes[:, :2], bb[:, :2]) and np.allclose(
         inst.boxes[:, 2:], bb[:, :2] + bb[:, 2:])
 
@@ -196,7 +196,7 @@ def test_watershed_seeds_scores_small_objects_and_seedless_components():
     order = np.argsort(inst.boxes[:, 0])
     a, b = inst[order[0]], inst[order[1]]
     assert a.boxes[0].tolist() == [5, 5, 20, 20]
-    assert mask_utils.area(a.masks[0]) == 15 * 15  # grown back over the boundary ring
+    assert mask_utils.area(a.masks[0].to_coco_rle()) == 15 * 15  # grown back over the boundary ring
     assert a.scores[0] == pytest.approx(0.9)  # mean interior probability over the seed
     assert b.boxes[0].tolist() == [30, 30, 36, 36]
     assert b.scores[0] == pytest.approx(0.5 * 0.8)  # seedless: half the foreground prob.
@@ -220,15 +220,15 @@ def test_smoothing_joins_seed_fragments_of_one_nucleus():
     assert len(joined) == 1 and joined.boxes[0].tolist() == [10, 10, 30, 30]
 
 
-def test_crop_mask_to_rle_equals_pycocotools_encode():
+def test_crop_mask_from_crop_equals_pycocotools_encode():
     rng = np.random.default_rng(0)
     full = np.zeros((37, 41), np.uint8)
     full[5:20, 7:30] = rng.random((15, 23)) > 0.4
     full[5, 29] = 1
-    rle = crop_mask_to_rle(full[5:20, 7:30], 5, 7, 37, 41)
+    rle = CropMask.from_crop(full[5:20, 7:30], 7, 5, (37, 41)).to_coco_rle()
     assert (mask_utils.decode(rle) == full).all()
     assert rle["counts"] == mask_utils.encode(np.asfortranarray(full))["counts"]
-    empty = crop_mask_to_rle(np.zeros((3, 3), bool), 0, 0, 5, 6)
+    empty = CropMask.from_crop(np.zeros((3, 3), bool), 0, 0, (5, 6)).to_coco_rle()
     assert mask_utils.area(empty) == 0
 
 

@@ -23,11 +23,11 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..data.coco import CocoFormatError, save_coco
+from ..data.coco import save_coco
 from ..data.converters import FORMATS, remap_categories, summary_text, to_polygon_format
 from ..data.converters.common import (Conversion, ConversionError, copy_images,
                                       parse_category_spec, to_rle_format)
-from ..data.image_io import ImageReadError
+from ..errors import DetectorError, report
 from ..data.splits import image_groups, kfold_groups, parse_fractions, split_coco, split_groups
 
 
@@ -244,9 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         conv, outputs = convert(args)
-    except (ConversionError, CocoFormatError, ImageReadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except DetectorError as e:  # ConversionError, CocoFormatError, ImageReadError, ...
+        return report(e)
     except OSError as e:  # disk full, permission denied on the output...
         print(f"error: {getattr(e, 'filename', '') or ''}: {e.strerror or e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ import sys
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..data.coco import CocoFormatError
+from ..errors import DetectorError, report
 from ..evaluation.evaluator import Evaluation, evaluate
 from ..evaluation.inputs import (MODES, EvaluationInputError, choose_mode, load_gt,
                                  load_predictions)
@@ -188,9 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (EvaluationInputError, CocoFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except DetectorError as e:  # EvaluationInputError, CocoFormatError, ...
+        return report(e)
     except OSError as e:  # unwritable --out, disk full
         print(f"error: {getattr(e, 'filename', '') or ''}: {e.strerror or e}", file=sys.stderr)
         return 2

@@ -21,7 +21,9 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from ..inference.runner import InferenceOptions, resolve_device, run_slides, shard
+from ..errors import DetectorError
+from ..device import resolve_device
+from ..inference.runner import InferenceOptions, run_slides, shard
 from ..inference.slide import SLIDE_EXTS
 
 log = logging.getLogger("detector.infer")
@@ -107,9 +109,9 @@ def expand_inputs(items: List[str]) -> Tuple[List[str], List[str]]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ..engine.checkpoint import CheckpointError, load_checkpoint
+    from ..engine.checkpoint import load_checkpoint
     from ..inference.second_stage import second_stage_from_checkpoint
-    from ..modeling.build import WeightsError, load_model
+    from ..modeling.build import load_model
 
     slides, missing = expand_inputs(args.input)
     for m in missing:
@@ -129,12 +131,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.error("--overlap must be >= 0 and < --tile-size (%d), got %d", args.tile_size,
                   args.overlap)
         return 2
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         model, _cfg, classes, model_mpp = load_model(args.weights, str(device))
         second = second_stage_from_checkpoint(load_checkpoint(args.weights), str(device))
         nuclei = load_model(args.nuclei_weights, str(device)) if args.nuclei_weights else None
-    except (CheckpointError, WeightsError, OSError, ValueError, KeyError) as e:
+    except (DetectorError, OSError, ValueError, KeyError) as e:
         log.error("%s", e)
         return 2
     if args.score_thresh is None:

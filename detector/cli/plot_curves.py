@@ -6,6 +6,8 @@ import os
 import sys
 from typing import List, Optional
 
+from detector.errors import DetectorError
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(
@@ -29,7 +31,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         drawn = plot_training_curves(runs, args.out)
-    except ValueError as e:
+    except (DetectorError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({', '.join(drawn)})")

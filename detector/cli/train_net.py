@@ -18,9 +18,8 @@ import sys
 from typing import List, Optional
 
 from ..config.config import ConfigError, get_cfg
-from ..data.coco import CocoFormatError
-from ..data.dataset import DatasetError
-from ..data.image_io import ImageReadError
+from ..device import get_rank
+from ..errors import DetectorError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +47,7 @@ def _run(cfg, resume: bool) -> None:
     from ..engine.logger import setup_logging
     from ..engine.trainer import Trainer
 
-    rank = int(os.environ.get("RANK", 0))
+    rank = get_rank()
     setup_logging(cfg.OUTPUT_DIR, rank)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         # in a worker process: report user errors cleanly instead of a traceback per rank
@@ -64,12 +63,7 @@ def _run(cfg, resume: bool) -> None:
 
 def _user_errors() -> tuple:
     """Errors whose message tells the user what to fix (printed without a traceback)."""
-    from ..engine.checkpoint import CheckpointError
-    from ..engine.trainer import TrainingError
-    from ..modeling.build import WeightsError
-
-    return (ConfigError, CocoFormatError, DatasetError, ImageReadError, FileNotFoundError,
-            CheckpointError, TrainingError, WeightsError)
+    return (DetectorError, FileNotFoundError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

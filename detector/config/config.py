@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..errors import DetectorError
 from .defaults import Config
 
 BASE_KEY = "_BASE_"
@@ -33,7 +34,7 @@ CHOICES: Dict[str, Sequence[str]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, DetectorError):
     """A config file or override that does not fit the schema."""
 
 

@@ -20,6 +20,7 @@ from torchvision import tv_tensors
 
 from torchvision.transforms import v2
 
+from ..errors import DetectorError
 from .coco import CocoFormatError, annotation_to_mask, load_coco
 from .image_io import WindowCache, tissue_fraction
 
@@ -28,7 +29,7 @@ from .transforms import RandomScaleCrop, build_train_transforms, masks_to_boxes_
 logger = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(ValueError, DetectorError):
     """A data set that cannot be trained or evaluated on; the message names the file and fix."""
 
 

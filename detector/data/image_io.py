@@ -11,10 +11,12 @@ from typing import Any, Dict, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import DetectorError
+
 TIFF_EXTS = (".tif", ".tiff")
 
 
-class ImageReadError(OSError):
+class ImageReadError(OSError, DetectorError):
     """An image or mask file that is missing, corrupt, truncated or of an unusable kind."""
 
     def __init__(self, path: str, reason: str):

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import DetectorError
 from ..fileio import atomic_write
 
 LAST_CHECKPOINT = "last_checkpoint"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, DetectorError):
     """A file that is not one of our checkpoints, or a missing one; the message names it."""
 
 

@@ -14,20 +14,10 @@ import torch
 import torch.distributed as dist
 
 
-def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from ..device import get_local_rank, get_rank, get_world_size, is_main_process
 
-
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def get_local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+__all__ = ["get_local_rank", "get_rank", "get_world_size", "is_main_process", "synchronize",
+           "init_process_group", "launch", "all_reduce_mean"]
 
 
 def synchronize() -> None:

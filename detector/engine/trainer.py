@@ -30,6 +30,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from ..device import DeviceError
+from ..device import resolve_device as _resolve_device
+from ..errors import DetectorError
 from ..config.config import cfg_to_yaml
 from ..data.coco import load_coco
 from ..data.dataset import CocoInstanceDataset, DatasetError, check_classes, collate_list
@@ -47,21 +50,17 @@ from .optim import build_lr_scheduler, build_optimizer
 logger = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RuntimeError, DetectorError):
     """Training cannot go on (non-finite loss, bad setup); the message says why and what to do."""
 
 
 def resolve_device(name: str) -> torch.device:
-    """``MODEL.DEVICE``: "auto" -> CUDA (this process's local rank) when available, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainingError(f"MODEL.DEVICE {name}: CUDA is not available on this machine; "
-                                "use MODEL.DEVICE cpu (or auto)")
-        if name == "cuda":
-            name = f"cuda:{du.get_local_rank()}"
-    return torch.device(name)
+    """``MODEL.DEVICE`` (:func:`detector.device.resolve_device`); a missing GPU is a
+    :class:`TrainingError` that names the key."""
+    try:
+        return _resolve_device(name)
+    except DeviceError as e:
+        raise TrainingError(f"MODEL.DEVICE {name}: {e}") from None
 
 
 def seed_all(seed: int) -> None:

@@ -23,15 +23,16 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-import pycocotools.mask as mask_utils
 
-from ..data.coco import CocoFormatError, annotation_to_rle, load_coco
-from .matching import rle_areas
+from ..errors import DetectorError
+from ..data.coco import (CocoFormatError, annotation_to_crop_mask, annotation_to_rle, load_coco,
+                        rle_to_json)
+from ..structures.masks import CropMask, mask_areas, mask_boxes
 
 MODES = ("auto", "masks", "boxes", "points")
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(ValueError, DetectorError):
     """Ground truth or predictions that cannot be evaluated; the message names the file."""
 
 
@@ -43,14 +44,14 @@ class ImageObjects:
         boxes: ``(N, 4)`` float64 XYXY px.
         labels: ``(N,)`` int64 COCO category ids.
         scores: ``(N,)`` float64 (1.0 for ground truth).
-        rles: N pycocotools RLEs (bytes counts) of the image size, or None (box/point mode).
-        areas: ``(N,)`` float64 mask areas (px) when ``rles`` is given, else box areas.
+        masks: N :class:`CropMask` of the image, or None (box/point mode).
+        areas: ``(N,)`` float64 mask areas (px) when ``masks`` is given, else box areas.
     """
 
     boxes: np.ndarray
     labels: np.ndarray
     scores: np.ndarray
-    rles: Optional[List[Dict[str, Any]]]
+    masks: Optional[List[CropMask]]
     areas: np.ndarray
 
     def __len__(self) -> int:
@@ -58,7 +59,7 @@ class ImageObjects:
 
     def subset(self, idx: np.ndarray) -> "ImageObjects":
         return ImageObjects(self.boxes[idx], self.labels[idx], self.scores[idx],
-                            None if self.rles is None else [self.rles[k] for k in idx],
+                            None if self.masks is None else [self.masks[k] for k in idx],
                             self.areas[idx])
 
     def centres(self) -> np.ndarray:
@@ -203,9 +204,7 @@ def normalize_results(results: Sequence[Dict[str, Any]], gt: Dict[str, Any],
             except Exception as ex:  # malformed RLE/polygon
                 raise EvaluationInputError(f"{source}: entry {n} has an unreadable segmentation "
                                            f"({type(ex).__name__}: {ex})") from None
-            counts = rle["counts"]
-            e["segmentation"] = {"size": [h, w], "counts": counts.decode("ascii")
-                                 if isinstance(counts, bytes) else counts}
+            e["segmentation"] = rle_to_json(rle)
         bbox = r.get("bbox")
         if bbox is None and "point" in r:
             x, y = (float(v) for v in r["point"][:2])
@@ -214,8 +213,9 @@ def normalize_results(results: Sequence[Dict[str, Any]], gt: Dict[str, Any],
             if "segmentation" not in e:
                 raise EvaluationInputError(f"{source}: entry {n} has neither 'bbox' nor "
                                            "'segmentation'")
-            bbox = [float(v) for v in mask_utils.toBbox(
-                annotation_to_rle({"segmentation": e["segmentation"]}, h, w))]
+            m = annotation_to_crop_mask({"segmentation": e["segmentation"]}, h, w)
+            x0, y0, x1, y1 = m.bbox if m is not None else (0.0, 0.0, 0.0, 0.0)
+            bbox = [x0, y0, x1 - x0, y1 - y0]
         if len(bbox) != 4:
             raise EvaluationInputError(f"{source}: entry {n} has bbox {bbox}; expected [x, y, "
                                        "width, height]")
@@ -312,14 +312,13 @@ def objects_of(anns: Sequence[Dict[str, Any]], image: Dict[str, Any], use_masks:
     boxes = np.asarray([_xywh_to_xyxy(a["bbox"]) for a in anns], np.float64).reshape(n, 4)
     labels = np.asarray([a["category_id"] for a in anns], np.int64)
     scores = np.ones(n) if is_gt else np.asarray([a.get("score", 1.0) for a in anns], np.float64)
-    rles = None
+    masks = None
     if use_masks:
-        rles = [annotation_to_rle(a, h, w) for a in anns]
-        areas = rle_areas(rles)
+        masks = [annotation_to_crop_mask(a, h, w) or CropMask.empty((h, w)) for a in anns]
+        areas = mask_areas(masks)
         if n:
-            bb = np.asarray(mask_utils.toBbox(rles), np.float64).reshape(n, 4)
-            boxes = np.concatenate([bb[:, :2], bb[:, :2] + bb[:, 2:]], axis=1)
+            boxes = mask_boxes(masks)
     else:
         wh = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None)
         areas = wh[:, 0] * wh[:, 1]
-    return ImageObjects(boxes, labels, scores, rles, areas)
+    return ImageObjects(boxes, labels, scores, masks, areas)

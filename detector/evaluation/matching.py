@@ -1,21 +1,22 @@
 """One-to-one matching of predicted and true objects: sparse IoU between overlapping boxes,
-mask IoU through ``pycocotools.mask.iou``, and Hungarian assignment.
+mask IoU of :class:`CropMask` pairs (on their crops), and Hungarian assignment.
 
 Pairs are kept sparse, as ``(rows, cols, values)`` arrays with ``rows`` indexing predictions and
 ``cols`` ground-truth objects: a dense IoU matrix of a slide with 10^5 nuclei would not fit in
 memory, and mask IoU is only computed for pairs whose boxes overlap (what makes thousands of
-nuclei fast). Boxes are XYXY pixels; masks are pycocotools RLEs of the image size.
+nuclei fast). Boxes are XYXY pixels; masks are :class:`CropMask` of the image.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-import pycocotools.mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
+
+from ..structures.masks import CropMask
 
 Pairs = Tuple[np.ndarray, np.ndarray, np.ndarray]  # rows (pred idx), cols (gt idx), values
 
@@ -55,14 +56,6 @@ def box_overlap_candidates(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np
     return i[keep], j[keep]
 
 
-def rle_areas(rles: Sequence[dict]) -> np.ndarray:
-    """``(N,)`` pixel areas of pycocotools RLEs. Called in chunks of 255 because
-    ``pycocotools.mask.area`` 2.0.11 overflows a uint8 length on longer lists."""
-    out = [np.asarray(mask_utils.area(list(rles[k:k + 255])), np.float64).reshape(-1)
-           for k in range(0, len(rles), 255)]
-    return np.concatenate(out) if out else np.zeros(0, np.float64)
-
-
 def box_area(boxes: np.ndarray) -> np.ndarray:
     """``(N,)`` areas of ``(N, 4)`` XYXY boxes (negative extents count as 0)."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
@@ -85,36 +78,24 @@ def pair_box_iou(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray) -> 
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def pair_mask_iou(pred_rles: Sequence[dict], gt_rles: Sequence[dict], i: np.ndarray,
+def pair_mask_iou(pred_masks: Sequence[CropMask], gt_masks: Sequence[CropMask], i: np.ndarray,
                   j: np.ndarray) -> np.ndarray:
-    """Mask IoU of the pairs ``(pred_rles[i[k]], gt_rles[j[k]])`` via ``pycocotools.mask.iou``,
-    one call per prediction with all its candidate ground-truth objects."""
-    out = np.zeros(len(i), np.float64)
-    if len(i) == 0:
-        return out
-    order = np.argsort(i, kind="stable")
-    i_s, j_s = i[order], j[order]
-    starts = np.flatnonzero(np.r_[True, i_s[1:] != i_s[:-1]])
-    ends = np.r_[starts[1:], len(i_s)]
-    vals = np.zeros(len(i_s), np.float64)
-    for s, e in zip(starts, ends):
-        g = [gt_rles[k] for k in j_s[s:e]]
-        vals[s:e] = np.asarray(mask_utils.iou([pred_rles[i_s[s]]], g, [0] * len(g))).reshape(-1)
-    out[order] = vals
-    return out
+    """Mask IoU of the pairs ``(pred_masks[i[k]], gt_masks[j[k]])`` (:meth:`CropMask.iou`)."""
+    return np.asarray([pred_masks[a].iou(gt_masks[b]) for a, b in zip(i.tolist(), j.tolist())],
+                      np.float64).reshape(-1)
 
 
 def iou_pairs(pred_boxes: np.ndarray, gt_boxes: np.ndarray,
-              pred_rles: Optional[Sequence[dict]] = None,
-              gt_rles: Optional[Sequence[dict]] = None,
+              pred_masks: Optional[Sequence[CropMask]] = None,
+              gt_masks: Optional[Sequence[CropMask]] = None,
               pred_labels: Optional[np.ndarray] = None,
               gt_labels: Optional[np.ndarray] = None) -> Pairs:
     """Sparse IoU between predictions and ground truth of one image.
 
     Args:
         pred_boxes, gt_boxes: ``(N, 4)`` / ``(M, 4)`` XYXY px.
-        pred_rles, gt_rles: pycocotools RLEs (bytes counts) of the image size; when both are
-            given, mask IoU is used, else box IoU.
+        pred_masks, gt_masks: masks of the image; when both are given, mask IoU is used, else
+            box IoU.
         pred_labels, gt_labels: when both are given, only same-label pairs are kept.
 
     Returns:
@@ -127,8 +108,8 @@ def iou_pairs(pred_boxes: np.ndarray, gt_boxes: np.ndarray,
         i, j = i[same], j[same]
     if len(i) == 0:
         return _empty_pairs()
-    if pred_rles is not None and gt_rles is not None:
-        v = pair_mask_iou(pred_rles, gt_rles, i, j)
+    if pred_masks is not None and gt_masks is not None:
+        v = pair_mask_iou(pred_masks, gt_masks, i, j)
     else:
         v = pair_box_iou(pred_boxes, gt_boxes, i, j)
     keep = v > 0

@@ -140,14 +140,14 @@ def evaluate_image_instances(pred: ImageObjects, gt: ImageObjects, iou_thresh: f
     """Match one image's predictions (masks or boxes) to its ground truth and count.
 
     Args:
-        pred, gt: the image's objects (both with ``rles`` for mask IoU, else box IoU).
+        pred, gt: the image's objects (both with ``masks`` for mask IoU, else box IoU).
         iou_thresh: IoU (strictly) above which a pair can be a TP for precision/recall/F1.
         score_thresh: predictions with a lower score are dropped first.
         sweep: also count TP at every score threshold of :data:`SCORE_GRID`.
     """
-    use_masks = pred.rles is not None and gt.rles is not None
-    rows, cols, ious = iou_pairs(pred.boxes, gt.boxes, pred.rles if use_masks else None,
-                                 gt.rles if use_masks else None, pred.labels, gt.labels)
+    use_masks = pred.masks is not None and gt.masks is not None
+    rows, cols, ious = iou_pairs(pred.boxes, gt.boxes, pred.masks if use_masks else None,
+                                 gt.masks if use_masks else None, pred.labels, gt.labels)
     keep = pred.scores >= score_thresh
     pair_keep = keep[rows]
     n_pred, n_gt = int(keep.sum()), len(gt)

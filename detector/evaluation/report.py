@@ -310,19 +310,12 @@ GREEN, RED, YELLOW = (0, 200, 0), (255, 0, 0), (255, 215, 0)  # RGB
 def _draw_objects(canvas: np.ndarray, objs, idx: np.ndarray, color, mode: str, scale: float,
                   radius_px: float, thickness: int = 2) -> None:
     import cv2
-    import pycocotools.mask as mask_utils
 
     for k in idx:
-        if mode == "masks" and objs.rles is not None:
-            m = mask_utils.decode(objs.rles[k])
-            # contours of the object's box only (tracing the whole image per object is slow)
-            x0, y0 = (max(0, int(v) - 1) for v in objs.boxes[k, :2])
-            x1, y1 = (int(np.ceil(v)) + 1 for v in objs.boxes[k, 2:])
-            contours, _ = cv2.findContours(np.ascontiguousarray(m[y0:y1, x0:x1]),
-                                           cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-            contours = [np.round((c.astype(np.float64) + [x0 + 0.5, y0 + 0.5]) * scale)
-                        .astype(np.int32) for c in contours]
-            cv2.drawContours(canvas, contours, -1, color, thickness, lineType=cv2.LINE_AA)
+        if mode == "masks" and objs.masks is not None:
+            rings = [np.round(np.asarray(ring, np.float64) * scale).astype(np.int32)
+                     for poly in objs.masks[k].polygons() for ring in poly]
+            cv2.polylines(canvas, rings, True, color, thickness, lineType=cv2.LINE_AA)
         elif mode == "points":
             cx, cy = objs.centres()[k] * scale
             cv2.circle(canvas, (int(round(cx)), int(round(cy))), max(3, int(radius_px * scale)),

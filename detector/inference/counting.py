@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..structures.instances import Instances
-from .rle import decode_crop
 
 #: The HPF area used by the WHO / Elston-Ellis grading tables for a 0.55 mm field diameter.
 DEFAULT_HPF_AREA_MM2 = 0.237
@@ -59,18 +58,13 @@ def centroids_and_areas(inst: Instances) -> Tuple[np.ndarray, np.ndarray]:
     n = len(inst)
     if inst.masks is None:
         return inst.centroids().astype(np.float64).reshape(n, 2), inst.areas()
-    cents = np.zeros((n, 2), np.float64)
+    cents = inst.centroids().astype(np.float64).reshape(n, 2)  # box centres of empty masks
     areas = np.zeros(n, np.float64)
-    for i, rle in enumerate(inst.masks):
-        crop, x0, y0 = decode_crop(rle)
-        ys, xs = np.nonzero(crop)
-        if len(xs) == 0:
-            b = inst.boxes[i]
-            cents[i] = ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
-            continue
-        # +0.5: the centre of a pixel, in the pixel-edge coordinates of the boxes
-        cents[i] = (x0 + xs.mean() + 0.5, y0 + ys.mean() + 0.5)
-        areas[i] = len(xs)
+    for i, m in enumerate(inst.masks):
+        c = m.centroid()
+        if c is not None:
+            cents[i] = c
+            areas[i] = m.area
     return cents, areas
 
 

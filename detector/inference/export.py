@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
@@ -15,7 +16,8 @@ import numpy as np
 
 from ..fileio import atomic_write
 from ..structures.instances import Instances
-from .rle import decode_crop
+
+log = logging.getLogger(__name__)
 
 # matplotlib's tab10, as RGB 0..255: class i (by position in the checkpoint's classes) gets
 # colour i; mitotic figures stand out in red.
@@ -42,55 +44,53 @@ def write_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=2)
 
 
-def instance_polygons(inst: Instances, i: int, simplify: bool = True) -> List[List[List[float]]]:
-    """Outer rings of detection ``i`` in level-0 px as closed ``[[x, y], ...]`` lists (pixel
-    corners), from the mask's crop; the box's rectangle for box-only detections."""
+def _box_ring(box: np.ndarray) -> List[List[float]]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def instance_polygons(inst: Instances, i: int) -> List[List[List[float]]]:
+    """Every ring (outer boundaries and holes) of detection ``i`` in level-0 px as closed
+    ``[[x, y], ...]`` lists along pixel corners; the box's rectangle for box-only detections."""
     if inst.masks is None:
-        x0, y0, x1, y1 = (float(v) for v in inst.boxes[i])
-        return [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
-    crop, ox, oy = decode_crop(inst.masks[i])
-    if crop.size == 0:
-        return []
-    # trace on a 2x upsampled crop so that the contour runs along pixel corners
-    up = cv2.resize(crop.astype(np.uint8), (crop.shape[1] * 2, crop.shape[0] * 2),
-                    interpolation=cv2.INTER_NEAREST)
-    up = np.pad(up, 1)
-    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE if simplify else cv2.CHAIN_APPROX_NONE)
-    rings = []
-    for c in contours:
-        c = c.reshape(-1, 2).astype(np.float64)
-        if len(c) < 3:
-            continue
-        # undo the padding; in the 2x crop a left/top boundary pixel is at 2c and a
-        # right/bottom one at 2c+1, so ceil(u/2) is the pixel corner c or c+1
-        pts = np.ceil((c - 1) / 2.0) + (ox, oy)
-        ring = pts.tolist()
-        ring.append(ring[0])
-        rings.append(ring)
-    if not rings:
-        x0, y0, x1, y1 = (float(v) for v in inst.boxes[i])
-        rings = [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
-    return rings
+        return [_box_ring(inst.boxes[i])]
+    return [ring for poly in inst.masks[i].polygons() for ring in poly]
+
+
+def instance_geometry(inst: Instances, i: int) -> Optional[Dict[str, Any]]:
+    """The GeoJSON geometry of detection ``i`` (level-0 px): a Polygon (exterior ring, then
+    holes) per mask, a MultiPolygon when the mask has parts that touch at most at a corner,
+    the box's rectangle for box-only detections; None for an empty mask. Valid for shapely
+    (``is_valid``), and its area is the mask's pixel count (:meth:`CropMask.polygons`)."""
+    if inst.masks is None:
+        return {"type": "Polygon", "coordinates": [_box_ring(inst.boxes[i])]}
+    polys = inst.masks[i].polygons()
+    if not polys:
+        return None
+    if len(polys) == 1:
+        return {"type": "Polygon", "coordinates": polys[0]}
+    return {"type": "MultiPolygon", "coordinates": polys}
 
 
 def write_geojson(path: str, inst: Instances, classes: Sequence[Dict[str, Any]], mpp: float,
                   areas_px: Optional[np.ndarray] = None, mitotic_ids: Sequence[int] = ()) -> None:
     """``detections.geojson``: a FeatureCollection QuPath imports as detections (File > Import
-    objects): a Polygon per mask (MultiPolygon when the mask has several parts) or per box, with
-    ``classification`` {name, color} and ``measurements`` {score, area_um2}."""
+    objects): a Polygon per mask with its holes as interior rings (MultiPolygon when the mask has
+    several parts) or per box, with ``classification`` {name, color} and ``measurements``
+    {score, area_um2}. Every geometry is valid (shapely ``is_valid``); a detection with an empty
+    mask has no feature (the slide run drops such detections before counting)."""
     names = {int(c["id"]): str(c["name"]) for c in classes}
     colours = class_colours(classes, mitotic_ids)
     if areas_px is None:
         areas_px = np.array([0.0] * len(inst))
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write('{"type": "FeatureCollection", "features": [\n')
+        first, skipped = True, 0
         for i in range(len(inst)):
-            rings = instance_polygons(inst, i)
-            if len(rings) == 1:
-                geom = {"type": "Polygon", "coordinates": [rings[0]]}
-            else:
-                geom = {"type": "MultiPolygon", "coordinates": [[r] for r in rings]}
+            geom = instance_geometry(inst, i)
+            if geom is None:  # an empty mask: nothing to draw, no feature
+                skipped += 1
+                continue
             lab = int(inst.labels[i])
             feat = {
                 "type": "Feature",
@@ -104,8 +104,11 @@ def write_geojson(path: str, inst: Instances, classes: Sequence[Dict[str, Any]],
                                      "area_um2": round(float(areas_px[i]) * mpp * mpp, 3)},
                 },
             }
-            f.write(("," if i else "") + json.dumps(feat, separators=(",", ":")) + "\n")
+            f.write(("" if first else ",") + json.dumps(feat, separators=(",", ":")) + "\n")
+            first = False
         f.write("]}\n")
+    if skipped:
+        log.warning("%s: %d detections with an empty mask left out", path, skipped)
 
 
 def write_coco_results(path: str, inst: Instances, image_id: int = 1) -> None:

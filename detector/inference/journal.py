@@ -3,7 +3,7 @@
 Append-only JSON lines, flushed and fsynced after every batch: a header line (the run's
 parameters: a journal from different parameters is not resumed), then one line per batch with
 the finished tile indices, the tiles that failed to decode and the batch's detections in slide
-coordinates (boxes XYXY level-0 px, RLE masks). A killed run loses at most the batch in flight;
+coordinates (boxes XYXY level-0 px, masks as ``CropMask.to_json``). A killed run loses at most the batch in flight;
 a torn last line is ignored. A finished slide has ``summary.json`` and no journal.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from ..structures.instances import Instances, rle_from_json, rle_to_json
+from ..structures.instances import Instances
+from ..structures.masks import CropMask
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Journal:
             "boxes": np.round(inst.boxes.astype(np.float64), 3).tolist(),
             "scores": [float(s) for s in inst.scores],
             "labels": [int(v) for v in inst.labels],
-            "masks": None if inst.masks is None else [rle_to_json(m) for m in inst.masks],
+            "masks": None if inst.masks is None else [m.to_json() for m in inst.masks],
         }
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, separators=(",", ":")) + "\n")
@@ -113,4 +114,4 @@ def _from_record(rec: Dict[str, Any], size: Tuple[int, int]) -> Instances:
     masks = rec.get("masks")
     return Instances(size, np.asarray(rec["boxes"], np.float32).reshape(-1, 4),
                      np.asarray(rec["scores"], np.float32), np.asarray(rec["labels"], np.int64),
-                     None if masks is None else [rle_from_json(m) for m in masks])
+                     None if masks is None else [CropMask.from_json(m) for m in masks])

@@ -3,11 +3,11 @@
 1. In each tile, a detection that touches an interior tile edge (one with an analysed
    neighbour across it) may be cut: it is dropped there and taken from the neighbour, which holds
    it whole as long as ``overlap`` >= the largest object (:func:`drop_cut`).
-2. Detections move to level-0 slide pixels; masks become slide-sized COCO RLE built from the
-   object's crop, never from a slide raster (:func:`tile_to_slide`).
+2. Detections move to level-0 slide pixels; a mask moves by an offset (and is resized with its
+   crop when the analysis grid is resampled), never through a slide raster (:func:`tile_to_slide`).
 3. Objects that lie whole in two overlapping tiles are found twice: torchvision's
    ``batched_nms`` on boxes (per class) removes the duplicates, and for masks a suppression
-   stands only when the two masks' IoU (pycocotools, on the RLEs) confirms it
+   stands only when the two masks' IoU (:meth:`CropMask.iou`, on their crops) confirms it
    (:func:`merge_detections`). NMS runs per spatial cell (with a margin of the largest object)
    so that a slide with a million nuclei is not one O(N^2) NMS.
 """
@@ -15,14 +15,11 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import cv2
 import numpy as np
-import pycocotools.mask as mask_utils
 import torch
 from torchvision.ops import batched_nms, box_iou
 
-from ..structures.instances import Instances, rle_from_json
-from .rle import encode_crop, mask_iou
+from ..structures.instances import Instances
 from .tiling import touches_edges
 
 
@@ -36,45 +33,36 @@ def drop_cut(inst: Instances, edges: Tuple[bool, bool, bool, bool], margin: floa
     return inst[~touches_edges(inst.boxes, w, h, edges, margin)]
 
 
-def tile_to_slide(inst: Instances, origin: Tuple[float, float], factor: float,
+def tile_to_slide(inst: Instances, origin: Tuple[float, float], level0_per_analysis: float,
                   slide_size: Tuple[int, int]) -> Instances:
     """Move one tile's detections to level-0 slide pixels.
 
     Args:
-        inst: detections in tile pixels of the analysis grid (masks: RLE of the tile's size).
+        inst: detections in tile pixels of the analysis grid.
         origin: ``(x0, y0)`` of the tile in analysis pixels.
-        factor: level-0 px per analysis px (1.0 when analysing level 0 at its own mpp).
+        level0_per_analysis: level-0 px per analysis px (1.0 when analysing level 0 at its own
+            mpp).
         slide_size: ``(height, width)`` of level 0.
 
     Returns:
         Instances of image size ``slide_size``: boxes XYXY level-0 px (clipped to the slide),
-        masks slide-sized RLE (the object's crop rescaled by ``factor`` when it is not 1).
+        masks moved by the tile's offset (:meth:`CropMask.translate`), and resized with their
+        crops when ``level0_per_analysis`` is not 1 (:meth:`CropMask.rescale`).
     """
     H, W = int(slide_size[0]), int(slide_size[1])
+    ratio = float(level0_per_analysis)
     ox, oy = float(origin[0]), float(origin[1])
-    boxes = (inst.boxes.astype(np.float64) + np.array([ox, oy, ox, oy])) * factor
+    boxes = (inst.boxes.astype(np.float64) + np.array([ox, oy, ox, oy])) * ratio
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, W)
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, H)
     masks = None
     if inst.masks is not None:
-        masks = []
-        for rle in inst.masks:
-            m = mask_utils.decode(rle_from_json(rle))
-            ys = np.flatnonzero(m.any(1))
-            if ys.size == 0:
-                masks.append(encode_crop(np.zeros((0, 0), bool), 0, 0, H, W))
-                continue
-            xs = np.flatnonzero(m.any(0))
-            crop = m[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
-            cx0, cy0 = xs[0] + ox, ys[0] + oy  # analysis px
-            if factor != 1.0:
-                sx0, sy0 = int(round(cx0 * factor)), int(round(cy0 * factor))
-                sx1 = int(round((cx0 + crop.shape[1]) * factor))
-                sy1 = int(round((cy0 + crop.shape[0]) * factor))
-                crop = cv2.resize(crop.astype(np.uint8), (max(1, sx1 - sx0), max(1, sy1 - sy0)),
-                                  interpolation=cv2.INTER_NEAREST)
-                cx0, cy0 = sx0, sy0
-            masks.append(encode_crop(crop, int(cx0), int(cy0), H, W))
+        ix, iy = int(round(ox)), int(round(oy))
+        if ratio == 1.0:
+            masks = [m.translate(ix, iy, (H, W)) for m in inst.masks]
+        else:
+            big = (int(np.ceil(H / ratio)) + 1, int(np.ceil(W / ratio)) + 1)  # analysis grid
+            masks = [m.translate(ix, iy, big).rescale(ratio, (H, W)) for m in inst.masks]
     return Instances((H, W), boxes.astype(np.float32), inst.scores, inst.labels, masks)
 
 
@@ -134,7 +122,7 @@ def merge_detections(inst: Instances, iou_thresh: float = 0.5, mask_iou_thresh: 
                     if ious[a, b] <= 0:
                         keep[ext[s]] = True
                         continue
-                    if mask_iou(inst.masks[ext[s]], inst.masks[ext[kk[b]]]) < mask_iou_thresh:
+                    if inst.masks[ext[s]].iou(inst.masks[ext[kk[b]]]) < mask_iou_thresh:
                         keep[ext[s]] = True  # boxes overlap but the masks do not: two objects
     idx = np.flatnonzero(keep)
     idx = idx[np.argsort(-inst.scores[idx], kind="stable")]

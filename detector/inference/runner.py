@@ -1,5 +1,20 @@
-"""The per-slide pipeline: read, find tissue, tile, run the model batch by batch with a
-DataLoader reading tiles ahead, merge, count, export.
+"""The per-slide pipeline as named stages with typed hand-offs, each testable alone:
+
+1. :func:`analysis_grid` (slide path, options) -> :class:`AnalysisGrid`: the pyramid level
+   and resampling at the model's training mpp, the tile grid, the tissue/ROI mask, the
+   thumbnail;
+2. :func:`predict_tiles` (model, grid, journal) -> :class:`TilePredictions`: the model batch
+   by batch with a DataLoader reading tiles ahead; each tile's detections moved to level-0
+   slide px and journalled (resume);
+3. :func:`merge_tiles` -> :class:`Candidates`: duplicates from overlapping tiles removed;
+4. (optional) ``candidate_stages``: functions ``(Candidates, AnalysisGrid) -> Candidates``;
+5. :func:`region_filter` -> :class:`Detections`: detections outside the ROI or on glass
+   dropped, centroids and areas computed once;
+5b. (two-stage mitosis bundles) :func:`second_stage_filter` -> :class:`Detections`: the
+   candidates re-scored by the patch classifier from image patches, kept at
+   ``opts.score_thresh``;
+6. :func:`summarize_slide` -> the ``summary.json`` dict;
+7. :func:`export_slide`: GeoJSON, COCO results, CSV, overlay.png, density.png, summary.json.
 
     model, cfg, classes, train_mpp = load_model(ckpt, device)
     summary = infer_slide(model, classes, train_mpp, "slide.svs", "out/", InferenceOptions())
@@ -17,7 +32,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -25,6 +40,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..device import get_rank, get_world_size
+from ..errors import DetectorError
 from ..structures.instances import Instances
 from . import counting, export
 from .journal import JOURNAL_NAME, Journal
@@ -36,14 +53,15 @@ from .tissue import parse_roi, points_in_roi, roi_mask, tissue_mask
 
 log = logging.getLogger(__name__)
 
-#: A nuclei model run beside a mitosis model: (model, classes, training mpp).
-NucleiModel = Tuple[torch.nn.Module, List[Dict[str, Any]], Optional[float]]
-
 OUTPUT_FILES = ("summary.json", "detections.geojson", "detections.json", "detections.csv",
                 "overlay.png", "density.png")
 
 
-class SlideError(RuntimeError):
+#: A nuclei model run beside a mitosis model: (model, classes, training mpp).
+NucleiModel = Tuple[torch.nn.Module, List[Dict[str, Any]], Optional[float]]
+
+
+class SlideError(RuntimeError, DetectorError):
     """A slide that cannot be analysed (unreadable, no mpp, ...); the message says why."""
 
 
@@ -87,13 +105,14 @@ class InferenceOptions:
 # ------------------------------------------------------------------------------- tile reading
 @dataclass
 class SlideGeometry:
-    """Where the analysis grid sits in the slide: tiles are cut from ``level`` and resampled by
-    ``scale`` (analysis px per level px); ``factor`` = level-0 px per analysis px."""
+    """Where the analysis grid sits in the slide: tiles are cut from pyramid ``level`` and
+    resampled by ``analysis_per_level`` (analysis px per level px); ``level0_per_analysis``
+    is level-0 px per analysis px; ``size`` is the analysis grid's ``(height, width)``."""
 
     level: int
-    scale: float
-    factor: float
-    size: Tuple[int, int]  # analysis grid (width, height)
+    analysis_per_level: float
+    level0_per_analysis: float
+    size: Tuple[int, int]  # analysis grid (height, width)
 
 
 def slide_geometry(reader: SlideReader, slide_mpp: float, model_mpp: Optional[float]
@@ -101,22 +120,22 @@ def slide_geometry(reader: SlideReader, slide_mpp: float, model_mpp: Optional[fl
     """Level and resampling that put the slide at the model's training mpp (level 0 as is when
     the checkpoint has no mpp)."""
     if model_mpp is None:
-        level, scale = 0, 1.0
+        level, ratio = 0, 1.0
     else:
         mpps = [slide_mpp * ds for ds in reader.level_downsamples]
-        level, scale = choose_level(mpps, model_mpp)
-    lw, lh = reader.level_dimensions[level]
-    size = (max(1, int(round(lw * scale))), max(1, int(round(lh * scale))))
-    factor = reader.level_downsamples[level] / scale
-    return SlideGeometry(level, scale, factor, size)
+        level, ratio = choose_level(mpps, model_mpp)
+    lw, lh = reader.level_dimensions[level]  # openslide order (width, height)
+    size = (max(1, int(round(lh * ratio))), max(1, int(round(lw * ratio))))
+    level0_per_analysis = reader.level_downsamples[level] / ratio
+    return SlideGeometry(level, ratio, level0_per_analysis, size)
 
 
 def read_tile(reader: SlideReader, geom: SlideGeometry, tile: Tile) -> np.ndarray:
     """``(h, w, 3)`` uint8 RGB of one analysis-grid tile ``(x0, y0, x1, y1)``."""
     x0, y0, x1, y1 = tile
-    if geom.scale == 1.0:
+    if geom.analysis_per_level == 1.0:
         return reader.read_region(geom.level, x0, y0, x1 - x0, y1 - y0)
-    s = geom.scale
+    s = geom.analysis_per_level
     lx0, ly0 = int(math.floor(x0 / s)), int(math.floor(y0 / s))
     lx1, ly1 = int(math.ceil(x1 / s)), int(math.ceil(y1 / s))
     region = reader.read_region(geom.level, lx0, ly0, lx1 - lx0, ly1 - ly0)
@@ -179,15 +198,6 @@ def _collate(batch: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return batch
 
 
-def resolve_device(device: str) -> torch.device:
-    if device in ("auto", "", None):
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device(f"cuda:{local}")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
 def model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -225,24 +235,72 @@ def is_finished(out_dir: str) -> bool:
             and not os.path.exists(os.path.join(out_dir, JOURNAL_NAME)))
 
 
-def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp: Optional[float],
-                slide_path: str, output_dir: str, opts: InferenceOptions,
-                weights_name: str = "", second_stage: Optional[SecondStage] = None,
-                nuclei: Optional[NucleiModel] = None, folder: Optional[str] = None
-                ) -> Dict[str, Any]:
-    """Analyse one slide and write its folder ``output_dir/<slide stem>/``.
+# ------------------------------------------------------------------------------ the stages
+@dataclass
+class AnalysisGrid:
+    """Stage 1's hand-off: what is analysed where. Positions are level-0 px unless named
+    otherwise; sizes ``(height, width)``."""
 
-    Returns the summary (also written to ``summary.json``). Raises :class:`SlideError` when the
-    slide cannot be analysed at all (unreadable, no mpp); tiles that fail to decode are logged,
-    skipped and listed in the summary. With ``second_stage`` (a two-stage mitosis bundle), the
-    detector's candidates above its candidate threshold are re-scored by the patch classifier
-    and ``opts.score_thresh`` applies to the new scores; the classes are then the classifier's
-    (the phases). With ``nuclei`` (a nuclei model run over the same slide and tissue, output in
-    ``<slide>/nuclei/``), the mitotic index is mitotic figures / nuclei found. ``folder``
-    replaces the slide stem as the output folder's name.
-    """
-    t_start = time.time()
-    out_dir = os.path.join(output_dir, folder or slide_stem(slide_path))
+    slide_path: str
+    slide_size: Tuple[int, int]  # level 0 (height, width)
+    mpp: float  # level-0 microns per pixel
+    mpp_source: str  # "file" or "--mpp"
+    model_mpp: Optional[float]
+    level_mpp: float  # mpp of the pyramid level tiles are cut from
+    geometry: SlideGeometry
+    tiles: List[Tile]  # analysis-grid px, XYXY
+    grid_shape: Tuple[int, int]  # tile rows, cols
+    selected: np.ndarray  # (n_tiles,) bool: tiles with tissue (and inside the ROI)
+    thumbnail: np.ndarray  # (h, w, 3) uint8
+    level0_per_thumbnail: float  # level-0 px per thumbnail px
+    region: np.ndarray  # (h, w) bool on the thumbnail: analysed tissue (and ROI)
+    roi: Optional[List[np.ndarray]]  # ROI polygons in level-0 px
+    tissue_area_mm2: float
+
+    @property
+    def selected_indices(self) -> List[int]:
+        return [int(i) for i in np.flatnonzero(self.selected)]
+
+
+@dataclass
+class TilePredictions:
+    """Stage 2's hand-off: every analysed tile's detections in level-0 slide px (one
+    Instances per journalled batch, including batches of earlier runs on resume)."""
+
+    parts: List[Instances]
+    failed: Dict[int, str]  # tile index -> why it could not be read
+    model_seconds: float
+
+
+@dataclass
+class Candidates:
+    """Stage 3's hand-off (and that of any candidate stage): the slide's detections in level-0
+    px without duplicates, before the region filter."""
+
+    instances: Instances
+
+
+@dataclass
+class Detections:
+    """Stage 5's hand-off: the detections that count, with ``(N, 2)`` centroids and ``(N,)``
+    areas (level-0 px; mask centroid and pixel count, or box centre and area)."""
+
+    instances: Instances
+    centroids: np.ndarray
+    areas: np.ndarray
+    outside_tissue: int = 0  # detections dropped for lying on glass
+
+
+#: A stage between merge and region filter, e.g. a second-stage classifier re-scoring the
+#: candidates from image patches (``grid.slide_path`` and ``grid.geometry`` say where to read).
+CandidateStage = Callable[[Candidates, AnalysisGrid], Candidates]
+
+
+def analysis_grid(slide_path: str, model_mpp: Optional[float], opts: InferenceOptions
+                  ) -> AnalysisGrid:
+    """Stage 1: open the slide, choose the level and resampling for the model's mpp, lay the
+    tile grid, find tissue (Otsu on a thumbnail) and the ROI, and select the tiles to analyse.
+    Raises :class:`SlideError` when the slide cannot be read or has no mpp."""
     try:
         reader = open_slide(slide_path)
     except SlideReadError as e:
@@ -252,60 +310,68 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         if slide_mpp is None:
             raise SlideError(f"{slide_path}: the file has no microns-per-pixel metadata; pass "
                              "--mpp (e.g. --mpp 0.25 for a 40x scan, 0.5 for 20x)")
-        mpp_source = "--mpp" if opts.mpp else "file"
         W0, H0 = reader.dimensions
         geom = slide_geometry(reader, slide_mpp, model_mpp)
         if model_mpp is None:
             log.warning("%s: the checkpoint has no training mpp; analysing level 0 as is",
                         slide_path)
-        tiles = tile_grid(geom.size[0], geom.size[1], opts.tile_size, opts.overlap)
-        rows, cols = grid_shape(geom.size[0], geom.size[1], opts.tile_size, opts.overlap)
-        # tissue and ROI on the thumbnail
-        thumb, tscale = reader.thumbnail(opts.thumbnail_size)
+        ah, aw = geom.size
+        tiles = tile_grid(aw, ah, opts.tile_size, opts.overlap)
+        shape = grid_shape(aw, ah, opts.tile_size, opts.overlap)
+        thumb, level0_per_thumb = reader.thumbnail(opts.thumbnail_size)
         roi_polys = parse_roi(opts.roi) if opts.roi else None
-        if opts.tissue_detection:
-            tissue = tissue_mask(thumb)
-        else:
-            tissue = np.ones(thumb.shape[:2], bool)
+        region = tissue_mask(thumb) if opts.tissue_detection else np.ones(thumb.shape[:2], bool)
         if roi_polys is not None:
-            tissue &= roi_mask(roi_polys, thumb.shape[:2], tscale)
-        tissue_area_mm2 = float(tissue.sum()) * (tscale * slide_mpp / 1000.0) ** 2
-        selected = tiles_in_mask(tiles, tissue, tscale / geom.factor)
-    sel_idx = [int(i) for i in np.flatnonzero(selected)]
-    # with a second stage, tiles keep the detector's candidates; opts.score_thresh applies later
-    tile_thresh = second_stage.candidate_threshold if second_stage else opts.score_thresh
+            region &= roi_mask(roi_polys, thumb.shape[:2], level0_per_thumb)
+        tissue_area_mm2 = float(region.sum()) * (level0_per_thumb * slide_mpp / 1000.0) ** 2
+        selected = np.asarray(tiles_in_mask(tiles, region,
+                                            level0_per_thumb / geom.level0_per_analysis), bool)
+        level_mpp = slide_mpp * reader.level_downsamples[geom.level]
+    return AnalysisGrid(os.path.abspath(slide_path), (H0, W0), slide_mpp,
+                        "--mpp" if opts.mpp else "file", model_mpp, level_mpp, geom, tiles,
+                        shape, selected, thumb, level0_per_thumb, region, roi_polys,
+                        tissue_area_mm2)
 
-    header = {"slide": os.path.abspath(slide_path), "weights": weights_name,
-              "slide_size": [H0, W0], "tile_size": opts.tile_size, "overlap": opts.overlap,
-              "score_thresh": tile_thresh, "mpp": slide_mpp, "roi": opts.roi,
-              "level": geom.level, "scale": geom.scale, "tissue": opts.tissue_detection}
-    os.makedirs(out_dir, exist_ok=True)
-    journal = Journal(os.path.join(out_dir, JOURNAL_NAME), header, resume=opts.resume)
+
+def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOptions,
+                  journal: Journal, slide_path: Optional[str] = None) -> TilePredictions:
+    """Stage 2: run the model on the selected tiles that ``journal`` does not hold yet. In
+    each tile, detections below ``opts.score_thresh`` or with an empty mask are dropped, as
+    are those cut by an interior tile edge (:func:`drop_cut`); the rest move to level-0 px
+    (:func:`tile_to_slide`) and are journalled batch by batch."""
+    path = slide_path or grid.slide_path
+    sel_idx = grid.selected_indices
     todo = [i for i in sel_idx if i not in journal.done]
-
-    ds = TileDataset(slide_path, geom, tiles, todo)
+    H0, W0 = grid.slide_size
+    rows, cols = grid.grid_shape
+    ds = TileDataset(path, grid.geometry, grid.tiles, todo)
     on_cuda = model_device(model).type == "cuda"
+    ahead = opts.num_workers > 0 and len(todo) > opts.batch_size
     loader = DataLoader(ds, batch_size=max(1, opts.batch_size), shuffle=False,
                         num_workers=opts.num_workers if len(todo) > opts.batch_size else 0,
                         collate_fn=_collate, pin_memory=on_cuda,
-                        prefetch_factor=2 if opts.num_workers > 0 and len(todo) > opts.batch_size else None)
+                        prefetch_factor=2 if ahead else None)
     bar = tqdm(total=len(sel_idx), initial=len(sel_idx) - len(todo), unit="tile",
-               desc=slide_stem(slide_path), disable=not opts.progress, dynamic_ncols=True)
+               desc=slide_stem(path), disable=not opts.progress, dynamic_ncols=True)
     has_masks: Optional[bool] = None
     t_model = time.time()
     for batch in loader:
         good = [b for b in batch if b["image"] is not None]
         failed = {b["index"]: b["error"] for b in batch if b["image"] is None}
         for k, v in failed.items():
-            log.warning("tile %d of %s skipped: %s", k, slide_path, v)
+            log.warning("tile %d of %s skipped: %s", k, path, v)
         parts: List[Instances] = []
         if good:
             preds = predict_batch(model, [b["image"] for b in good], opts.amp)
             for b, inst in zip(good, preds):
-                inst = inst[inst.scores >= tile_thresh]
-                edges = interior_edges(b["index"], rows, cols, selected)
+                keep = inst.scores >= opts.score_thresh
+                if inst.masks is not None:  # an empty mask is not an object
+                    keep &= np.asarray([not m.is_empty for m in inst.masks], bool)
+                inst = inst[keep]
+                edges = interior_edges(b["index"], rows, cols, grid.selected)
                 inst = drop_cut(inst, edges, opts.edge_margin)
-                parts.append(tile_to_slide(inst, b["tile"][:2], geom.factor, (H0, W0)))
+                parts.append(tile_to_slide(inst, b["tile"][:2],
+                                           grid.geometry.level0_per_analysis, (H0, W0)))
                 if has_masks is None:
                     has_masks = inst.masks is not None
         batch_inst = Instances.cat(parts, (H0, W0)) if parts else _empty((H0, W0), has_masks)
@@ -313,76 +379,186 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         bar.update(len(batch))
     bar.close()
     ds.close()
-    model_seconds = time.time() - t_model
+    return TilePredictions(journal.instances(), dict(journal.failed), time.time() - t_model)
 
-    parts = [p for p in journal.instances() if len(p)]
-    if parts:
-        mask_kinds = {p.masks is not None for p in parts}
-        if len(mask_kinds) > 1:  # an empty batch recorded before the first mask came back
-            parts = [p for p in parts if p.masks is not None]
-        merged = merge_detections(Instances.cat(parts, (H0, W0)), opts.nms_thresh,
-                                  opts.mask_iou_thresh)
-    else:
-        merged = Instances((H0, W0))
-    centroids, areas = counting.centroids_and_areas(merged)
-    if roi_polys is not None and len(merged):
-        inside = points_in_roi(centroids, roi_polys)
-        merged, centroids, areas = merged[inside], centroids[inside], areas[inside]
+
+def merge_tiles(preds: TilePredictions, grid: AnalysisGrid, opts: InferenceOptions
+                ) -> Candidates:
+    """Stage 3: one set of slide detections without the duplicates of overlapping tiles
+    (:func:`merge_detections`)."""
+    parts = [p for p in preds.parts if len(p)]
+    if not parts:
+        return Candidates(Instances(grid.slide_size))
+    if len({p.masks is not None for p in parts}) > 1:  # an empty batch before the first mask
+        parts = [p for p in parts if p.masks is not None]
+    return Candidates(merge_detections(Instances.cat(parts, grid.slide_size), opts.nms_thresh,
+                                       opts.mask_iou_thresh))
+
+
+def region_filter(cands: Candidates, grid: AnalysisGrid, opts: InferenceOptions) -> Detections:
+    """Stage 5: keep detections whose centroid lies in the ROI and, with tissue detection, on
+    tissue (the tissue mask dilated by 2 thumbnail px), so that counts and the tissue area
+    they are divided by come from the same region."""
+    inst = cands.instances
+    centroids, areas = counting.centroids_and_areas(inst)
+    if grid.roi is not None and len(inst):
+        inside = points_in_roi(centroids, grid.roi)
+        inst, centroids, areas = inst[inside], centroids[inside], areas[inside]
     outside_tissue = 0
-    if opts.tissue_detection and len(merged):
-        # counts and the tissue area they are divided by come from the same region: drop
-        # detections on glass (centroid outside the tissue mask, dilated by 2 thumbnail px)
-        grown = cv2.dilate(tissue.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-        tx = np.clip((centroids[:, 0] / tscale).astype(int), 0, grown.shape[1] - 1)
-        ty = np.clip((centroids[:, 1] / tscale).astype(int), 0, grown.shape[0] - 1)
+    if opts.tissue_detection and len(inst):
+        grown = cv2.dilate(grid.region.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        t = grid.level0_per_thumbnail
+        tx = np.clip((centroids[:, 0] / t).astype(int), 0, grown.shape[1] - 1)
+        ty = np.clip((centroids[:, 1] / t).astype(int), 0, grown.shape[0] - 1)
         on = grown[ty, tx]
         outside_tissue = int((~on).sum())
-        merged, centroids, areas = merged[on], centroids[on], areas[on]
+        inst, centroids, areas = inst[on], centroids[on], areas[on]
+    return Detections(inst, centroids, areas, outside_tissue)
 
-    stage2: Optional[Dict[str, Any]] = None
-    if second_stage is not None:
-        with open_slide(slide_path) as reader:
-            H_a, W_a = geom.size[1], geom.size[0]
-            merged, det_scores = second_stage.apply(
-                merged, lambda t, l, h, w: read_tile(reader, geom, (l, t, l + w, t + h)),
-                (H_a, W_a), geom.factor)
-        keep = merged.scores >= opts.score_thresh
-        stage2 = {"candidates": int(len(merged)),
-                  "candidate_threshold": second_stage.candidate_threshold,
-                  "threshold": opts.score_thresh, "kept": int(keep.sum()),
-                  "candidates_per_mm2": len(merged) / tissue_area_mm2 if tissue_area_mm2 else 0.0}
-        merged, centroids, areas = merged[keep], centroids[keep], areas[keep]
-        classes = second_stage.classes
-        mitotic_ids = [int(c["id"]) for c in classes]  # every class of stage 2 is a figure
-    else:
-        mitotic_ids = counting.resolve_class_ids(opts.mitotic_classes, classes)
+
+def second_stage_filter(dets: Detections, grid: AnalysisGrid, second: SecondStage,
+                        opts: InferenceOptions) -> Tuple[Detections, Dict[str, Any]]:
+    """Stage 5b: re-score the candidates that count (after the region filter) with the patch
+    classifier, reading a patch centred on each from the analysis level, and keep those at
+    ``opts.score_thresh``. Returns the kept detections (labels: the classifier's classes) and
+    the ``second_stage`` block of ``summary.json`` (candidates before, figures after)."""
+    geom = grid.geometry
+    with open_slide(grid.slide_path) as reader:
+        inst, _ = second.apply(
+            dets.instances, lambda t, l, h, w: read_tile(reader, geom, (l, t, l + w, t + h)),
+            geom.size, geom.level0_per_analysis)
+    keep = inst.scores >= opts.score_thresh
+    area = grid.tissue_area_mm2
+    info = {"candidates": int(len(inst)), "candidate_threshold": second.candidate_threshold,
+            "candidates_per_mm2": len(inst) / area if area else 0.0,
+            "threshold": opts.score_thresh, "kept": int(keep.sum())}
+    return Detections(inst[keep], dets.centroids[keep], dets.areas[keep],
+                      dets.outside_tissue), info
+
+
+def summarize_slide(dets: Detections, grid: AnalysisGrid, classes: List[Dict[str, Any]],
+                    opts: InferenceOptions, preds: TilePredictions, weights_name: str = "",
+                    seconds: float = 0.0) -> Dict[str, Any]:
+    """Stage 6: the ``summary.json`` dict (slide, analysis parameters, counts, mitotic figures
+    per mm^2 and per 10 HPF, hotspot, mitotic index)."""
+    geom = grid.geometry
+    n_sel = int(grid.selected.sum())
+    mitotic_ids = counting.resolve_class_ids(opts.mitotic_classes, classes)
     summary: Dict[str, Any] = {
-        "slide": os.path.abspath(slide_path),
+        "slide": grid.slide_path,
         "weights": weights_name,
-        "slide_size_px": [W0, H0],
-        "mpp": slide_mpp,
-        "mpp_source": mpp_source,
+        "slide_size": list(grid.slide_size),
+        "mpp": grid.mpp,
+        "mpp_source": grid.mpp_source,
         "analysis": {
-            "model_mpp": model_mpp, "level": geom.level,
-            "level_mpp": slide_mpp * reader.level_downsamples[geom.level],
-            "scale": geom.scale, "level0_px_per_analysis_px": geom.factor,
+            "model_mpp": grid.model_mpp, "level": geom.level,
+            "level_mpp": grid.level_mpp,
+            "analysis_per_level": geom.analysis_per_level,
+            "level0_per_analysis": geom.level0_per_analysis,
             "tile_size": opts.tile_size, "overlap": opts.overlap,
-            "tiles_total": len(tiles), "tiles_analysed": len(sel_idx) - len(journal.failed),
-            "tiles_failed": [{"tile": int(k), "box": list(tiles[int(k)]), "error": v}
-                             for k, v in sorted(journal.failed.items())],
+            "tiles_total": len(grid.tiles), "tiles_analysed": n_sel - len(preds.failed),
+            "tiles_failed": [{"tile": int(k), "box": list(grid.tiles[int(k)]), "error": v}
+                             for k, v in sorted(preds.failed.items())],
             "score_thresh": opts.score_thresh, "roi": opts.roi,
             "tissue_detection": opts.tissue_detection,
-            "detections_outside_tissue_dropped": outside_tissue,
-            "seconds": round(time.time() - t_start, 2),
-            "model_seconds": round(model_seconds, 2),
+            "detections_outside_tissue_dropped": dets.outside_tissue,
+            "seconds": round(seconds, 2),
+            "model_seconds": round(preds.model_seconds, 2),
         },
     }
-    summary.update(counting.summarize(merged, classes, slide_mpp, tissue_area_mm2, mitotic_ids,
-                                      opts.hpf_area, centroids, tissue, tscale))
+    summary.update(counting.summarize(dets.instances, classes, grid.mpp, grid.tissue_area_mm2,
+                                      mitotic_ids, opts.hpf_area, dets.centroids, grid.region,
+                                      grid.level0_per_thumbnail))
     if len(mitotic_ids) > 1:  # phases (or normal / atypical): figures per class
         summary["mitotic_figures"]["by_class"] = {
-            str(c["name"]): int((merged.labels == int(c["id"])).sum()) for c in classes
+            str(c["name"]): int((dets.instances.labels == int(c["id"])).sum()) for c in classes
             if int(c["id"]) in set(mitotic_ids)}
+    return summary
+
+
+def export_slide(out_dir: str, dets: Detections, grid: AnalysisGrid,
+                 classes: List[Dict[str, Any]], opts: InferenceOptions, summary: Dict[str, Any]
+                 ) -> None:
+    """Stage 7: write ``detections.geojson``, ``detections.json``, ``detections.csv``,
+    ``overlay.png``, ``density.png`` and, last, ``summary.json`` into ``out_dir``."""
+    merged, centroids, areas = dets.instances, dets.centroids, dets.areas
+    mpp, thumb, t = grid.mpp, grid.thumbnail, grid.level0_per_thumbnail
+    H0, W0 = grid.slide_size
+    mitotic_ids = counting.resolve_class_ids(opts.mitotic_classes, classes)
+    hs = summary["mitotic_figures"]["hotspot"]
+    export.write_geojson(os.path.join(out_dir, "detections.geojson"), merged, classes, mpp,
+                         areas, mitotic_ids)
+    export.write_coco_results(os.path.join(out_dir, "detections.json"), merged)
+    export.write_csv(os.path.join(out_dir, "detections.csv"), merged, classes, mpp,
+                     centroids, areas)
+    export.write_overlay(os.path.join(out_dir, "overlay.png"), thumb, t, merged, classes,
+                         mitotic_ids, hs, grid.roi, grid.region)
+    is_mit = np.isin(merged.labels, np.asarray(mitotic_ids, np.int64))
+    cell_px = math.sqrt(opts.hpf_area) * 1000.0 / mpp  # one HPF per cell
+    if mitotic_ids:
+        dens, cell = counting.density_grid(centroids[is_mit], (H0, W0), cell_px, mpp)
+        title = "mitotic figures / mm²"
+    else:
+        dens, cell = counting.density_grid(centroids, (H0, W0), cell_px, mpp)
+        title = "detections / mm² (no mitotic class)"
+    export.write_density(os.path.join(out_dir, "density.png"), dens, cell, (H0, W0), thumb,
+                         title, hs if mitotic_ids else None, grid.region, t)
+    export.write_json(os.path.join(out_dir, "summary.json"), summary)
+
+
+def journal_header(grid: AnalysisGrid, opts: InferenceOptions, weights_name: str
+                   ) -> Dict[str, Any]:
+    """The run parameters a resumed journal must share."""
+    return {"slide": grid.slide_path, "weights": weights_name,
+            "slide_size": list(grid.slide_size), "tile_size": opts.tile_size,
+            "overlap": opts.overlap, "score_thresh": opts.score_thresh, "mpp": grid.mpp,
+            "roi": opts.roi, "level": grid.geometry.level,
+            "analysis_per_level": grid.geometry.analysis_per_level,
+            "tissue": opts.tissue_detection}
+
+
+def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp: Optional[float],
+                slide_path: str, output_dir: str, opts: InferenceOptions,
+                weights_name: str = "",
+                candidate_stages: Sequence[CandidateStage] = (),
+                second_stage: Optional[SecondStage] = None,
+                nuclei: Optional[NucleiModel] = None, folder: Optional[str] = None
+                ) -> Dict[str, Any]:
+    """Analyse one slide and write its folder ``output_dir/<slide stem>/`` (or
+    ``output_dir/<folder>/``): the stages above in order, ``candidate_stages`` between merge and
+    region filter.
+
+    With ``second_stage`` (a two-stage mitosis bundle), tiles keep the detector's candidates
+    above its candidate threshold, :func:`second_stage_filter` re-scores them and
+    ``opts.score_thresh`` applies to the new scores; the classes are then the classifier's (the
+    phases), all counted as mitotic figures. With ``nuclei`` (a nuclei model run over the same
+    slide and tissue, its output in ``<slide>/nuclei/``), the mitotic index is mitotic figures /
+    nuclei found.
+
+    Returns the summary (also written to ``summary.json``). Raises :class:`SlideError` when the
+    slide cannot be analysed at all (unreadable, no mpp); tiles that fail to decode are logged,
+    skipped and listed in the summary.
+    """
+    t_start = time.time()
+    out_dir = os.path.join(output_dir, folder or slide_stem(slide_path))
+    grid = analysis_grid(slide_path, model_mpp, opts)
+    os.makedirs(out_dir, exist_ok=True)
+    tile_opts = opts if second_stage is None else \
+        dataclasses.replace(opts, score_thresh=second_stage.candidate_threshold)
+    journal = Journal(os.path.join(out_dir, JOURNAL_NAME),
+                      journal_header(grid, tile_opts, weights_name), resume=opts.resume)
+    preds = predict_tiles(model, grid, tile_opts, journal, slide_path)
+    cands = merge_tiles(preds, grid, opts)
+    for stage in candidate_stages:
+        cands = stage(cands, grid)
+    dets = region_filter(cands, grid, opts)
+    stage2 = None
+    if second_stage is not None:
+        dets, stage2 = second_stage_filter(dets, grid, second_stage, opts)
+        classes = second_stage.classes
+        opts = dataclasses.replace(opts, mitotic_classes=",".join(str(c["id"]) for c in classes))
+    summary = summarize_slide(dets, grid, classes, opts, preds, weights_name,
+                              time.time() - t_start)
     if stage2 is not None:
         stage2["mitotic_figures_before"] = stage2["candidates"]
         stage2["mitotic_figures_after"] = summary["mitotic_figures"]["total"]
@@ -398,27 +574,8 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
                              "tissue_area_mm2": n_sum["tissue_area_mm2"]}
         summary["mitotic_index"] = (summary["mitotic_figures"]["total"] / n_nuclei
                                     if n_nuclei else None)
-    hs = summary["mitotic_figures"]["hotspot"]
-
-    export.write_geojson(os.path.join(out_dir, "detections.geojson"), merged, classes, slide_mpp,
-                         areas, mitotic_ids)
-    export.write_coco_results(os.path.join(out_dir, "detections.json"), merged)
-    export.write_csv(os.path.join(out_dir, "detections.csv"), merged, classes, slide_mpp,
-                     centroids, areas)
-    export.write_overlay(os.path.join(out_dir, "overlay.png"), thumb, tscale, merged, classes,
-                         mitotic_ids, hs, roi_polys, tissue)
-    is_mit = np.isin(merged.labels, np.asarray(mitotic_ids, np.int64))
-    cell_px = math.sqrt(opts.hpf_area) * 1000.0 / slide_mpp  # one HPF per cell
-    if mitotic_ids:
-        dens, cell = counting.density_grid(centroids[is_mit], (H0, W0), cell_px, slide_mpp)
-        title = "mitotic figures / mm²"
-    else:
-        dens, cell = counting.density_grid(centroids, (H0, W0), cell_px, slide_mpp)
-        title = "detections / mm² (no mitotic class)"
-    export.write_density(os.path.join(out_dir, "density.png"), dens, cell, (H0, W0), thumb,
-                         title, hs if mitotic_ids else None, tissue, tscale)
     summary["analysis"]["seconds"] = round(time.time() - t_start, 2)
-    export.write_json(os.path.join(out_dir, "summary.json"), summary)
+    export_slide(out_dir, dets, grid, classes, opts, summary)
     journal.remove()
     return summary
 
@@ -432,8 +589,8 @@ def shard(slides: Sequence[str], rank: Optional[int] = None, world: Optional[int
           ) -> List[str]:
     """The slides of this process under ``torchrun`` (``RANK``/``WORLD_SIZE``): every
     ``world``-th slide from ``rank``."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world is None else world
     return list(slides[rank::world])
 
 
@@ -456,7 +613,7 @@ def run_slides(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp:
             infer_slide(model, classes, model_mpp, path, output_dir, opts, weights_name,
                         second_stage=second_stage, nuclei=nuclei)
             result["done"].append(path)
-        except (SlideError, ValueError, OSError) as e:
+        except (DetectorError, ValueError, OSError) as e:
             log.error("%s", e)
             result["failed"][path] = str(e)
         except Exception as e:  # a model or worker failure on one slide: the others still run

@@ -15,10 +15,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..errors import DetectorError
+
 logger = logging.getLogger(__name__)
 
 
-class WeightsError(RuntimeError):
+class WeightsError(RuntimeError, DetectorError):
     """``MODEL.WEIGHTS`` cannot be used; the message says what to do."""
 
 

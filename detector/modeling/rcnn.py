@@ -17,7 +17,6 @@ import functools
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -27,12 +26,14 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from ..structures.instances import Instances
+from ..structures.masks import CropMask
 
 
 def norm_layers(norm: str, channels: int = 256) -> Tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
@@ -85,6 +86,34 @@ class NativeResolutionTransform(GeneralizedRCNNTransform):
         elif "masks" in target:
             target["masks"] = target["masks"].new_zeros((0, nh, nw))
         return image, target
+
+    def postprocess(self, result: List[Dict[str, Tensor]], image_shapes: List[Tuple[int, int]],
+                    original_image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        """Boxes back to the input image's pixels; Mask R-CNN's ``(N, 1, M, M)`` mask
+        probabilities are left as they are (pasted into their boxes only, by
+        :func:`paste_masks_in_boxes`, never into image-sized rasters)."""
+        if self.training:
+            return result
+        for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
+        return result
+
+
+def paste_masks_in_boxes(probs: Tensor, boxes: Tensor, image_size: Tuple[int, int],
+                         threshold: float = 0.5) -> List[CropMask]:
+    """Mask R-CNN's ``(N, 1, M, M)`` mask probabilities as masks of an ``image_size`` image:
+    torchvision's ``paste_masks_in_image`` (expand by one mask pixel, bilinear resize to the
+    integer box) but each resized only to its box, then thresholded (``> threshold``)."""
+    if len(probs) == 0:
+        return []
+    probs, scale = expand_masks(probs, padding=1)
+    boxes = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
+    out = []
+    for p, (x0, y0, x1, y1) in zip(probs, boxes):
+        w, h = max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)
+        crop = F.interpolate(p[None].float(), size=(h, w), mode="bilinear", align_corners=False)
+        out.append(CropMask.from_crop((crop[0, 0] > threshold).cpu().numpy(), x0, y0, image_size))
+    return out
 
 
 def _resnet_backbone(cfg: Any) -> nn.Module:
@@ -161,15 +190,6 @@ def build_torchvision_rcnn(cfg: Any, num_classes: int) -> nn.Module:
     return model
 
 
-def _encode_masks(masks: np.ndarray, chunk: int = 64) -> List[Dict[str, Any]]:
-    """``(N, H, W)`` bool -> N COCO RLEs (bytes counts), encoded in chunks to bound memory."""
-    out: List[Dict[str, Any]] = []
-    for i in range(0, len(masks), chunk):
-        block = np.asfortranarray(masks[i:i + chunk].transpose(1, 2, 0).astype(np.uint8))
-        out.extend(mask_utils.encode(block))
-    return out
-
-
 class RCNN(nn.Module):
     """A torchvision Mask/Faster R-CNN behind the project's model interface.
 
@@ -178,7 +198,7 @@ class RCNN(nn.Module):
     (``(N, 4)`` XYXY px), ``labels`` (``(N,)`` int64 in 1..K) and, for Mask R-CNN, ``masks``
     (``(N, H, W)`` uint8), and a dict of scalar losses is returned. In eval mode a list of
     :class:`Instances` is returned, one per image, in that image's pixels, with labels mapped
-    to the COCO category ids of ``classes`` and masks (Mask R-CNN) as COCO RLE.
+    to the COCO category ids of ``classes`` and masks (Mask R-CNN) as :class:`CropMask`.
     """
 
     def __init__(self, cfg: Any, classes: List[Dict[str, Any]]) -> None:
@@ -215,8 +235,8 @@ class RCNN(nn.Module):
         labels = self.label_to_id.to(out["labels"].device)[out["labels"]]
         masks = None
         if self.with_masks:
-            m = (out["masks"][:, 0] > self.mask_threshold).cpu().numpy()
-            masks = _encode_masks(m) if len(m) else []
+            masks = paste_masks_in_boxes(out["masks"], out["boxes"], (int(size[0]), int(size[1])),
+                                         self.mask_threshold)
         return Instances(
             image_size=(int(size[0]), int(size[1])),
             boxes=out["boxes"].detach().float().cpu().numpy(),

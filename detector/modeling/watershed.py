@@ -23,14 +23,14 @@ RLE mask, XYXY box (pixel edges), score and label per nucleus, as Mask R-CNN giv
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
-import pycocotools.mask as mask_utils
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from ..structures.instances import Instances
+from ..structures.masks import CropMask
 
 _EIGHT = np.ones((3, 3), bool)
 
@@ -91,36 +91,12 @@ def smooth_probabilities(probs: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack([ndi.gaussian_filter(c, sigma, mode="nearest") for c in probs])
 
 
-def crop_mask_to_rle(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> Dict[str, Any]:
-    """COCO RLE (compressed) of a binary mask given as a crop at ``(y0, x0)`` of an image of
-    ``height x width``. Written here because pycocotools only encodes full-size arrays, and
-    encoding hundreds of full-size masks per image would dominate post-processing time."""
-    # column-major (Fortran) linear indices of the mask's pixels in the full image
-    xs, ys = np.nonzero(np.asarray(crop, bool).T)  # sorted by x, then y: column-major order
-    idx = (xs.astype(np.int64) + x0) * height + (ys.astype(np.int64) + y0)
-    total = int(height) * int(width)
-    if idx.size == 0:
-        counts = [total]
-    else:
-        breaks = np.flatnonzero(np.diff(idx) != 1)
-        starts = np.concatenate([[idx[0]], idx[breaks + 1]])
-        ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
-        counts_arr = np.empty(2 * len(starts) + 1, np.int64)
-        counts_arr[0] = starts[0]
-        counts_arr[1:-1:2] = ends - starts
-        counts_arr[2:-1:2] = starts[1:] - ends[:-1]
-        counts_arr[-1] = total - ends[-1]
-        counts = counts_arr.tolist()
-    return mask_utils.frPyObjects({"counts": counts, "size": [int(height), int(width)]},
-                                  int(height), int(width))
-
-
 def instances_from_label_map(
     labels: np.ndarray,
     scores: np.ndarray,
     category_id: int = 1,
 ) -> Instances:
-    """:class:`Instances` (RLE masks, XYXY boxes at pixel edges) of a label image.
+    """:class:`Instances` (:class:`CropMask` masks, XYXY boxes at pixel edges) of a label image.
 
     Args:
         labels: ``(H, W)`` int, 0 = background, 1..N = instances (ids without pixels skipped).
@@ -130,12 +106,12 @@ def instances_from_label_map(
     h, w = labels.shape
     boxes: List[List[float]] = []
     kept_scores: List[float] = []
-    masks: List[Dict[str, Any]] = []
+    masks: List[CropMask] = []
     for k, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
             continue
         ys, xs = sl
-        masks.append(crop_mask_to_rle(labels[sl] == k, ys.start, xs.start, h, w))
+        masks.append(CropMask.from_crop(labels[sl] == k, xs.start, ys.start, (h, w)))
         boxes.append([xs.start, ys.start, xs.stop, ys.stop])
         kept_scores.append(float(scores[k]))
     return Instances(
@@ -156,7 +132,7 @@ def instances_from_probabilities(
     smooth_sigma: float = 0.0,
 ) -> Instances:
     """Nuclei of a ``(3, H, W)`` probability map (background, interior, boundary) as
-    :class:`Instances` with RLE masks, boxes, scores (see the module docstring) and
+    :class:`Instances` with :class:`CropMask` masks, boxes, scores (see the module docstring) and
     ``category_id`` as label. Scores are computed on the smoothed probabilities."""
     probs = smooth_probabilities(np.asarray(probs, dtype=np.float32), smooth_sigma)
     labels, seeds = label_map_from_probabilities(probs, seed_thresh, fg_thresh, min_size)

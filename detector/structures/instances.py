@@ -1,8 +1,8 @@
 """The one prediction structure of every model (Mask R-CNN, Faster R-CNN, U-Net).
 
 Coordinates are pixels with the origin at the top-left of the image (or of the slide's level 0),
-x to the right and y down. Boxes are XYXY floats. Masks are COCO RLE dicts in the same
-coordinates and image size, or ``None`` for box-only models. Evaluation, merging and export take
+x to the right and y down. Boxes are XYXY floats. Masks are :class:`~.masks.CropMask` (the RLE
+of each object's crop plus its offset, in the same image), or ``None`` for box-only models. Evaluation, merging and export take
 this structure and nothing model-specific.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import pycocotools.mask as mask_utils
+
+from .masks import CropMask, mask_areas, rle_to_json
 
 
 @dataclass
@@ -23,15 +24,15 @@ class Instances:
         boxes: ``(N, 4)`` float32, XYXY in pixels.
         scores: ``(N,)`` float32 confidences in [0, 1].
         labels: ``(N,)`` int64, the COCO category ids of the training data (1-based).
-        masks: list of N COCO RLE dicts (``{"size": [h, w], "counts": bytes|str}``) of size
-            ``image_size``, or ``None`` for box-only models.
+        masks: list of N :class:`CropMask` of images of ``image_size``, or ``None`` for
+            box-only models.
     """
 
     image_size: Tuple[int, int]
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
-    masks: Optional[List[Dict[str, Any]]] = None
+    masks: Optional[List[CropMask]] = None
 
     def __post_init__(self) -> None:
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
@@ -86,9 +87,7 @@ class Instances:
     def areas(self) -> np.ndarray:
         """Mask areas in px when masks exist, else box areas."""
         if self.masks is not None and len(self.masks):
-            # chunks of 255: pycocotools 2.0.11's mask.area overflows a uint8 on longer lists
-            return np.concatenate([np.asarray(mask_utils.area(self.masks[k:k + 255]), np.float64)
-                                   .reshape(-1) for k in range(0, len(self.masks), 255)])
+            return mask_areas(self.masks)
         wh = np.clip(self.boxes[:, 2:] - self.boxes[:, :2], 0, None)
         return (wh[:, 0] * wh[:, 1]).astype(np.float64)
 
@@ -111,24 +110,6 @@ class Instances:
                 "score": float(self.scores[i]),
             }
             if self.masks is not None:
-                r["segmentation"] = rle_to_json(self.masks[i])
+                r["segmentation"] = rle_to_json(self.masks[i].to_coco_rle())
             out.append(r)
         return out
-
-
-def rle_to_json(rle: Dict[str, Any]) -> Dict[str, Any]:
-    """An RLE whose ``counts`` is a str, so that it can be written with json."""
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
-
-
-def rle_from_json(rle: Dict[str, Any]) -> Dict[str, Any]:
-    """The inverse of :func:`rle_to_json` (pycocotools wants bytes or uncompressed lists)."""
-    counts = rle["counts"]
-    if isinstance(counts, list):  # uncompressed RLE
-        return mask_utils.frPyObjects(rle, *rle["size"])
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}

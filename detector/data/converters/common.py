@@ -10,16 +10,18 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_utils
 
-from ..coco import mask_to_polygons, new_coco
+from ...errors import DetectorError
+from ...structures.masks import CropMask
+from ..coco import (annotation_parts, annotation_to_crop_mask, annotation_to_rle,
+                    new_coco, rle_to_json)
 from ..image_io import ImageReadError, read_array
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 WSI_EXTS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu")
 
 
-class ConversionError(ValueError):
+class ConversionError(ValueError, DetectorError):
     """Input that cannot be converted. ``str(e)`` is one line: the file, the problem, the fix."""
 
     def __init__(self, path: str, reason: str, fix: str = ""):
@@ -155,51 +157,17 @@ def image_info(path: str) -> Tuple[int, int, Optional[float]]:
 
 
 # ------------------------------------------------------------------------------ masks
-def encode_masks(masks: np.ndarray, areas: Optional[Sequence[int]] = None
-                 ) -> List[Dict[str, Any]]:
-    """``(H, W, N)`` 0/1 masks (uint8, best Fortran-ordered) to the JSON parts of N COCO
-    annotations: ``{"segmentation": RLE (str counts), "bbox": XYWH px, "area": pixels}``.
-    ``areas`` (pixel counts) may be passed when the caller already knows them."""
-    if masks.shape[-1] == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(masks, dtype=np.uint8))
-    boxes = mask_utils.toBbox(rles)
-    if areas is None:
-        # counted on the masks: pycocotools.mask.area overflows with numpy 2 on some builds
-        areas = np.count_nonzero(masks.reshape(-1, masks.shape[-1], order="F"), axis=0)
-    out = []
-    for rle, box, area in zip(rles, boxes, areas):
-        rle["counts"] = rle["counts"].decode("ascii")
-        out.append({"segmentation": rle, "bbox": [float(v) for v in box], "area": float(area)})
-    return out
-
-
 def pixels_to_annotation(rr: np.ndarray, cc: np.ndarray, height: int, width: int
                          ) -> Dict[str, Any]:
     """The JSON parts of one COCO annotation (RLE, bbox XYWH, area) from the row/column indices
-    of its pixels, in time proportional to the object (not the image): the runs of the
-    column-major pixel order are the uncompressed RLE that pycocotools compresses."""
-    idx = np.unique(cc.astype(np.int64) * height + rr.astype(np.int64))
-    if idx.size == 0:
+    of its pixels, in time proportional to the object (not the image): the of the object's box becomes its :class:`CropMask`."""
+    rr, cc = np.asarray(rr, np.int64), np.asarray(cc, np.int64)
+    if rr.size == 0:
         raise ValueError("empty object")
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([idx[0]], idx[breaks]))
-    ends = np.concatenate((idx[breaks - 1] + 1, [idx[-1] + 1]))
-    counts = np.empty(2 * len(starts) + 1, dtype=np.int64)
-    counts[0] = starts[0]
-    counts[1::2] = ends - starts  # foreground runs
-    counts[2::2][:-1] = starts[1:] - ends[:-1]  # background gaps
-    counts[-1] = height * width - ends[-1]
-    if counts[-1] == 0:  # object ends on the last pixel: no trailing background run
-        counts = counts[:-1]
-    rle = mask_utils.frPyObjects({"size": [int(height), int(width)],
-                                  "counts": counts.tolist()}, height, width)
-    rle["counts"] = rle["counts"].decode("ascii")
-    ys, xs = idx % height, idx // height
-    x0, y0 = int(xs.min()), int(ys.min())
-    return {"segmentation": rle,
-            "bbox": [float(x0), float(y0), float(xs.max() + 1 - x0), float(ys.max() + 1 - y0)],
-            "area": float(idx.size)}
+    x0, y0 = int(cc.min()), int(rr.min())
+    crop = np.zeros((int(rr.max()) - y0 + 1, int(cc.max()) - x0 + 1), bool)
+    crop[rr - y0, cc - x0] = True
+    return annotation_parts(CropMask.from_crop(crop, x0, y0, (height, width)))
 
 
 MASK_BUDGET_BYTES = 64 << 20  # largest (H, W, n) uint8 stack built at once
@@ -212,7 +180,7 @@ def chunk_size(height: int, width: int, budget: int = MASK_BUDGET_BYTES) -> int:
 
 def encode_label_image(label: np.ndarray) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
     """Instance label image ``(H, W)`` ints (0 = background) -> (ids ``(N,)`` sorted, N COCO
-    annotation parts as :func:`encode_masks` gives), in one sort of the foreground pixels: no
+    annotation parts as :func:`~detector.data.coco.encode_masks` gives), in one sort of the foreground pixels: no
     full-image mask per object (2,000 objects on a 1000 x 1000 tile would need 2 GB)."""
     ids = np.unique(label)
     ids = ids[ids != 0]
@@ -231,20 +199,6 @@ def encode_label_image(label: np.ndarray) -> Tuple[np.ndarray, List[Dict[str, An
     return ids, parts
 
 
-def rle_to_polygons(rle: Dict[str, Any]) -> List[List[float]]:
-    """A COCO RLE (str or bytes counts) as pixel-corner polygons, traced on the object's
-    bounding box only."""
-    r = dict(rle)
-    if isinstance(r["counts"], str):
-        r["counts"] = r["counts"].encode("ascii")
-    m = mask_utils.decode(r)
-    x, y, w, h = (int(v) for v in mask_utils.toBbox(r))
-    if w == 0 or h == 0:
-        return []
-    polys = mask_to_polygons(m[y:y + h, x:x + w])
-    return [[v + (x if i % 2 == 0 else y) for i, v in enumerate(p)] for p in polys]
-
-
 def to_rle_format(coco: Dict[str, Any]) -> None:
     """Replace every polygon segmentation by its RLE (in place), with the image's size."""
     sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
@@ -252,18 +206,18 @@ def to_rle_format(coco: Dict[str, Any]) -> None:
         seg = a.get("segmentation")
         if isinstance(seg, list) and seg:
             h, w = sizes[a["image_id"]]
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-            rle["counts"] = rle["counts"].decode("ascii")
-            a["segmentation"] = rle
+            a["segmentation"] = rle_to_json(annotation_to_rle(a, h, w))
 
 
 def to_polygon_format(coco: Dict[str, Any]) -> None:
     """Replace every RLE segmentation by polygons (in place); bbox and area stay those of the
-    exact mask."""
+    exact mask. Outlines are traced on the object's crop only."""
     for a in coco["annotations"]:
         seg = a.get("segmentation")
         if isinstance(seg, dict):
-            a["segmentation"] = rle_to_polygons(seg)
+            m = annotation_to_crop_mask(a, int(seg["size"][0]), int(seg["size"][1]))
+            a["segmentation"] = [[float(v) for pt in poly[0][:-1] for v in pt]
+                                 for poly in m.polygons()] if m is not None else []
 
 
 # ------------------------------------------------------------------------------ categories

@@ -12,11 +12,10 @@ from typing import Any, Dict, List, Optional
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_utils
 
+from ..coco import annotation_to_mask, encode_masks
 from .common import (Conversion, ConversionError, add_image, check_image, chunk_size,
-                     default_workers,
-                     empty_conversion, encode_masks, parallel_map, read_error_reason,
+                     default_workers, empty_conversion, parallel_map, read_error_reason,
                      read_label_array)
 
 DEFAULT_CATEGORY = "nucleus"
@@ -32,10 +31,6 @@ def find_samples(root: str) -> List[str]:
         raise ConversionError(root, "no <id>/images/ folders found", "is this a DSB2018 "
                               "stage1_train folder? for other layouts use --format labels")
     return names
-
-
-def _bytes_rle(rle: Dict[str, Any]) -> Dict[str, Any]:
-    return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
 
 
 def _convert_sample(args) -> Dict[str, Any]:
@@ -106,7 +101,7 @@ def _read_sample(root: str, name: str) -> Dict[str, Any]:
     if total_area > cv2.countNonZero(union):  # rare: count the pixels in more than one mask
         cover = np.zeros((h, w), dtype=np.uint16)
         for part in anns:
-            cover += mask_utils.decode(_bytes_rle(part["segmentation"]))
+            cover += annotation_to_mask(part, h, w).astype(np.uint16)
         overlap_px = int((cover > 1).sum())
     return {"file_name": os.path.join(name, "images", img_name), "height": h, "width": w,
             "anns": anns, "empty": empty, "overlap_px": overlap_px}
