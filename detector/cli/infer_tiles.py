@@ -122,7 +122,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.error("--overlap must be >= 0 and < --tile-size (%d), got %d", args.tile_size,
                   args.overlap)
         return 2
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as e:  # torch.device("gpu")
+        log.error("--device %s: %s; use 'auto', 'cpu' or 'cuda:N'", args.device,
+                  str(e).splitlines()[0])
+        return 2
     try:
         model, _cfg, classes, model_mpp = load_model(args.weights, str(device))
     except (CheckpointError, WeightsError, OSError, ValueError, KeyError) as e:
@@ -149,8 +154,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.info("%d slide(s) for this process (of %d), model %s at %s um/px, classes %s, on %s",
              len(mine), len(slides), os.path.basename(args.weights), model_mpp,
              ", ".join(c["name"] for c in classes), device)
+    from ..config.config import cfg_to_yaml
+    from ..inference.journal import weights_identity
+
     res = run_slides(model, classes, model_mpp, mine, args.output, opts,
-                     os.path.abspath(args.weights))
+                     os.path.abspath(args.weights),
+                     weights_identity(model, classes, model_mpp, cfg_to_yaml(_cfg)))
     print(f"slides: {len(res['done'])} analysed, {len(res['skipped'])} already finished, "
           f"{len(res['failed'])} failed; results in {args.output}")
     for path, msg in res["failed"].items():

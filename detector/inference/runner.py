@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from ..structures.instances import Instances
 from . import counting, export
-from .journal import JOURNAL_NAME, Journal
+from .journal import JOURNAL_NAME, WEIGHTS_KEY, Journal, finished_weights, weights_identity
 from .merge import drop_cut, merge_detections, tile_to_slide
 from .slide import SlideReadError, SlideReader, choose_level, open_slide
-from .tiling import Tile, grid_shape, interior_edges, tile_grid, tiles_in_mask
+from .tiling import (Tile, bounded_tile_size, check_tile_memory, grid_shape, interior_edges,
+                     region_size, tile_grid, tiles_in_mask)
 from .tissue import parse_roi, points_in_roi, roi_mask, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def is_finished(out_dir: str) -> bool:
 
 def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp: Optional[float],
                 slide_path: str, output_dir: str, opts: InferenceOptions,
-                weights_name: str = "") -> Dict[str, Any]:
+                weights_name: str = "", weights_id: Optional[str] = None) -> Dict[str, Any]:
     """Analyse one slide and write its folder ``output_dir/<slide stem>/``.
 
     Returns the summary (also written to ``summary.json``). Raises :class:`SlideError` when the
@@ -246,11 +247,19 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         if model_mpp is None:
             log.warning("%s: the checkpoint has no training mpp; analysing level 0 as is",
                         slide_path)
-        tiles = tile_grid(geom.size[0], geom.size[1], opts.tile_size, opts.overlap)
-        rows, cols = grid_shape(geom.size[0], geom.size[1], opts.tile_size, opts.overlap)
+        roi_polys = parse_roi(opts.roi) if opts.roi else None
+        # tiles no larger than the region, and memory checked before any tile is read
+        tile_size = bounded_tile_size(opts.tile_size, region_size(geom.size[::-1], roi_polys,
+                                                                  geom.factor))
+        overlap = min(opts.overlap, tile_size - 1)
+        try:
+            check_tile_memory(tile_size, opts.batch_size, opts.num_workers, 1.0 / geom.scale)
+        except ValueError as e:
+            raise SlideError(f"{slide_path}: {e}") from None
+        tiles = tile_grid(geom.size[0], geom.size[1], tile_size, overlap)
+        rows, cols = grid_shape(geom.size[0], geom.size[1], tile_size, overlap)
         # tissue and ROI on the thumbnail
         thumb, tscale = reader.thumbnail(opts.thumbnail_size)
-        roi_polys = parse_roi(opts.roi) if opts.roi else None
         if opts.tissue_detection:
             tissue = tissue_mask(thumb)
         else:
@@ -261,8 +270,9 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         selected = tiles_in_mask(tiles, tissue, tscale / geom.factor)
     sel_idx = [int(i) for i in np.flatnonzero(selected)]
 
-    header = {"slide": os.path.abspath(slide_path), "weights": weights_name,
-              "slide_size": [H0, W0], "tile_size": opts.tile_size, "overlap": opts.overlap,
+    weights_id = weights_id or weights_identity(model, classes, model_mpp)
+    header = {"slide": os.path.abspath(slide_path), WEIGHTS_KEY: weights_id,
+              "slide_size": [H0, W0], "tile_size": tile_size, "overlap": overlap,
               "score_thresh": opts.score_thresh, "mpp": slide_mpp, "roi": opts.roi,
               "level": geom.level, "scale": geom.scale, "tissue": opts.tissue_detection}
     os.makedirs(out_dir, exist_ok=True)
@@ -328,7 +338,7 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
     mitotic_ids = counting.resolve_class_ids(opts.mitotic_classes, classes)
     summary: Dict[str, Any] = {
         "slide": os.path.abspath(slide_path),
-        "weights": weights_name,
+        "weights": weights_name, WEIGHTS_KEY: weights_id,
         "slide_size_px": [W0, H0],
         "mpp": slide_mpp,
         "mpp_source": mpp_source,
@@ -336,7 +346,7 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
             "model_mpp": model_mpp, "level": geom.level,
             "level_mpp": slide_mpp * reader.level_downsamples[geom.level],
             "scale": geom.scale, "level0_px_per_analysis_px": geom.factor,
-            "tile_size": opts.tile_size, "overlap": opts.overlap,
+            "tile_size": tile_size, "overlap": overlap,
             "tiles_total": len(tiles), "tiles_analysed": len(sel_idx) - len(journal.failed),
             "tiles_failed": [{"tile": int(k), "box": list(tiles[int(k)]), "error": v}
                              for k, v in sorted(journal.failed.items())],
@@ -390,19 +400,24 @@ def shard(slides: Sequence[str], rank: Optional[int] = None, world: Optional[int
 
 def run_slides(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp: Optional[float],
                slides: Sequence[str], output_dir: str, opts: InferenceOptions,
-               weights_name: str = "") -> Dict[str, Any]:
+               weights_name: str = "", weights_id: Optional[str] = None) -> Dict[str, Any]:
     """Analyse ``slides`` one after another; a slide that fails is reported and the others
-    still run. With ``opts.resume`` finished slides are skipped. Returns
+    still run. With ``opts.resume`` slides finished with the same weights are skipped (those
+    of other weights are redone). Returns
     ``{"done": [...], "skipped": [...], "failed": {slide: message}}``."""
     result: Dict[str, Any] = {"done": [], "skipped": [], "failed": {}}
+    weights_id = weights_id or weights_identity(model, classes, model_mpp)
     for path in slides:
         out = os.path.join(output_dir, slide_stem(path))
-        if opts.resume and is_finished(out):
+        if opts.resume and is_finished(out) and finished_weights(out) != weights_id:
+            log.warning("%s: finished before with other weights; analysed again", path)
+        elif opts.resume and is_finished(out):
             log.info("%s: finished before (resume), skipped", path)
             result["skipped"].append(path)
             continue
         try:
-            infer_slide(model, classes, model_mpp, path, output_dir, opts, weights_name)
+            infer_slide(model, classes, model_mpp, path, output_dir, opts, weights_name,
+                        weights_id)
             result["done"].append(path)
         except (SlideError, ValueError, OSError) as e:
             log.error("%s", e)

@@ -9,7 +9,9 @@ object smaller than ``overlap`` always lies whole inside at least one tile.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -100,3 +102,76 @@ def tiles_in_mask(tiles: Sequence[Tile], mask: np.ndarray, scale: float, min_fra
         s = integral[b1, a1] - integral[b0, a1] - integral[b1, a0] + integral[b0, a0]
         keep[i] = s > 0 and s / float((a1 - a0) * (b1 - b0)) > min_fraction
     return keep
+
+
+# ------------------------------------------------------------------------------ memory bounds
+# Peak bytes per analysis px of one tile inside the model (float input, normalised copy,
+# backbone and FPN activations at stride 2-4, masks): an upper estimate for the ResNet-FPN
+# and U-Net models run at native resolution.
+MODEL_BYTES_PER_PX = 400
+# Fraction of the available memory a slide run may plan to use.
+MEMORY_FRACTION = 0.8
+
+
+def bounded_tile_size(tile_size: int, region_size: Tuple[int, int]) -> int:
+    """The tile side actually used: ``tile_size``, but no larger than the region analysed
+    (``(height, width)`` in analysis px: the ROI's bounding box, or the slide), since a
+    larger tile only adds blank pixels and memory."""
+    return max(1, min(int(tile_size), max(int(region_size[0]), int(region_size[1]))))
+
+
+def tile_memory_bytes(tile_size: int, batch_size: int, num_workers: int = 0,
+                      level_per_analysis: float = 1.0) -> int:
+    """Estimated peak memory of a slide run's tiles in flight: one batch inside the model
+    (:data:`MODEL_BYTES_PER_PX`) plus the batches the DataLoader reads ahead (two per worker),
+    each tile read at its pyramid level (``level_per_analysis`` level px per analysis px) as
+    RGB and converted."""
+    px = float(tile_size) ** 2
+    read_px = 3.0 * max(1.0, level_per_analysis) ** 2 + 6.0
+    queued = (2 * max(0, num_workers) + 1) * batch_size
+    return int(batch_size * px * MODEL_BYTES_PER_PX + queued * px * read_px)
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory this machine can still give (``MemAvailable`` of /proc/meminfo), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_tile_memory(tile_size: int, batch_size: int, num_workers: int = 0,
+                      level_per_analysis: float = 1.0, available: Optional[int] = None) -> int:
+    """Raise ValueError, naming the flags to change, when :func:`tile_memory_bytes` exceeds
+    :data:`MEMORY_FRACTION` of the available memory (checked before any tile is read, so that
+    a run fails with a message instead of being killed by the kernel). Returns the estimate."""
+    need = tile_memory_bytes(tile_size, batch_size, num_workers, level_per_analysis)
+    avail = available_memory_bytes() if available is None else available
+    if avail is not None and need > MEMORY_FRACTION * avail:
+        fits = int(math.sqrt(MEMORY_FRACTION * avail / max(1, need) * tile_size ** 2))
+        raise ValueError(
+            f"--tile-size {tile_size} with --batch-size {batch_size} and --num-workers "
+            f"{num_workers} needs about {need / 2 ** 30:.1f} GiB for the tiles in flight, but "
+            f"{avail / 2 ** 30:.1f} GiB of memory is available; use a smaller --tile-size "
+            f"(at most about {max(64, fits // 64 * 64)} here; 512-2048 is usual) or --batch-size")
+    return need
+
+
+def region_size(grid_size: Tuple[int, int], polygons: Optional[Sequence[np.ndarray]] = None,
+                level0_per_analysis: float = 1.0) -> Tuple[int, int]:
+    """``(height, width)`` in analysis px of the region a run analyses: the bounding box of the
+    ROI ``polygons`` (``(K, 2)`` x, y level-0 px each), within the analysis grid of
+    ``grid_size`` ``(height, width)``; the whole grid without polygons."""
+    gh, gw = int(grid_size[0]), int(grid_size[1])
+    if not polygons:
+        return gh, gw
+    pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in polygons])
+    w, h = (pts.max(axis=0) - pts.min(axis=0)) / float(level0_per_analysis)
+    return min(gh, int(math.ceil(h)) + 2), min(gw, int(math.ceil(w)) + 2)
