@@ -253,7 +253,8 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
                                                                   geom.factor))
         overlap = min(opts.overlap, tile_size - 1)
         try:
-            check_tile_memory(tile_size, opts.batch_size, opts.num_workers, 1.0 / geom.scale)
+            check_tile_memory(tile_size, opts.batch_size, opts.num_workers, 1.0 / geom.scale,
+                              gpu_available=_gpu_free(model))
         except ValueError as e:
             raise SlideError(f"{slide_path}: {e}") from None
         tiles = tile_grid(geom.size[0], geom.size[1], tile_size, overlap)
@@ -382,6 +383,11 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
     export.write_json(os.path.join(out_dir, "summary.json"), summary)
     journal.remove()
     return summary
+
+
+def _gpu_free(model: torch.nn.Module) -> Optional[int]:
+    dev = model_device(model)
+    return torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
 
 
 def _empty(size: Tuple[int, int], has_masks: Optional[bool]) -> Instances:

@@ -121,15 +121,16 @@ def bounded_tile_size(tile_size: int, region_size: Tuple[int, int]) -> int:
 
 
 def tile_memory_bytes(tile_size: int, batch_size: int, num_workers: int = 0,
-                      level_per_analysis: float = 1.0) -> int:
-    """Estimated peak memory of a slide run's tiles in flight: one batch inside the model
-    (:data:`MODEL_BYTES_PER_PX`) plus the batches the DataLoader reads ahead (two per worker),
-    each tile read at its pyramid level (``level_per_analysis`` level px per analysis px) as
-    RGB and converted."""
+                      level_per_analysis: float = 1.0) -> Tuple[int, int]:
+    """Estimated peak memory of a slide run's tiles in flight, ``(model, reading)`` bytes: one
+    batch inside the model (:data:`MODEL_BYTES_PER_PX`; on the GPU when the model is there),
+    and the batches the DataLoader reads ahead (two per worker, plus the one in use), each tile
+    read at its pyramid level (``level_per_analysis`` level px per analysis px) as RGB and
+    converted (host memory)."""
     px = float(tile_size) ** 2
     read_px = 3.0 * max(1.0, level_per_analysis) ** 2 + 6.0
     queued = (2 * max(0, num_workers) + 1) * batch_size
-    return int(batch_size * px * MODEL_BYTES_PER_PX + queued * px * read_px)
+    return int(batch_size * px * MODEL_BYTES_PER_PX), int(queued * px * read_px)
 
 
 def available_memory_bytes() -> Optional[int]:
@@ -148,20 +149,27 @@ def available_memory_bytes() -> Optional[int]:
 
 
 def check_tile_memory(tile_size: int, batch_size: int, num_workers: int = 0,
-                      level_per_analysis: float = 1.0, available: Optional[int] = None) -> int:
-    """Raise ValueError, naming the flags to change, when :func:`tile_memory_bytes` exceeds
-    :data:`MEMORY_FRACTION` of the available memory (checked before any tile is read, so that
-    a run fails with a message instead of being killed by the kernel). Returns the estimate."""
-    need = tile_memory_bytes(tile_size, batch_size, num_workers, level_per_analysis)
+                      level_per_analysis: float = 1.0, available: Optional[int] = None,
+                      gpu_available: Optional[int] = None) -> int:
+    """Raise ValueError, naming the flags to change, when the :func:`tile_memory_bytes`
+    estimate exceeds :data:`MEMORY_FRACTION` of the available host memory (or, with
+    ``gpu_available``, the free GPU memory for the model's part). Checked before any tile is
+    read, so that a run stops with a message instead of being killed by the kernel. Returns
+    the estimate in bytes."""
+    model, reading = tile_memory_bytes(tile_size, batch_size, num_workers, level_per_analysis)
+    host = reading if gpu_available is not None else model + reading
     avail = available_memory_bytes() if available is None else available
-    if avail is not None and need > MEMORY_FRACTION * avail:
-        fits = int(math.sqrt(MEMORY_FRACTION * avail / max(1, need) * tile_size ** 2))
-        raise ValueError(
-            f"--tile-size {tile_size} with --batch-size {batch_size} and --num-workers "
-            f"{num_workers} needs about {need / 2 ** 30:.1f} GiB for the tiles in flight, but "
-            f"{avail / 2 ** 30:.1f} GiB of memory is available; use a smaller --tile-size "
-            f"(at most about {max(64, fits // 64 * 64)} here; 512-2048 is usual) or --batch-size")
-    return need
+    for need, free, where in ((host, avail, "memory"), (model if gpu_available is not None
+                                                       else 0, gpu_available, "GPU memory")):
+        if free is not None and need > MEMORY_FRACTION * free:
+            fits = int(tile_size * math.sqrt(MEMORY_FRACTION * free / need))
+            raise ValueError(
+                f"tiles of {tile_size} px (--tile-size, at most the region analysed) with "
+                f"--batch-size {batch_size} and --num-workers {num_workers} need about "
+                f"{need / 2 ** 30:.1f} GiB of {where}, but {free / 2 ** 30:.1f} GiB is "
+                f"available; use a smaller --tile-size (at most about {max(64, fits // 64 * 64)}"
+                " here; 512-2048 is usual) or --batch-size")
+    return model + reading
 
 
 def region_size(grid_size: Tuple[int, int], polygons: Optional[Sequence[np.ndarray]] = None,
