@@ -115,6 +115,7 @@ def test_resume_refuses_when_no_checkpoint_loads(finished_run, tmp_path, capsys)
     assert _ckpt_bytes(out / "model_final.pth") == final
 
 
+@pytest.mark.slow
 def test_kill_9_during_training_then_resume(discs, tmp_path):
     """A real ``kill -9`` of train_net.py after its second checkpoint (a checkpoint every
     iteration, 2 kept), plus the temporary file a kill during a checkpoint write leaves:
@@ -160,7 +161,7 @@ def test_kill_9_during_training_then_resume(discs, tmp_path):
 
 
 def test_pruning_keeps_the_checkpoint_last_checkpoint_names(tmp_path):
-    from detector.engine.checkpoint import prune_checkpoints
+    from detector.engine.checkpoint import prune_checkpoints, resume_candidates
 
     for i in range(1, 6):
         (tmp_path / f"model_{i:07d}.pth").write_bytes(b"x")
@@ -173,6 +174,9 @@ def test_pruning_keeps_the_checkpoint_last_checkpoint_names(tmp_path):
                                             "model_0000004.pth", "model_0000005.pth",
                                             "model_best.pth", "model_final.pth"]
     assert prune_checkpoints(str(tmp_path), 0) == []  # 0: keep all
+    # --resume tries the newest first (a kill between the checkpoint and last_checkpoint)
+    assert [os.path.basename(p) for p in resume_candidates(str(tmp_path))] == [
+        "model_0000005.pth", "model_0000004.pth", "model_0000001.pth"]
     assert get_cfg(None).SOLVER.CHECKPOINTS_KEPT == 3
 
 
@@ -341,6 +345,7 @@ def _infer_args(weights, svs, out, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_with_replaced_weights_restarts_the_slide(two_models, tmp_path,
                                                                       capsys):
     """kill -9 of a slide run with weights A; the file is then replaced by other weights B (a

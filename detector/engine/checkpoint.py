@@ -154,12 +154,13 @@ def periodic_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
 
 
 def resume_candidates(output_dir: str) -> List[str]:
-    """Checkpoints to resume from, best first: the one ``last_checkpoint`` names (when it
-    exists), then the periodic checkpoints from the newest down."""
+    """Checkpoints to resume from, best first: the periodic checkpoints from the newest down
+    (a run killed between writing ``model_<iter>.pth`` and ``last_checkpoint`` resumes from the
+    newer file instead of overwriting it later), preceded by the file ``last_checkpoint`` names
+    when that is not a periodic one (``model_final.pth`` of older versions)."""
     named = last_checkpoint(output_dir)
-    out = [named] if named else []
-    out += [p for _, p in reversed(periodic_checkpoints(output_dir)) if p != named]
-    return out
+    periodic = [p for _, p in reversed(periodic_checkpoints(output_dir))]
+    return ([named] if named and named not in periodic else []) + periodic
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> List[str]:

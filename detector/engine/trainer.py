@@ -192,8 +192,8 @@ class Trainer:
             self.model = model
 
     def _checkpoint_to_resume(self) -> Optional[Dict[str, Any]]:
-        """``--resume``: the newest checkpoint that loads (the one ``last_checkpoint`` names,
-        else the newest ``model_<iter>.pth``), or None in a folder without checkpoints. Refuses
+        """``--resume``: the newest checkpoint that loads (see :func:`resume_candidates`), or
+        None in a folder without checkpoints. Refuses
         (CheckpointError) when checkpoints exist but none loads, so that a restart from
         iteration 0 never overwrites them."""
         if self.rank == 0 and os.path.isdir(self.output_dir):
@@ -208,9 +208,12 @@ class Trainer:
                 logger.warning("--resume: %s; trying an older checkpoint", e)
                 failed.append(os.path.basename(path))
                 continue
-            if os.path.isfile(marker) and last_checkpoint(self.output_dir) != path:
-                logger.warning("--resume: %s names a checkpoint that is missing or unreadable; "
-                               "resuming from %s instead", marker, os.path.basename(path))
+            named = last_checkpoint(self.output_dir) if os.path.isfile(marker) else None
+            if os.path.isfile(marker) and named != path:
+                logger.warning("--resume: %s names %s, but %s is the newest checkpoint that "
+                               "loads; resuming from it", marker,
+                               os.path.basename(named) if named else "a missing file",
+                               os.path.basename(path))
             if "optimizer" not in ckpt:
                 logger.warning("--resume: %s holds no optimizer state (an inference checkpoint);"
                                " the optimizer and LR schedule start afresh", path)
