@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -193,6 +194,8 @@ def run_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu") -> Di
         if iters is not None:
             opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", "1"]
         a = ["--config-file", cfg] + opts
+        if os.path.isdir(run_dir):  # the demo's own run of an earlier demo: start over
+            shutil.rmtree(run_dir)
         r.step(f"train_{key}", f"train the {name}", _cmd("train_net", a),
                lambda a=a: train_main(a))
         a = ["--config-file", cfg, "--eval-only", "MODEL.WEIGHTS",

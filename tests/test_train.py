@@ -86,10 +86,12 @@ def test_outputs_checkpoint_contents_and_load_model(data, tmp_path):
                                                    "SOLVER.STEPS", "[3]", test=data["val"])])
     assert rc == 0
     names = set(os.listdir(out))
-    assert {"config.yaml", "metrics.json", "model_0000002.pth", "model_final.pth",
-            "model_best.pth", "last_checkpoint", "eval_0000004.json"} <= names
+    assert {"config.yaml", "metrics.json", "model_0000002.pth", "model_0000004.pth",
+            "model_final.pth", "model_best.pth", "last_checkpoint", "eval_0000004.json"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
-    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+    # --resume continues from the full state; model_final.pth holds what inference needs
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000004.pth"
+    assert {"optimizer", "scheduler", "rng"} <= set(load_checkpoint(str(out / "model_0000004.pth")))
     lines = [json.loads(l) for l in open(out / "metrics.json")]
     train_lines = [l for l in lines if "total_loss" in l]
     assert [l["iter"] for l in train_lines] == [1, 2, 3, 4]
@@ -101,7 +103,8 @@ def test_outputs_checkpoint_contents_and_load_model(data, tmp_path):
         assert key in ev
     ck = load_checkpoint(str(out / "model_final.pth"))
     assert ck["classes"] == [{"id": 7, "name": "nucleus"}] and ck["mpp"] == 0.5
-    assert {"optimizer", "scheduler", "rng", "config", "iteration"} <= set(ck)
+    assert {"model", "config", "classes", "mpp", "iteration"} <= set(ck)
+    assert not {"optimizer", "scheduler", "scaler", "rng"} & set(ck)
     model, cfg, classes, mpp = load_model(str(out / "model_final.pth"))
     assert not model.training and classes[0]["id"] == 7 and mpp == 0.5
     assert cfg.MODEL.BACKBONE.OUT_CHANNELS == 32

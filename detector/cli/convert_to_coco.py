@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..data.coco import save_coco
+from ..data.coco import CocoFormatError, save_coco_files
 from ..data.converters import FORMATS, remap_categories, summary_text, to_polygon_format
 from ..data.converters.common import (Conversion, ConversionError, copy_images,
                                       parse_category_spec, to_rle_format)
@@ -235,8 +235,7 @@ def convert(args: argparse.Namespace) -> Tuple[Conversion, List[Tuple[str, Dict[
                 outputs.append((_output_name(args.output, f"fold{i}_{name}"), sub))
     else:
         outputs.append((args.output, coco))
-    for path, data in outputs:
-        save_coco(data, path)
+    save_coco_files(outputs)  # all split files or none
     return conv, outputs
 
 

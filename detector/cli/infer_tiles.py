@@ -133,6 +133,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         device = resolve_device(args.device)
+    except RuntimeError as e:  # torch.device("gpu")
+        log.error("--device %s: %s; use 'auto', 'cpu' or 'cuda:N'", args.device,
+                  str(e).splitlines()[0])
+        return 2
+    try:
         model, _cfg, classes, model_mpp = load_model(args.weights, str(device))
         second = second_stage_from_checkpoint(load_checkpoint(args.weights), str(device))
         nuclei = load_model(args.nuclei_weights, str(device)) if args.nuclei_weights else None
@@ -167,9 +172,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.info("%d slide(s) for this process (of %d), model %s at %s um/px, classes %s, on %s",
              len(mine), len(slides), os.path.basename(args.weights), model_mpp,
              ", ".join(c["name"] for c in classes), device)
+    from ..config.config import cfg_to_yaml
+    from ..inference.journal import weights_identity
+
+    weights_id = weights_identity(model, classes, model_mpp, cfg_to_yaml(_cfg))
+    if second is not None:  # a bundle: both stages and their thresholds decide the counts
+        weights_id = weights_identity(second.model, second.classes, second.mpp,
+                                      f"{weights_id} {second.candidate_threshold} "
+                                      f"{second.threshold}")
     res = run_slides(model, classes, model_mpp, mine, args.output, opts,
                      os.path.abspath(args.weights), second_stage=second,
-                     nuclei=(nuclei[0], nuclei[2], nuclei[3]) if nuclei else None)
+                     nuclei=(nuclei[0], nuclei[2], nuclei[3]) if nuclei else None,
+                     weights_id=weights_id)
     print(f"slides: {len(res['done'])} analysed, {len(res['skipped'])} already finished, "
           f"{len(res['failed'])} failed; results in {args.output}")
     for path, msg in res["failed"].items():

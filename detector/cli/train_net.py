@@ -42,6 +42,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+FLAGS_WITHOUT_VALUE = ("--resume", "--eval-only")
+
+
+def split_trailing_flags(opts: List[str]) -> tuple:
+    """Flags written after the ``KEY VALUE`` pairs (argparse leaves them among the pairs):
+    ``--resume`` / ``--eval-only`` are taken out and returned; any other ``--flag`` at a KEY
+    position is refused, naming it."""
+    flags, rest = [], []
+    for tok in opts:
+        if tok in FLAGS_WITHOUT_VALUE:
+            flags.append(tok)
+        elif tok.startswith("--") and len(rest) % 2 == 0:
+            raise ConfigError(f"command line: '{tok}' comes after the KEY VALUE overrides; put "
+                              "flags before them (e.g. train_net.py --config-file CFG "
+                              f"{tok} ... OUTPUT_DIR out/run1)")
+        else:
+            rest.append(tok)
+    return flags, rest
+
+
+def check_output_dir(path: str) -> None:
+    """OUTPUT_DIR must be a folder this user can create and write (checked before any work)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"OUTPUT_DIR {path}: cannot write there ({e.strerror}); choose a "
+                          "folder you can write to (OUTPUT_DIR path/to/run)") from None
+
+
 def _run(cfg, resume: bool) -> None:
     """Per-process entry point (also the target of the multi-process launcher)."""
     from ..engine.logger import setup_logging
@@ -70,7 +103,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     errors = _user_errors()
     try:
-        cfg = get_cfg(args.config_file, args.opts)
+        flags, opts = split_trailing_flags(args.opts)
+        args.resume = args.resume or "--resume" in flags
+        args.eval_only = args.eval_only or "--eval-only" in flags
+        cfg = get_cfg(args.config_file, opts)
+        check_output_dir(cfg.OUTPUT_DIR)
         if args.eval_only:
             from ..engine.evaluator import format_metrics
             from ..engine.logger import setup_logging

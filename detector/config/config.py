@@ -10,7 +10,9 @@ the key and the file (or "command line").
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import yaml
@@ -87,11 +89,16 @@ def merge_from_file(cfg: DictConfig, path: str, _seen: Optional[List[str]] = Non
     return _merge(cfg, data, path)
 
 
-def _parse_value(text: Any) -> Any:
+def _parse_value(text: Any, key: str = "?") -> Any:
     if not isinstance(text, str):
         return text
     try:
         return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError:
+        # e.g. '!!python/object/apply:os.system [...]': never constructed, and not kept as a
+        # string either (it would reach torch.device, paths, ...)
+        raise ConfigError(f"command line: the value of '{key}' is a YAML tag that is not "
+                          f"allowed ({text.split()[0]}); give a plain value") from None
     except yaml.YAMLError:
         return text
 
@@ -111,7 +118,7 @@ def merge_from_list(cfg: DictConfig, opts: Iterable[Any]) -> DictConfig:
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(value, key)
         cfg = _merge(cfg, nested, "command line")
     return cfg
 
@@ -125,6 +132,36 @@ def check_choices(cfg: DictConfig, source: str = "config") -> None:
             )
 
 
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# Numeric keys and the smallest value each may take (exclusive when the bool is True).
+LOWER_BOUNDS: Dict[str, Any] = {
+    "SOLVER.BASE_LR": (0.0, True),
+    "SOLVER.WEIGHT_DECAY": (0.0, False),
+    "SOLVER.MOMENTUM": (0.0, False),
+    "SOLVER.IMS_PER_BATCH": (1, False),
+    "SOLVER.CHECKPOINT_PERIOD": (0, False),
+    "SOLVER.CHECKPOINTS_KEPT": (0, False),
+    "DATALOADER.NUM_WORKERS": (0, False),
+}
+
+
+def check_values(cfg: DictConfig, source: str = "config") -> None:
+    """Values that fit the schema's types but not the training: a negative learning rate, a
+    device torch does not know, ... (ConfigError naming the key, the value and what fits)."""
+    device = str(OmegaConf.select(cfg, "MODEL.DEVICE"))
+    if not _DEVICE.match(device):
+        raise ConfigError(f"{source}: MODEL.DEVICE is '{device}', expected 'auto', 'cpu', "
+                          "'cuda', 'cuda:N' (N = GPU index) or 'mps'")
+    for key, (low, strict) in LOWER_BOUNDS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        bad = not math.isfinite(float(value)) or (value <= low if strict else value < low)
+        if bad:
+            raise ConfigError(f"{source}: config key '{key}' is {value}, expected a number "
+                              f"{'>' if strict else '>='} {low}")
+
+
 def get_cfg(config_file: Optional[str] = None, opts: Optional[Iterable[Any]] = None) -> DictConfig:
     """Defaults, then ``config_file`` (with its bases), then ``opts`` overrides."""
     cfg = default_cfg()
@@ -133,6 +170,7 @@ def get_cfg(config_file: Optional[str] = None, opts: Optional[Iterable[Any]] = N
     if opts:
         cfg = merge_from_list(cfg, opts)
     check_choices(cfg, config_file or "config")
+    check_values(cfg, config_file or "config")
     OmegaConf.set_struct(cfg, True)
     return cfg
 

@@ -248,10 +248,15 @@ class SolverConfig:
     # Write model_<iter>.pth every CHECKPOINT_PERIOD iterations (a killed run loses at most
     # one period).
     CHECKPOINT_PERIOD: int = 1000
+    # Keep only the newest CHECKPOINTS_KEPT periodic checkpoints model_<iter>.pth (each holds
+    # the optimizer state, about 3x the weights); older ones are deleted as new ones are
+    # written. model_final.pth, model_best.pth and the checkpoint named in last_checkpoint are
+    # never deleted. 0 = keep all.
+    CHECKPOINTS_KEPT: int = 3
     # Log losses to console, metrics.json and TensorBoard every LOG_PERIOD iterations.
     LOG_PERIOD: int = 20
-    # Stop training after this many minutes (then save model_final.pth at the iteration
-    # reached and evaluate); 0 = no limit. The LR schedule still runs to MAX_ITER, and
+    # Stop training after this many minutes (then save model_<iter>.pth and model_final.pth at
+    # the iteration reached and evaluate); 0 = no limit. The LR schedule still runs to MAX_ITER, and
     # --resume continues from there. For fixed compute budgets (e.g. a 30-minute CPU run).
     TIME_LIMIT_MINUTES: float = 0.0
 

@@ -7,9 +7,11 @@ at 1. Boxes are XYWH in the file and XYXY in the library.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -172,13 +174,31 @@ def image_entry(image_id: int, file_name: str, height: int, width: int,
 def save_coco(data: Dict[str, Any], path: str) -> None:
     """Write a COCO file atomically (temporary file in the same folder, then rename), giving
     annotations consecutive ids from 1 when they have none."""
+    _number_annotations(data)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+
+
+def save_coco_files(files: Sequence[Tuple[str, Dict[str, Any]]]) -> None:
+    """Write several COCO files (``(path, data)`` pairs, e.g. the parts of a split) all or
+    none: every file goes to a temporary file first, and only when all are written are they
+    renamed into place; an error (disk full, a path that is a folder) leaves none of them."""
+    for path, _ in files:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    with contextlib.ExitStack() as stack:
+        for path, data in files:
+            f = stack.enter_context(atomic_write(path, "w", encoding="utf-8"))
+            _number_annotations(data)
+            json.dump(data, f)
+
+
+def _number_annotations(data: Dict[str, Any]) -> None:
     next_id = 1 + max((a.get("id", 0) for a in data["annotations"]), default=0)
     for a in data["annotations"]:
         if "id" not in a:
             a["id"] = next_id
             next_id += 1
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(data, f)
 
 
 def resolve_image_root(data: Dict[str, Any], json_path: str) -> str:

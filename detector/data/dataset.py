@@ -10,6 +10,7 @@ set) is checked when the dataset is built, before any training starts.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -102,6 +103,29 @@ def check_images_exist(records: Sequence[Dict[str, Any]], path: str, root: str) 
             "file, relative to the JSON file's folder); fix info.image_root or the files.")
 
 
+def check_boxes(records: Sequence[Dict[str, Any]], path: str) -> None:
+    """Raise :class:`DatasetError` for box-only annotations (no segmentation) whose width or
+    height is zero, negative or not a finite number: they would be dropped silently later."""
+    bad = []
+    for r in records:
+        for a in r["anns"]:
+            if a.get("segmentation"):
+                continue
+            box = a.get("bbox")
+            try:
+                ok = len(box) == 4 and all(math.isfinite(float(v)) for v in box) \
+                    and float(box[2]) > 0 and float(box[3]) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                bad.append(f"annotation {a.get('id')} (image {r['image_id']}): bbox {box}")
+    if bad:
+        show = "\n  ".join(bad[:5])
+        raise DatasetError(
+            f"{path}: {len(bad)} box annotation(s) without a positive, finite width and height, "
+            f"e.g.\n  {show}\nbbox is [x, y, width, height] in px; fix or remove them.")
+
+
 class CocoInstanceDataset(Dataset):
     """Images and instances of one or more COCO files (same categories).
 
@@ -159,6 +183,7 @@ class CocoInstanceDataset(Dataset):
                                f"{negative_names}); add the positive set")
         for path, recs, root in pending:
             check_images_exist(recs, path, root)
+            check_boxes(recs, path)
             for r in recs:
                 for a in r["anns"]:
                     seg = a.get("segmentation")

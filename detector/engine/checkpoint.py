@@ -7,9 +7,12 @@ Keys: ``model`` (state dict), ``config`` (resolved YAML string), ``classes`` (li
 """
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import random
-from typing import Any, Dict, List, Optional
+import re
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,6 +22,10 @@ from ..errors import DetectorError
 from ..fileio import atomic_write
 
 LAST_CHECKPOINT = "last_checkpoint"
+# Periodic checkpoints: model_<iteration, 7 digits>.pth (model_final / model_best are not).
+PERIODIC = re.compile(r"^model_(\d{7,})\.pth$")
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError, DetectorError):
@@ -69,17 +76,20 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def save_checkpoint(path: str, model: nn.Module, cfg: Any, classes: List[Dict[str, Any]],
                     mpp: Optional[float], iteration: int, optimizer: Any = None,
                     scheduler: Any = None, scaler: Any = None,
-                    extra: Optional[Dict[str, Any]] = None) -> None:
+                    extra: Optional[Dict[str, Any]] = None, rng: bool = True) -> None:
     """Write a checkpoint atomically (temporary file in the same folder, then ``os.replace``),
-    so that a run killed while writing leaves the previous checkpoint intact."""
+    so that a run killed while writing leaves the previous checkpoint intact. Without
+    ``optimizer``, ``scheduler``, ``scaler`` and ``rng`` it holds only what inference needs
+    (weights, config, classes, mpp, iteration): ``model_final.pth``."""
     ckpt: Dict[str, Any] = {
         "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
         "config": _config_text(cfg),
         "classes": [{"id": int(c["id"]), "name": str(c["name"])} for c in classes],
         "mpp": None if mpp is None else float(mpp),
         "iteration": int(iteration),
-        "rng": get_rng_state(),
     }
+    if rng:
+        ckpt["rng"] = get_rng_state()
     if optimizer is not None:
         ckpt["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
@@ -100,12 +110,21 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: not a checkpoint that loads safely "
-                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                              f"({load_error_reason(e)})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "classes"} <= set(ckpt):
         raise CheckpointError(f"{path}: not a detector checkpoint (needs 'model', 'config' and "
                               "'classes'; a plain state dict goes in MODEL.WEIGHTS for "
                               "fine-tuning instead)")
     return ckpt
+
+
+def load_error_reason(e: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in one line, without torch's advice to
+    retry with ``weights_only=False`` (which would run whatever code the file carries)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "weights_only" not in ln and "Weights only load failed" not in ln
+            and not ln.startswith("Check the documentation")]
+    return f"{type(e).__name__}: {keep[0] if keep else 'unreadable file'}"
 
 
 def write_last_checkpoint(output_dir: str, name: str) -> None:
@@ -123,3 +142,58 @@ def last_checkpoint(output_dir: str) -> Optional[str]:
         name = f.read().strip()
     path = os.path.join(output_dir, name)
     return path if os.path.isfile(path) else None
+
+
+def periodic_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
+    """``(iteration, path)`` of the ``model_<iteration>.pth`` files in ``output_dir``, oldest
+    first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, n))
+             for n in os.listdir(output_dir) for m in [PERIODIC.match(n)] if m]
+    return sorted(found)
+
+
+def resume_candidates(output_dir: str) -> List[str]:
+    """Checkpoints to resume from, best first: the periodic checkpoints from the newest down
+    (a run killed between writing ``model_<iter>.pth`` and ``last_checkpoint`` resumes from the
+    newer file instead of overwriting it later), preceded by the file ``last_checkpoint`` names
+    when that is not a periodic one (``model_final.pth`` of older versions)."""
+    named = last_checkpoint(output_dir)
+    periodic = [p for _, p in reversed(periodic_checkpoints(output_dir))]
+    return ([named] if named and named not in periodic else []) + periodic
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> List[str]:
+    """Delete all but the newest ``keep`` periodic checkpoints (``keep`` <= 0: keep all).
+    ``model_final.pth``, ``model_best.pth`` and the file ``last_checkpoint`` names are never
+    deleted. Returns the deleted paths."""
+    if keep <= 0:
+        return []
+    named = last_checkpoint(output_dir)
+    found = periodic_checkpoints(output_dir)
+    gone = []
+    for _, path in found[:max(0, len(found) - keep)]:
+        if named and os.path.abspath(path) == os.path.abspath(named):
+            continue
+        try:
+            os.unlink(path)
+            gone.append(path)
+        except FileNotFoundError:
+            pass
+    return gone
+
+
+def remove_orphan_temp_files(output_dir: str) -> List[str]:
+    """Delete the ``.tmp-*`` files a kill during an atomic write left in ``output_dir``."""
+    gone = []
+    for path in glob.glob(os.path.join(glob.escape(output_dir), ".tmp-*")):
+        try:
+            os.unlink(path)
+            gone.append(path)
+        except OSError:
+            pass
+    if gone:
+        logger.info("removed %d unfinished temporary file(s) of a killed run: %s", len(gone),
+                    ", ".join(os.path.basename(p) for p in gone))
+    return gone

@@ -40,9 +40,11 @@ from ..data.patches import build_dataset
 from ..inference.second_stage import SecondStage, second_stage_from_checkpoint
 from ..modeling.build import build_model, load_weights
 from . import distributed as du
-from .checkpoint import (get_rng_state, last_checkpoint, load_checkpoint, save_checkpoint,
-                         set_rng_state, write_last_checkpoint)
 from ..evaluation import evaluate_coco
+from .checkpoint import (CheckpointError, get_rng_state, last_checkpoint, load_checkpoint,
+                         prune_checkpoints, remove_orphan_temp_files,
+                         resume_candidates, save_checkpoint, set_rng_state,
+                         write_last_checkpoint)
 from .evaluator import dataset_name, evaluate_datasets, format_metrics, predict_dataset_two_stage
 from .logger import MetricsWriter, peak_memory_mb
 from .optim import build_lr_scheduler, build_optimizer
@@ -149,14 +151,9 @@ class Trainer:
                 self.seed = box[0]
             cfg.SEED = self.seed
 
-        ckpt = None
-        if resume:
-            path = last_checkpoint(self.output_dir)
-            if path is None:
-                logger.info("--resume: no checkpoint in %s, starting from iteration 0", self.output_dir)
-            else:
-                ckpt = load_checkpoint(path)
-                logger.info("resuming from %s (iteration %d)", path, ckpt["iteration"])
+        ckpt = self._checkpoint_to_resume() if resume else None
+        if not resume:
+            refuse_to_overwrite(self.output_dir)
         # ---- data (all checks happen here, before the model is even built)
         self.train_set = build_dataset(cfg, list(cfg.DATASETS.TRAIN), train=True)
         self.classes = self.train_set.classes
@@ -185,6 +182,7 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if amp.DTYPE == "bf16" else torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.start_iter = 0
+        self._saved_iter: Optional[int] = None
         self._rng_to_restore = None
         if ckpt is not None:
             self.start_iter = int(ckpt["iteration"])
@@ -206,6 +204,44 @@ class Trainer:
                 model, device_ids=ids, broadcast_buffers=False)
         else:
             self.model = model
+
+    def _checkpoint_to_resume(self) -> Optional[Dict[str, Any]]:
+        """``--resume``: the newest checkpoint that loads (see :func:`resume_candidates`), or
+        None in a folder without checkpoints. Refuses
+        (CheckpointError) when checkpoints exist but none loads, so that a restart from
+        iteration 0 never overwrites them."""
+        if self.rank == 0 and os.path.isdir(self.output_dir):
+            remove_orphan_temp_files(self.output_dir)
+        du.synchronize()
+        marker = os.path.join(self.output_dir, "last_checkpoint")
+        failed = []
+        for path in resume_candidates(self.output_dir):
+            try:
+                ckpt = load_checkpoint(path)
+            except CheckpointError as e:
+                logger.warning("--resume: %s; trying an older checkpoint", e)
+                failed.append(os.path.basename(path))
+                continue
+            named = last_checkpoint(self.output_dir) if os.path.isfile(marker) else None
+            if os.path.isfile(marker) and named != path:
+                logger.warning("--resume: %s names %s, but %s is the newest checkpoint that "
+                               "loads; resuming from it", marker,
+                               os.path.basename(named) if named else "a missing file",
+                               os.path.basename(path))
+            if "optimizer" not in ckpt:
+                logger.warning("--resume: %s holds no optimizer state (an inference checkpoint);"
+                               " the optimizer and LR schedule start afresh", path)
+            logger.info("resuming from %s (iteration %d)", path, ckpt["iteration"])
+            return ckpt
+        others = _run_files(self.output_dir)
+        if failed or others:
+            raise CheckpointError(
+                f"--resume: no checkpoint in {self.output_dir} loads ("
+                + ", ".join(failed + [n for n in others if n not in failed])
+                + "); starting again from iteration 0 would overwrite them. Resume with a "
+                "fresh OUTPUT_DIR and MODEL.WEIGHTS set to one of these files, or move them away")
+        logger.info("--resume: no checkpoint in %s, starting from iteration 0", self.output_dir)
+        return None
 
     # ------------------------------------------------------------------------------ parts
     def autocast(self):
@@ -230,6 +266,7 @@ class Trainer:
 
     def save(self, name: str, iteration: int) -> None:
         """Checkpoint (rank 0 writes; every rank contributes its RNG state)."""
+        self._saved_iter = iteration
         rng = get_rng_state()
         ranks = [rng]
         if self.world_size > 1:
@@ -240,6 +277,9 @@ class Trainer:
                             self.classes, self.mpp, iteration, self.optimizer, self.scheduler,
                             self.scaler, extra={"rng_ranks": ranks, "best": self.best})
             write_last_checkpoint(self.output_dir, name)
+            for path in prune_checkpoints(self.output_dir, int(self.cfg.SOLVER.CHECKPOINTS_KEPT)):
+                logger.info("removed %s (SOLVER.CHECKPOINTS_KEPT %d)", os.path.basename(path),
+                            int(self.cfg.SOLVER.CHECKPOINTS_KEPT))
 
     def evaluate(self, iteration: Optional[int], writer: Optional[MetricsWriter] = None
                  ) -> Optional[Dict[str, Dict[str, float]]]:
@@ -371,7 +411,19 @@ class Trainer:
         finally:
             pbar.close()
         if self.start_iter < done or last_checkpoint(self.output_dir) is None:
-            self.save("model_final.pth", done)
+            # the full state (for --resume) as a periodic checkpoint, and model_final.pth with
+            # what inference needs only (weights, config, classes, mpp)
+            name = f"model_{done:07d}.pth"
+            if self._saved_iter == done or (self.start_iter == done and
+                                            os.path.isfile(os.path.join(self.output_dir, name))):
+                if main:
+                    write_last_checkpoint(self.output_dir, name)
+            else:
+                self.save(name, done)
+            if main:
+                save_checkpoint(os.path.join(self.output_dir, "model_final.pth"),
+                                self.model_without_ddp, self.cfg, self.classes, self.mpp, done,
+                                extra={"best": self.best}, rng=False)
         elapsed = time.perf_counter() - t_start
         self.train_seconds = elapsed
         self.iterations_done = done - self.start_iter
@@ -381,6 +433,26 @@ class Trainer:
         if writer is not None:
             writer.close()
         return metrics
+
+
+def _run_files(output_dir: str) -> List[str]:
+    """The checkpoints and ``last_checkpoint`` of an earlier run in ``output_dir``."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir)
+                  if n == "last_checkpoint" or (n.startswith("model_") and n.endswith(".pth")))
+
+
+def refuse_to_overwrite(output_dir: str) -> None:
+    """Training without ``--resume`` into a folder that holds an earlier run's checkpoints
+    would overwrite them and cut its metrics.json: refuse, naming the two ways on."""
+    found = _run_files(output_dir)
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise TrainingError(
+            f"OUTPUT_DIR {output_dir} holds an earlier run ({shown}); training again there "
+            "would overwrite it. Continue that run with --resume, or train into a fresh "
+            "OUTPUT_DIR (or delete the folder first to start over)")
 
 
 def evaluate_only(cfg: Any, write_predictions: bool = True) -> Dict[str, Dict[str, float]]:

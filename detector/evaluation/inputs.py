@@ -17,6 +17,7 @@ Anything else is an :class:`EvaluationInputError` naming the file and the fix.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -186,7 +187,7 @@ def normalize_results(results: Sequence[Dict[str, Any]], gt: Dict[str, Any],
                                            f"ground truth has {len(cat_ids)} categories")
             cat = cat_ids[0]
         e: Dict[str, Any] = {"image_id": img_id, "category_id": int(cat),
-                             "score": float(r.get("score", 1.0))}
+                             "score": _finite(r.get("score", 1.0), "score", source, n, img_id)}
         if "id" in r:
             e["id"] = r["id"]
         seg = r.get("segmentation")
@@ -219,9 +220,20 @@ def normalize_results(results: Sequence[Dict[str, Any]], gt: Dict[str, Any],
         if len(bbox) != 4:
             raise EvaluationInputError(f"{source}: entry {n} has bbox {bbox}; expected [x, y, "
                                        "width, height]")
-        e["bbox"] = [float(v) for v in bbox]
+        e["bbox"] = [_finite(v, "bbox", source, n, img_id) for v in bbox]
         out.append(e)
     return out
+
+
+def _finite(value: Any, field: str, source: str, n: int, img_id: int) -> float:
+    """``value`` as a float, or an error naming the entry when it is not a finite number (a NaN
+    score would otherwise be ranked by COCO AP and the threshold search as if it were valid)."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(float(value)):
+        raise EvaluationInputError(
+            f"{source}: entry {n} (image {img_id}) has {field} {value!r}; expected a finite "
+            "number")
+    return float(value)
 
 
 def check_compatible(gt: Dict[str, Any], results: Sequence[Dict[str, Any]],

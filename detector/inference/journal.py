@@ -5,15 +5,22 @@ parameters: a journal from different parameters is not resumed), then one line p
 the finished tile indices, the tiles that failed to decode and the batch's detections in slide
 coordinates (boxes XYXY level-0 px, masks as ``CropMask.to_json``). A killed run loses at most the batch in flight;
 a torn last line is ignored. A finished slide has ``summary.json`` and no journal.
+
+The weights are identified by content (:func:`weights_identity`, recorded in the header and in
+``summary.json`` as ``weights_sha256``), not by path: a checkpoint file rewritten between two
+runs (``model_best.pth`` of a training run) restarts the slide instead of merging the tiles of
+two models.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
+import torch
 
 from ..structures.instances import Instances
 from ..structures.masks import CropMask
@@ -21,6 +28,33 @@ from ..structures.masks import CropMask
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = ".journal.jsonl"
+WEIGHTS_KEY = "weights_sha256"
+
+
+def weights_identity(model: torch.nn.Module, classes: Optional[List[Dict[str, Any]]] = None,
+                     mpp: Optional[float] = None, config: Optional[str] = None) -> str:
+    """SHA-256 (hex) of what decides a model's detections: every tensor of its state dict
+    (name, dtype, shape, bytes), the classes, the training mpp and, when given, the config
+    text (the CLI passes the checkpoint's). Two runs agree on it exactly when they run the same
+    weights, wherever the checkpoint file lies."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps([classes, mpp, config], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def finished_weights(out_dir: str) -> Optional[str]:
+    """The ``weights_sha256`` recorded in a finished slide's ``summary.json`` (None when absent
+    or unreadable: a summary of unknown weights)."""
+    try:
+        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
+            value = json.load(f).get(WEIGHTS_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 class Journal:
@@ -55,8 +89,10 @@ class Journal:
         except (ValueError, KeyError, IndexError):
             head = None
         if head != self.header:
-            log.warning("%s: journal from a run with other parameters; starting the slide again",
-                        self.path)
+            keys = sorted(k for k in set(self.header) | set(head or {})
+                          if (head or {}).get(k) != self.header.get(k))
+            log.warning("%s: journal from a run with other parameters (%s); starting the slide "
+                        "again", self.path, ", ".join(keys))
             self._start()
             return
         good = 1

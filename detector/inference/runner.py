@@ -44,11 +44,12 @@ from ..device import get_rank, get_world_size
 from ..errors import DetectorError
 from ..structures.instances import Instances
 from . import counting, export
-from .journal import JOURNAL_NAME, Journal
+from .journal import JOURNAL_NAME, WEIGHTS_KEY, Journal, finished_weights, weights_identity
 from .merge import drop_cut, merge_detections, tile_to_slide
 from .second_stage import SecondStage
 from .slide import SlideReadError, SlideReader, choose_level, open_slide
-from .tiling import Tile, grid_shape, interior_edges, tile_grid, tiles_in_mask
+from .tiling import (Tile, bounded_tile_size, check_tile_memory, grid_shape, interior_edges,
+                     region_size, tile_grid, tiles_in_mask)
 from .tissue import parse_roi, points_in_roi, roi_mask, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,8 @@ class AnalysisGrid:
     model_mpp: Optional[float]
     level_mpp: float  # mpp of the pyramid level tiles are cut from
     geometry: SlideGeometry
+    tile_size: int  # analysis px: opts.tile_size, no larger than the region analysed
+    overlap: int
     tiles: List[Tile]  # analysis-grid px, XYXY
     grid_shape: Tuple[int, int]  # tile rows, cols
     selected: np.ndarray  # (n_tiles,) bool: tiles with tissue (and inside the ROI)
@@ -296,11 +299,14 @@ class Detections:
 CandidateStage = Callable[[Candidates, AnalysisGrid], Candidates]
 
 
-def analysis_grid(slide_path: str, model_mpp: Optional[float], opts: InferenceOptions
-                  ) -> AnalysisGrid:
+def analysis_grid(slide_path: str, model_mpp: Optional[float], opts: InferenceOptions,
+                  gpu_free: Optional[int] = None) -> AnalysisGrid:
     """Stage 1: open the slide, choose the level and resampling for the model's mpp, lay the
-    tile grid, find tissue (Otsu on a thumbnail) and the ROI, and select the tiles to analyse.
-    Raises :class:`SlideError` when the slide cannot be read or has no mpp."""
+    tile grid (tiles no larger than the region analysed; their memory checked against the free
+    host memory, and ``gpu_free`` bytes of a GPU model, before any tile is read), find tissue
+    (Otsu on a thumbnail) and the ROI, and select the tiles to analyse. Raises
+    :class:`SlideError` when the slide cannot be read, has no mpp, or its tiles would not fit
+    in memory."""
     try:
         reader = open_slide(slide_path)
     except SlideReadError as e:
@@ -316,10 +322,18 @@ def analysis_grid(slide_path: str, model_mpp: Optional[float], opts: InferenceOp
             log.warning("%s: the checkpoint has no training mpp; analysing level 0 as is",
                         slide_path)
         ah, aw = geom.size
-        tiles = tile_grid(aw, ah, opts.tile_size, opts.overlap)
-        shape = grid_shape(aw, ah, opts.tile_size, opts.overlap)
-        thumb, level0_per_thumb = reader.thumbnail(opts.thumbnail_size)
         roi_polys = parse_roi(opts.roi) if opts.roi else None
+        tile_size = bounded_tile_size(opts.tile_size, region_size(geom.size, roi_polys,
+                                                                  geom.level0_per_analysis))
+        overlap = min(opts.overlap, tile_size - 1)
+        try:
+            check_tile_memory(tile_size, opts.batch_size, opts.num_workers,
+                              1.0 / geom.analysis_per_level, gpu_available=gpu_free)
+        except ValueError as e:
+            raise SlideError(f"{slide_path}: {e}") from None
+        tiles = tile_grid(aw, ah, tile_size, overlap)
+        shape = grid_shape(aw, ah, tile_size, overlap)
+        thumb, level0_per_thumb = reader.thumbnail(opts.thumbnail_size)
         region = tissue_mask(thumb) if opts.tissue_detection else np.ones(thumb.shape[:2], bool)
         if roi_polys is not None:
             region &= roi_mask(roi_polys, thumb.shape[:2], level0_per_thumb)
@@ -328,7 +342,8 @@ def analysis_grid(slide_path: str, model_mpp: Optional[float], opts: InferenceOp
                                             level0_per_thumb / geom.level0_per_analysis), bool)
         level_mpp = slide_mpp * reader.level_downsamples[geom.level]
     return AnalysisGrid(os.path.abspath(slide_path), (H0, W0), slide_mpp,
-                        "--mpp" if opts.mpp else "file", model_mpp, level_mpp, geom, tiles,
+                        "--mpp" if opts.mpp else "file", model_mpp, level_mpp, geom, tile_size,
+                        overlap, tiles,
                         shape, selected, thumb, level0_per_thumb, region, roi_polys,
                         tissue_area_mm2)
 
@@ -438,7 +453,7 @@ def second_stage_filter(dets: Detections, grid: AnalysisGrid, second: SecondStag
 
 def summarize_slide(dets: Detections, grid: AnalysisGrid, classes: List[Dict[str, Any]],
                     opts: InferenceOptions, preds: TilePredictions, weights_name: str = "",
-                    seconds: float = 0.0) -> Dict[str, Any]:
+                    seconds: float = 0.0, weights_id: Optional[str] = None) -> Dict[str, Any]:
     """Stage 6: the ``summary.json`` dict (slide, analysis parameters, counts, mitotic figures
     per mm^2 and per 10 HPF, hotspot, mitotic index)."""
     geom = grid.geometry
@@ -446,7 +461,7 @@ def summarize_slide(dets: Detections, grid: AnalysisGrid, classes: List[Dict[str
     mitotic_ids = counting.resolve_class_ids(opts.mitotic_classes, classes)
     summary: Dict[str, Any] = {
         "slide": grid.slide_path,
-        "weights": weights_name,
+        "weights": weights_name, WEIGHTS_KEY: weights_id,
         "slide_size": list(grid.slide_size),
         "mpp": grid.mpp,
         "mpp_source": grid.mpp_source,
@@ -455,7 +470,7 @@ def summarize_slide(dets: Detections, grid: AnalysisGrid, classes: List[Dict[str
             "level_mpp": grid.level_mpp,
             "analysis_per_level": geom.analysis_per_level,
             "level0_per_analysis": geom.level0_per_analysis,
-            "tile_size": opts.tile_size, "overlap": opts.overlap,
+            "tile_size": grid.tile_size, "overlap": grid.overlap,
             "tiles_total": len(grid.tiles), "tiles_analysed": n_sel - len(preds.failed),
             "tiles_failed": [{"tile": int(k), "box": list(grid.tiles[int(k)]), "error": v}
                              for k, v in sorted(preds.failed.items())],
@@ -506,12 +521,12 @@ def export_slide(out_dir: str, dets: Detections, grid: AnalysisGrid,
     export.write_json(os.path.join(out_dir, "summary.json"), summary)
 
 
-def journal_header(grid: AnalysisGrid, opts: InferenceOptions, weights_name: str
+def journal_header(grid: AnalysisGrid, opts: InferenceOptions, weights_id: str
                    ) -> Dict[str, Any]:
-    """The run parameters a resumed journal must share."""
-    return {"slide": grid.slide_path, "weights": weights_name,
-            "slide_size": list(grid.slide_size), "tile_size": opts.tile_size,
-            "overlap": opts.overlap, "score_thresh": opts.score_thresh, "mpp": grid.mpp,
+    """The run parameters a resumed journal must share, the weights identified by content."""
+    return {"slide": grid.slide_path, WEIGHTS_KEY: weights_id,
+            "slide_size": list(grid.slide_size), "tile_size": grid.tile_size,
+            "overlap": grid.overlap, "score_thresh": opts.score_thresh, "mpp": grid.mpp,
             "roi": opts.roi, "level": grid.geometry.level,
             "analysis_per_level": grid.geometry.analysis_per_level,
             "tissue": opts.tissue_detection}
@@ -522,8 +537,8 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
                 weights_name: str = "",
                 candidate_stages: Sequence[CandidateStage] = (),
                 second_stage: Optional[SecondStage] = None,
-                nuclei: Optional[NucleiModel] = None, folder: Optional[str] = None
-                ) -> Dict[str, Any]:
+                nuclei: Optional[NucleiModel] = None, folder: Optional[str] = None,
+                weights_id: Optional[str] = None) -> Dict[str, Any]:
     """Analyse one slide and write its folder ``output_dir/<slide stem>/`` (or
     ``output_dir/<folder>/``): the stages above in order, ``candidate_stages`` between merge and
     region filter.
@@ -533,7 +548,8 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
     ``opts.score_thresh`` applies to the new scores; the classes are then the classifier's (the
     phases), all counted as mitotic figures. With ``nuclei`` (a nuclei model run over the same
     slide and tissue, its output in ``<slide>/nuclei/``), the mitotic index is mitotic figures /
-    nuclei found.
+    nuclei found. ``weights_id`` identifies the weights by content (default
+    :func:`weights_identity` of ``model``): a journal of other weights is not resumed.
 
     Returns the summary (also written to ``summary.json``). Raises :class:`SlideError` when the
     slide cannot be analysed at all (unreadable, no mpp); tiles that fail to decode are logged,
@@ -541,12 +557,13 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
     """
     t_start = time.time()
     out_dir = os.path.join(output_dir, folder or slide_stem(slide_path))
-    grid = analysis_grid(slide_path, model_mpp, opts)
+    grid = analysis_grid(slide_path, model_mpp, opts, _gpu_free(model))
+    weights_id = weights_id or weights_identity(model, classes, model_mpp)
     os.makedirs(out_dir, exist_ok=True)
     tile_opts = opts if second_stage is None else \
         dataclasses.replace(opts, score_thresh=second_stage.candidate_threshold)
     journal = Journal(os.path.join(out_dir, JOURNAL_NAME),
-                      journal_header(grid, tile_opts, weights_name), resume=opts.resume)
+                      journal_header(grid, tile_opts, weights_id), resume=opts.resume)
     preds = predict_tiles(model, grid, tile_opts, journal, slide_path)
     cands = merge_tiles(preds, grid, opts)
     for stage in candidate_stages:
@@ -558,7 +575,7 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         classes = second_stage.classes
         opts = dataclasses.replace(opts, mitotic_classes=",".join(str(c["id"]) for c in classes))
     summary = summarize_slide(dets, grid, classes, opts, preds, weights_name,
-                              time.time() - t_start)
+                              time.time() - t_start, weights_id)
     if stage2 is not None:
         stage2["mitotic_figures_before"] = stage2["candidates"]
         stage2["mitotic_figures_after"] = summary["mitotic_figures"]["total"]
@@ -580,6 +597,11 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
     return summary
 
 
+def _gpu_free(model: torch.nn.Module) -> Optional[int]:
+    dev = model_device(model)
+    return torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+
+
 def _empty(size: Tuple[int, int], has_masks: Optional[bool]) -> Instances:
     return Instances(size, masks=[] if has_masks else None)
 
@@ -597,21 +619,26 @@ def shard(slides: Sequence[str], rank: Optional[int] = None, world: Optional[int
 def run_slides(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp: Optional[float],
                slides: Sequence[str], output_dir: str, opts: InferenceOptions,
                weights_name: str = "", second_stage: Optional[SecondStage] = None,
-               nuclei: Optional[NucleiModel] = None) -> Dict[str, Any]:
-    """Analyse ``slides`` one after another (see :func:`infer_slide` for ``second_stage`` and
-    ``nuclei``); a slide that fails is reported and the others
-    still run. With ``opts.resume`` finished slides are skipped. Returns
+               nuclei: Optional[NucleiModel] = None, weights_id: Optional[str] = None
+               ) -> Dict[str, Any]:
+    """Analyse ``slides`` one after another (see :func:`infer_slide` for ``second_stage``,
+    ``nuclei`` and ``weights_id``); a slide that fails is reported and the others still run.
+    With ``opts.resume`` slides finished with the same weights are skipped (those of other
+    weights are redone). Returns
     ``{"done": [...], "skipped": [...], "failed": {slide: message}}``."""
     result: Dict[str, Any] = {"done": [], "skipped": [], "failed": {}}
+    weights_id = weights_id or weights_identity(model, classes, model_mpp)
     for path in slides:
         out = os.path.join(output_dir, slide_stem(path))
-        if opts.resume and is_finished(out):
+        if opts.resume and is_finished(out) and finished_weights(out) != weights_id:
+            log.warning("%s: finished before with other weights; analysed again", path)
+        elif opts.resume and is_finished(out):
             log.info("%s: finished before (resume), skipped", path)
             result["skipped"].append(path)
             continue
         try:
             infer_slide(model, classes, model_mpp, path, output_dir, opts, weights_name,
-                        second_stage=second_stage, nuclei=nuclei)
+                        second_stage=second_stage, nuclei=nuclei, weights_id=weights_id)
             result["done"].append(path)
         except (DetectorError, ValueError, OSError) as e:
             log.error("%s", e)

@@ -9,7 +9,9 @@ object smaller than ``overlap`` always lies whole inside at least one tile.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -100,3 +102,84 @@ def tiles_in_mask(tiles: Sequence[Tile], mask: np.ndarray, scale: float, min_fra
         s = integral[b1, a1] - integral[b0, a1] - integral[b1, a0] + integral[b0, a0]
         keep[i] = s > 0 and s / float((a1 - a0) * (b1 - b0)) > min_fraction
     return keep
+
+
+# ------------------------------------------------------------------------------ memory bounds
+# Peak bytes per analysis px of one tile inside the model (float input, normalised copy,
+# backbone and FPN activations at stride 2-4, masks): an upper estimate for the ResNet-FPN
+# and U-Net models run at native resolution.
+MODEL_BYTES_PER_PX = 400
+# Fraction of the available memory a slide run may plan to use.
+MEMORY_FRACTION = 0.8
+
+
+def bounded_tile_size(tile_size: int, region_size: Tuple[int, int]) -> int:
+    """The tile side actually used: ``tile_size``, but no larger than the region analysed
+    (``(height, width)`` in analysis px: the ROI's bounding box, or the slide), since a
+    larger tile only adds blank pixels and memory."""
+    return max(1, min(int(tile_size), max(int(region_size[0]), int(region_size[1]))))
+
+
+def tile_memory_bytes(tile_size: int, batch_size: int, num_workers: int = 0,
+                      level_per_analysis: float = 1.0) -> Tuple[int, int]:
+    """Estimated peak memory of a slide run's tiles in flight, ``(model, reading)`` bytes: one
+    batch inside the model (:data:`MODEL_BYTES_PER_PX`; on the GPU when the model is there),
+    and the batches the DataLoader reads ahead (two per worker, plus the one in use), each tile
+    read at its pyramid level (``level_per_analysis`` level px per analysis px) as RGB and
+    converted (host memory)."""
+    px = float(tile_size) ** 2
+    read_px = 3.0 * max(1.0, level_per_analysis) ** 2 + 6.0
+    queued = (2 * max(0, num_workers) + 1) * batch_size
+    return int(batch_size * px * MODEL_BYTES_PER_PX), int(queued * px * read_px)
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory this machine can still give (``MemAvailable`` of /proc/meminfo), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_tile_memory(tile_size: int, batch_size: int, num_workers: int = 0,
+                      level_per_analysis: float = 1.0, available: Optional[int] = None,
+                      gpu_available: Optional[int] = None) -> int:
+    """Raise ValueError, naming the flags to change, when the :func:`tile_memory_bytes`
+    estimate exceeds :data:`MEMORY_FRACTION` of the available host memory (or, with
+    ``gpu_available``, the free GPU memory for the model's part). Checked before any tile is
+    read, so that a run stops with a message instead of being killed by the kernel. Returns
+    the estimate in bytes."""
+    model, reading = tile_memory_bytes(tile_size, batch_size, num_workers, level_per_analysis)
+    host = reading if gpu_available is not None else model + reading
+    avail = available_memory_bytes() if available is None else available
+    for need, free, where in ((host, avail, "memory"), (model if gpu_available is not None
+                                                       else 0, gpu_available, "GPU memory")):
+        if free is not None and need > MEMORY_FRACTION * free:
+            fits = int(tile_size * math.sqrt(MEMORY_FRACTION * free / need))
+            raise ValueError(
+                f"tiles of {tile_size} px (--tile-size, at most the region analysed) with "
+                f"--batch-size {batch_size} and --num-workers {num_workers} need about "
+                f"{need / 2 ** 30:.1f} GiB of {where}, but {free / 2 ** 30:.1f} GiB is "
+                f"available; use a smaller --tile-size (at most about {max(64, fits // 64 * 64)}"
+                " here; 512-2048 is usual) or --batch-size")
+    return model + reading
+
+
+def region_size(grid_size: Tuple[int, int], polygons: Optional[Sequence[np.ndarray]] = None,
+                level0_per_analysis: float = 1.0) -> Tuple[int, int]:
+    """``(height, width)`` in analysis px of the region a run analyses: the bounding box of the
+    ROI ``polygons`` (``(K, 2)`` x, y level-0 px each), within the analysis grid of
+    ``grid_size`` ``(height, width)``; the whole grid without polygons."""
+    gh, gw = int(grid_size[0]), int(grid_size[1])
+    if not polygons:
+        return gh, gw
+    pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in polygons])
+    w, h = (pts.max(axis=0) - pts.min(axis=0)) / float(level0_per_analysis)
+    return min(gh, int(math.ceil(h)) + 2), min(gw, int(math.ceil(w)) + 2)

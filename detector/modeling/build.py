@@ -136,8 +136,10 @@ def load_weights(model: nn.Module, weights: str) -> None:
         try:
             obj = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
+            from ..engine.checkpoint import load_error_reason
+
             raise WeightsError(f"MODEL.WEIGHTS {weights}: not a PyTorch weights file that loads "
-                               f"safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                               f"safely ({load_error_reason(e)})") from None
         if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
             state = obj["model"]
         elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

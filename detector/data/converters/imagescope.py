@@ -16,8 +16,10 @@ never straddle splits; otherwise the file stem.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -58,11 +60,16 @@ def parse_imagescope(path: str) -> Tuple[Optional[float], List[Dict[str, Any]]]:
         raise ConversionError(path, f"root element is <{root.tag}>, not <Annotations>",
                               "is this an Aperio ImageScope / MoNuSeg XML file?")
     mpp: Optional[float] = None
+    raw = root.get("MicronsPerPixel", "0") or "0"
     try:
-        v = float(root.get("MicronsPerPixel", "0") or 0)
-        mpp = v if v > 0 else None
+        v = float(raw)
     except ValueError:
-        mpp = None
+        v = math.nan
+    if math.isfinite(v) and v > 0:
+        mpp = v
+    elif not (math.isfinite(v) and v == 0):  # 0 / absent: unknown, as ImageScope writes it
+        warnings.warn(f"{path}: MicronsPerPixel {raw!r} is not a positive number; ignored (the "
+                      "image's own mpp, or --mpp, is used)")
     regions: List[Dict[str, Any]] = []
     for ann in root.iter("Annotation"):
         label = (ann.get("Name") or "").strip() or DEFAULT_CATEGORY
@@ -167,7 +174,10 @@ def convert_xml(input_path: str, *, images_dir: Optional[str] = None, mpp: Optio
                       "put the image (.tif/.png/.jpg) next to the XML or give --images DIR")
             continue
         try:
-            file_mpp, regions = parse_imagescope(xp)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                file_mpp, regions = parse_imagescope(xp)
+            conv.notes.extend(f"warning: {w.message}" for w in caught)
         except ConversionError as e:
             conv.fail(xp, e.reason, skip_invalid)
             continue

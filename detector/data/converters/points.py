@@ -21,6 +21,7 @@ errors naming the file). The split group of an image is the image (one image per
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
@@ -83,6 +84,9 @@ def read_points_csv(path: str) -> Tuple[List[Tuple[float, float, str, Optional[s
         except (ValueError, IndexError):
             raise ConversionError(path, f"line {n}: x/y are not numbers: {r}",
                                   "fix the row or remove it") from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ConversionError(path, f"line {n}: invalid point, x/y are not finite numbers: "
+                                  f"{r}", "fix the row or remove it")
         label = r[idx["label"]].strip() if idx["label"] is not None and idx["label"] < len(r) \
             else ""
         slide = r[idx["slide"]].strip() if idx["slide"] is not None and idx["slide"] < len(r) \
