@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import tifffile
-import torch
 from skimage.io import imsave
 
 from detector.cli.convert_to_coco import main as convert_main

@@ -195,3 +195,22 @@ def test_bundle_round_trip_and_cli_threshold(tmp_path, capsys):
     assert s["second_stage"]["threshold"] == 0.77
     assert s["second_stage"]["candidate_threshold"] == 0.3
     assert set(s["counts"]) == {"metaphase", "atypical"}
+
+
+def test_mitotic_index_from_a_nuclei_model_in_the_same_call(tmp_path):
+    img = blob_image(1200, 1600, dark=((200, 240), (800, 600), (1400, 1000)),
+                     grey=((500, 900), (1040, 200), (300, 700), (900, 300)))
+    path = str(tmp_path / "slide.tif")
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb")
+    second = SecondStage(DarkCentreClassifier(), PHASES, patch_size=16, threshold=0.5,
+                         candidate_threshold=0.5)
+    opts = InferenceOptions(mpp=0.25, num_workers=0, tissue_detection=False, progress=False,
+                            tile_size=512, overlap=48, score_thresh=0.5)
+    nuclei = (BlobDetector(), [{"id": 1, "name": "nucleus"}], 0.25)  # every blob is a nucleus
+    s = infer_slide(BlobDetector(), FIGURE, 0.5, path, str(tmp_path / "out"), opts,
+                    second_stage=second, nuclei=nuclei)
+    assert s["mitotic_figures"]["total"] == 3
+    assert s["nuclei"]["count"] == 7
+    assert s["mitotic_index"] == pytest.approx(3 / 7)
+    assert os.path.isfile(tmp_path / "out" / "slide" / "nuclei" / "summary.json")
+    assert s["nuclei"]["tissue_area_mm2"] == pytest.approx(s["tissue_area_mm2"])

@@ -25,6 +25,8 @@ OUT=${1:-output/mitosis}
 SHARED=${SHARED:-../shared/data}
 PY=${PYTHON:-.venv/bin/python}
 MAX_FP=${MAX_FP:-2.0}
+# torch threads per process: the cores (2 here); on a machine shared with other jobs set it to
+# cores / jobs (e.g. OMP_NUM_THREADS=1), or every job slows down several times over
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 D=$OUT/data
 mkdir -p "$D"
@@ -58,16 +60,16 @@ t0=$(date +%s)
 t_det=$(( $(date +%s) - t0 ))
 
 say "3. hard-negative mining"
-[ -f "$D/mined_amibr_train.json" ] || "$PY" tools/mitosis_stage2.py mine \
-    --weights "$OUT/detector/model_final.pth" \
-    --input "$D/monuseg_unlabelled.json" "$D/monuseg_tiles_train.json" "$D/amibr_mitosis_train.json" \
-    --output "$D/mined_unlabelled.json" "$D/mined_tiles_train.json" "$D/mined_amibr_train.json"
+for src in monuseg_unlabelled monuseg_tiles_train amibr_mitosis_train; do
+    [ -f "$D/mined_$src.json" ] || "$PY" tools/mitosis_stage2.py mine \
+        --weights "$OUT/detector/model_final.pth" --input "$D/$src.json" --output "$D/mined_$src.json"
+done
 
 say "4. stage 2: patch classifier -> $OUT/classifier"
 t0=$(date +%s)
 [ -f "$OUT/classifier/model_final.pth" ] || "$PY" tools/train_net.py --resume \
     --config-file configs/mitosis/patch_classifier_cpu.yaml \
-    DATASETS.TRAIN "[$D/amibr_phase_train.json, $D/monuseg_nuclei_train.json, $D/mined_unlabelled.json, $D/mined_tiles_train.json, $D/mined_amibr_train.json]" \
+    DATASETS.TRAIN "[$D/amibr_phase_train.json, $D/monuseg_nuclei_train.json, $D/mined_monuseg_unlabelled.json, $D/mined_monuseg_tiles_train.json, $D/mined_amibr_mitosis_train.json]" \
     DATASETS.TEST "[$D/classifier_val.json]" OUTPUT_DIR "$OUT/classifier"
 t_cls=$(( $(date +%s) - t0 ))
 
