@@ -59,6 +59,10 @@ class InferenceOptions:
     roi: Optional[str] = None
     # Area of one high-power field in mm^2 (10 HPF = 10 x this).
     hpf_area: float = counting.DEFAULT_HPF_AREA_MM2
+    # Hotspot window: "square" or "circle", of this area in mm^2 (None: 10 HPF = 10 x hpf_area;
+    # 2.0 for the 2 mm^2 of current guidelines).
+    hotspot_shape: str = "square"
+    hotspot_area: Optional[float] = None
     # Classes counted as mitotic figures (names or ids, comma-separated); None: by name.
     mitotic_classes: Optional[str] = None
     # Detections below this score are dropped.
@@ -348,7 +352,8 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         },
     }
     summary.update(counting.summarize(merged, classes, slide_mpp, tissue_area_mm2, mitotic_ids,
-                                      opts.hpf_area, centroids, tissue, tscale))
+                                      opts.hpf_area, centroids, tissue, tscale,
+                                      opts.hotspot_shape, opts.hotspot_area))
     hs = summary["mitotic_figures"]["hotspot"]
 
     export.write_geojson(os.path.join(out_dir, "detections.geojson"), merged, classes, slide_mpp,
