@@ -262,7 +262,7 @@ def test_empty_slide_and_missing_mpp(tmp_path):
                     InferenceOptions(num_workers=0, progress=False))
 
 
-def test_corrupt_tile_is_logged_skipped_and_listed(tmp_path):
+def test_corrupt_tile_is_logged_skipped_and_listed(tmp_path, caplog):
     img = tifffile.imread(shared_path(*MONUSEG))[..., :3]
     p = str(tmp_path / "corrupt.tif")
     tifffile.imwrite(p, img, tile=(256, 256), photometric="rgb", compression="jpeg",
@@ -270,12 +270,26 @@ def test_corrupt_tile_is_logged_skipped_and_listed(tmp_path):
     with tifffile.TiffFile(p) as tf:
         off, n = tf.pages[0].dataoffsets[5], tf.pages[0].databytecounts[5]
     data = bytearray(open(p, "rb").read())
-    data[off:off + n] = b"\x00" * n
+    data[off:off + n] = b"\x00" * n  # TIFF tile 5: row 1, column 1 of 4 x 4 -> px 256..512
     open(p, "wb").write(bytes(data))
     s = infer_slide(ClassicalNucleusDetector(), CLASSES, 0.25, p, str(tmp_path),
                     _opts(tile_size=256, overlap=32, mpp=None))
     failed = s["analysis"]["tiles_failed"]
-    assert len(failed) >= 1 and "corrupt" in failed[0]["error"]
+    # the analysis tiles that failed are exactly those that overlap the damaged TIFF tile
+    # (the grid of 256 px tiles with stride 224 starts at 0, 224, 448, 672, 744)
+    from detector.inference.tiling import tile_grid
+
+    hit = [k for k, (x0, y0, x1, y1) in enumerate(tile_grid(1000, 1000, 256, 32))
+           if x0 < 512 and x1 > 256 and y0 < 512 and y1 > 256]
+    assert hit == [6, 7, 11, 12]
+    assert [f["tile"] for f in failed] == hit
+    assert [tuple(f["box"]) for f in failed] == [(224, 224, 480, 480), (448, 224, 704, 480),
+                                                  (224, 448, 480, 704), (448, 448, 704, 704)]
+    # for the stated reason, and each logged with its tile number and the slide
+    assert all("corrupt" in f["error"] for f in failed), failed
+    for k in hit:
+        assert f"tile {k} of {p} skipped" in caplog.text
+    assert s["analysis"]["tiles_analysed"] == 25 - 4
     assert s["total_detections"] > 300  # the rest of the slide was analysed
 
 
