@@ -266,8 +266,14 @@ def write_density(path: str, density: np.ndarray, cell_px: float, slide_size: Tu
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cb.set_label(title)
     if hotspot and hotspot.get("x0") is not None:
-        ax.add_patch(Rectangle((hotspot["x0"], hotspot["y0"]), hotspot["x1"] - hotspot["x0"],
-                               hotspot["y1"] - hotspot["y0"], fill=False, ec="cyan", lw=2))
+        if "radius" in hotspot:
+            from matplotlib.patches import Circle
+
+            ax.add_patch(Circle((hotspot["cx"], hotspot["cy"]), hotspot["radius"], fill=False,
+                                ec="cyan", lw=2))
+        else:
+            ax.add_patch(Rectangle((hotspot["x0"], hotspot["y0"]), hotspot["x1"] - hotspot["x0"],
+                                   hotspot["y1"] - hotspot["y0"], fill=False, ec="cyan", lw=2))
         ax.text(hotspot["x0"], hotspot["y0"], f" hotspot {hotspot['count']}", color="cyan",
                 va="bottom", fontsize=9)
     ax.set_title(f"{title} (cells of {cell_px:.0f} px)")
