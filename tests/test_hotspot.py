@@ -176,3 +176,34 @@ def test_overlay_caption_is_written_once_on_its_own_label(tmp_path):
         yellow = (box[..., 0] > 150) & (box[..., 1] > 100) & (box[..., 2] < 100)
         assert yellow.mean() > 0.05
     assert heights[0] >= 15 and heights[1] >= 25 and heights[2] >= 2 * heights[1] * 0.9
+
+
+def test_hotspot_options_through_the_slide_pipeline(tmp_path):
+    """--hotspot-shape / --hotspot-area reach summary.json; a 1000 px tile (0.0625 mm²) is
+    smaller than 10 HPF, and the summary says so."""
+    import torch
+
+    from detector.inference.runner import InferenceOptions, infer_slide
+    from tests.conftest import shared_path
+
+    boxes = np.array([[100, 100, 110, 110], [150, 120, 160, 130], [700, 700, 710, 710]],
+                     np.float32)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, images, targets=None):
+            return [Instances(tuple(im.shape[-2:]), boxes, np.ones(3, np.float32),
+                              np.ones(3, np.int64)) for im in images]
+
+    classes = [{"id": 1, "name": "mitotic figure"}]
+    path = str(shared_path("monuseg", "TCGA-2Z-A9J9-01A-01-TS1.tif"))
+    opts = dict(mpp=0.25, num_workers=0, progress=False, tile_size=1024, overlap=0)
+    s = infer_slide(Fixed(), classes, 0.25, path, str(tmp_path / "a"), InferenceOptions(**opts))
+    hs = s["mitotic_figures"]["hotspot"]
+    assert hs["count"] == 3 and hs["tissue_smaller_than_window"] and "note" in hs
+    assert hs["tissue_area_mm2"] == pytest.approx(s["tissue_area_mm2"], rel=0.01)
+    s = infer_slide(Fixed(), classes, 0.25, path, str(tmp_path / "b"),
+                    InferenceOptions(hotspot_shape="circle", hotspot_area=0.01, **opts))
+    hs = s["mitotic_figures"]["hotspot"]
+    assert hs["window"] == {"shape": "circle", "area_mm2": 0.01, "label": "0.01 mm²"}
+    assert hs["count"] == 2 and not hs["tissue_smaller_than_window"]
+    assert hs["area_mm2"] == pytest.approx(0.01)
