@@ -1,7 +1,8 @@
 """Converting with worker processes in a process where torch has already run (a notebook that
 trained, the demo): the pool then starts its workers from a clean forkserver, because forking
 after OpenMP threads ran can deadlock the children (seen once in the demo's tests; not
-reproducible on demand, so this test checks that the forkserver path converts correctly)."""
+reproducible on demand, so this test checks that the forkserver start method is the one used,
+and that it converts correctly)."""
 import subprocess
 import sys
 import textwrap
@@ -24,10 +25,17 @@ def test_conversion_with_workers_after_torch_ran(tmp_path):
             Image.fromarray(np.full((32, 32, 3), 40 * k, np.uint8)).save(os.path.join(d, "images", f"img{{k}}.png"))
             m = np.zeros((32, 32), np.uint8); m[4:12, 4:12] = 255
             Image.fromarray(m).save(os.path.join(d, "masks", "a.png"))
+        import multiprocessing
+        used = []
+        get_context = multiprocessing.get_context
+        multiprocessing.get_context = lambda method=None: (used.append(method),
+                                                           get_context(method))[1]
         from detector.data.converters.dsb import convert_dsb
         conv = convert_dsb(root, workers=2, progress=False)
+        print("start methods", used)
         print(len(conv.coco["images"]), len(conv.coco["annotations"]))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "start methods ['forkserver']" in r.stdout, r.stdout
     assert r.stdout.split()[-2:] == ["6", "6"]

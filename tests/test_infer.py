@@ -169,23 +169,17 @@ def test_mitotic_counts_through_the_pipeline(tmp_path):
     assert mf["per_10_hpf"] == pytest.approx(n / 0.0625 * 0.01)
     hs = mf["hotspot"]  # 10 HPF = 0.01 mm2 = a 400 px square at 0.25 um/px
     assert hs["x1"] - hs["x0"] == pytest.approx(400) and 0 < hs["count"] < n
-    assert hs["area_mm2"] == pytest.approx(0.01)
-
-
-def test_hotspot_finds_the_densest_window():
-    rng = np.random.default_rng(0)
-    pts = rng.uniform(0, 10000, (200, 2))
-    cluster = rng.uniform(0, 500, (40, 2)) + [6200, 3100]  # 40 figures in a 500 px square
-    hs = counting.hotspot(np.concatenate([pts, cluster]), (10000, 10000), (1000, 1000))
-    assert 6200 + 500 - 1000 <= hs["x0"] <= 6200 and 3100 + 500 - 1000 <= hs["y0"] <= 3100
-    assert hs["x1"] - hs["x0"] == 1000 and hs["count"] >= 40
-    inside = ((pts[:, 0] >= hs["x0"]) & (pts[:, 0] < hs["x1"]) & (pts[:, 1] >= hs["y0"])
-              & (pts[:, 1] < hs["y1"])).sum()
-    assert hs["count"] == 40 + inside  # the exact count in the window reported
-    # a slide smaller than the window: the whole slide
-    hs = counting.hotspot(np.array([[5.0, 5.0]]), (50, 80), (1000, 1000))
-    assert (hs["x0"], hs["y0"], hs["x1"], hs["y1"], hs["count"]) == (0, 0, 80, 50, 1)
-    assert counting.hotspot(np.zeros((0, 2)), (50, 80), (10, 10))["count"] == 0
+    assert hs["area_mm2"] == pytest.approx(0.01) and not hs["tissue_smaller_than_window"]
+    # the densest window over every position: brute force over the windows whose left and top
+    # edges lie on a detection's centroid (an optimum can be slid there), from the CSV
+    with open(tmp_path / "TCGA-2Z-A9J9-01A-01-TS1" / "detections.csv") as f:
+        pts = np.array([[float(r["x_px"]), float(r["y_px"])] for r in csv.DictReader(f)])
+    best = 0
+    for x0 in np.minimum(np.append(pts[:, 0], 600.0), 600.0):
+        ys = np.sort(pts[(pts[:, 0] >= x0) & (pts[:, 0] < x0 + 400), 1])
+        y0 = np.minimum(np.append(ys, 600.0), 600.0)
+        best = max(best, int((np.searchsorted(ys, y0 + 400) - np.searchsorted(ys, y0)).max()))
+    assert hs["count"] == best
 
 
 def test_summarize_mitotic_index_and_class_flags():
@@ -268,7 +262,7 @@ def test_empty_slide_and_missing_mpp(tmp_path):
                     InferenceOptions(num_workers=0, progress=False))
 
 
-def test_corrupt_tile_is_logged_skipped_and_listed(tmp_path):
+def test_corrupt_tile_is_logged_skipped_and_listed(tmp_path, caplog):
     img = tifffile.imread(shared_path(*MONUSEG))[..., :3]
     p = str(tmp_path / "corrupt.tif")
     tifffile.imwrite(p, img, tile=(256, 256), photometric="rgb", compression="jpeg",
@@ -276,12 +270,26 @@ def test_corrupt_tile_is_logged_skipped_and_listed(tmp_path):
     with tifffile.TiffFile(p) as tf:
         off, n = tf.pages[0].dataoffsets[5], tf.pages[0].databytecounts[5]
     data = bytearray(open(p, "rb").read())
-    data[off:off + n] = b"\x00" * n
+    data[off:off + n] = b"\x00" * n  # TIFF tile 5: row 1, column 1 of 4 x 4 -> px 256..512
     open(p, "wb").write(bytes(data))
     s = infer_slide(ClassicalNucleusDetector(), CLASSES, 0.25, p, str(tmp_path),
                     _opts(tile_size=256, overlap=32, mpp=None))
     failed = s["analysis"]["tiles_failed"]
-    assert len(failed) >= 1 and "corrupt" in failed[0]["error"]
+    # the analysis tiles that failed are exactly those that overlap the damaged TIFF tile
+    # (the grid of 256 px tiles with stride 224 starts at 0, 224, 448, 672, 744)
+    from detector.inference.tiling import tile_grid
+
+    hit = [k for k, (x0, y0, x1, y1) in enumerate(tile_grid(1000, 1000, 256, 32))
+           if x0 < 512 and x1 > 256 and y0 < 512 and y1 > 256]
+    assert hit == [6, 7, 11, 12]
+    assert [f["tile"] for f in failed] == hit
+    assert [tuple(f["box"]) for f in failed] == [(224, 224, 480, 480), (448, 224, 704, 480),
+                                                  (224, 448, 480, 704), (448, 448, 704, 704)]
+    # for the stated reason, and each logged with its tile number and the slide
+    assert all("corrupt" in f["error"] for f in failed), failed
+    for k in hit:
+        assert f"tile {k} of {p} skipped" in caplog.text
+    assert s["analysis"]["tiles_analysed"] == 25 - 4
     assert s["total_detections"] > 300  # the rest of the slide was analysed
 
 

@@ -156,15 +156,57 @@ def test_merge_is_per_class_and_confirmed_by_masks():
     assert len(merge_detections(inst)) == 1
 
 
+def _greedy_nms(boxes, scores, labels, thresh):
+    """Brute-force greedy NMS per class: visit by descending score, keep a box unless an
+    already kept box of its class overlaps it with IoU > thresh. Returns kept indices."""
+    kept = []
+    for i in sorted(range(len(boxes)), key=lambda k: (-scores[k], k)):
+        x0, y0, x1, y1 = boxes[i]
+        ok = True
+        for j in kept:
+            if labels[j] != labels[i]:
+                continue
+            a0, b0, a1, b1 = boxes[j]
+            inter = max(0.0, min(x1, a1) - max(x0, a0)) * max(0.0, min(y1, b1) - max(y0, b0))
+            union = (x1 - x0) * (y1 - y0) + (a1 - a0) * (b1 - b0) - inter
+            if inter / union > thresh:
+                ok = False
+                break
+        if ok:
+            kept.append(i)
+    return kept
+
+
 def test_merge_across_spatial_cells_equals_global_nms():
     rng = np.random.default_rng(1)
-    rects = []
+    rects, labels = [], []
     for _ in range(300):
         x, y = (int(v) for v in rng.integers(0, 4000, 2))
+        lab = int(rng.integers(1, 3))
         rects.append((x, y, 15, 15, float(rng.random())))
         rects.append((x + 1, y + 1, 15, 15, float(rng.random())))  # its duplicate
-    inst = _slide_inst((4100, 4100), rects)
-    small_cells = merge_detections(inst, cell=300)  # many cells: duplicates straddle them
-    one_cell = merge_detections(inst, cell=10000)
-    assert sorted(map(tuple, small_cells.boxes.tolist())) == sorted(map(tuple, one_cell.boxes.tolist()))
-    assert len(one_cell) <= 300
+        labels += [lab, lab]
+    # chains across the borders of 300 px cells: A suppresses B, so C (which B would have
+    # suppressed) stays; wrong when a cell sees B without A
+    for k in range(1, 13):
+        edge = 300 * k
+        for dx, sc in ((-10, 0.95), (-6, 0.9), (-2, 0.85)):  # centres edge-2.5, +1.5, +5.5
+            rects.append((edge + dx, 150 + 300 * (k % 5), 15, 15, sc))
+            labels.append(1)
+    inst = _slide_inst((4100, 4100), rects, labels)
+    boxes = inst.boxes.astype(np.float64).tolist()
+    want = _greedy_nms(boxes, inst.scores.tolist(), inst.labels.tolist(), 0.5)
+    # the brute force agrees with torchvision's batched NMS over the whole slide
+    import torch
+    from torchvision.ops import batched_nms
+
+    tv = batched_nms(torch.tensor(boxes), torch.tensor(inst.scores), torch.tensor(inst.labels),
+                     0.5).tolist()
+    assert sorted(tv) == sorted(want)
+    expect = sorted(tuple(boxes[i]) + (int(inst.labels[i]),) for i in want)
+    for cell in (300, 10000):  # many cells (duplicates and chains straddle them), and one
+        merged = merge_detections(inst, cell=cell)
+        got = sorted(tuple(b) + (int(c),) for b, c in zip(merged.boxes.astype(np.float64).tolist(),
+                                                          merged.labels))
+        assert got == expect, cell
+    assert 300 <= len(want) < len(rects) - 250

@@ -1,5 +1,7 @@
 """The R-CNN models: configuration for cells, the Instances they return, and initial weights."""
 
+import os
+
 import pycocotools.mask as mask_utils
 import pytest
 import torch
@@ -173,9 +175,31 @@ def test_imagenet_classifier_weights_go_to_the_backbone(tmp_path):
 
 
 def test_unet_is_imported_lazily():
-    import detector.modeling.build as b
+    """Importing the builder and building a Mask R-CNN never imports the U-Net module; asking
+    for a U-Net does (checked in a fresh interpreter, where nothing was imported before)."""
+    import subprocess
+    import sys
+    import textwrap
 
-    assert "build_unet" not in dir(b)  # importing build does not need the U-Net module
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = textwrap.dedent("""
+        import sys
+        from detector.config.config import get_cfg
+        import detector.modeling.build as b
+        print("after import", "detector.modeling.unet" in sys.modules)
+        b.build_model(get_cfg(None, ["MODEL.BACKBONE.NAME", "resnet18"]),
+                      [{"id": 1, "name": "nucleus"}])
+        print("after Mask R-CNN", "detector.modeling.unet" in sys.modules)
+        b.build_model(get_cfg(None, ["MODEL.META_ARCHITECTURE", "UNet", "MODEL.UNET.DEPTH", "2"]),
+                      [{"id": 1, "name": "nucleus"}])
+        print("after U-Net", "detector.modeling.unet" in sys.modules)
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split("\n")[:3] == ["after import False", "after Mask R-CNN False",
+                                        "after U-Net True"], p.stdout
 
 
 def test_our_checkpoint_as_initial_weights_for_other_classes(tmp_path):

@@ -8,7 +8,11 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
+import torch.nn.functional as F
 
+import detector.data.transforms as transforms
+import detector.engine.checkpoint as checkpoint
+import detector.modeling.build as build
 from detector.config.config import get_cfg
 from detector.data.image_io import read_array, read_image
 from detector.data.unet_targets import UNetTargets
@@ -165,13 +169,38 @@ def test_eval_forward_returns_instances_for_any_image_size():
 
 
 def test_input_scale_resizes_inside_the_model():
+    """INPUT.SCALE 2: the network sees the image at twice its size (tiles, content) and the
+    probabilities come back at the input's size; training sees the crop and its targets at
+    twice the size too."""
     model = build_unet(small_cfg("INPUT.SCALE", "2.0"), NUCLEUS).eval()
-    probs = model.predict_probabilities(torch.rand(3, 30, 41))
+    ref = build_unet(small_cfg(), NUCLEUS).eval()  # the same weights at scale 1
+    ref.load_state_dict(model.state_dict())
+    seen = []
+    model.net.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    img = torch.rand(3, 30, 41)
+    probs = model.predict_probabilities(img, tile_size=16)
     assert probs.shape == (3, 30, 41)
+    # 60 x 82 px in tiles of 16 output px (4 x 6), not 30 x 41 (2 x 3)
+    assert sum(s[0] for s in seen) == math.ceil(60 / 16) * math.ceil(82 / 16)
+    up = F.interpolate(img[None], scale_factor=2.0, mode="bilinear", align_corners=False)[0]
+    want = F.interpolate(ref.predict_probabilities(up, tile_size=16)[None], size=(30, 41),
+                         mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(probs, want, atol=1e-5)
     model.train()
+    ref.train()
     img = torch.rand(3, 24, 24)
-    t = {"unet_target": torch.zeros(24, 24, dtype=torch.int64), "unet_weight": torch.ones(24, 24)}
-    assert torch.isfinite(model([img], [t])["loss_unet"])
+    tgt = torch.randint(0, 3, (24, 24))
+    wt = torch.rand(24, 24)
+    seen.clear()
+    loss = model([img], [{"unet_target": tgt, "unet_weight": wt}])["loss_unet"]
+    assert torch.isfinite(loss)
+    up = F.interpolate(img[None], scale_factor=2.0, mode="bilinear", align_corners=False)[0]
+    big = {"unet_target": tgt.repeat_interleave(2, 0).repeat_interleave(2, 1),
+           "unet_weight": wt.repeat_interleave(2, 0).repeat_interleave(2, 1)}
+    want = ref([up], [big])["loss_unet"]
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    padded_48 = ref._pad_for_output(torch.zeros(1, 3, 48, 48), 48, 48).shape
+    assert seen == [tuple(padded_48)]  # one batch of the 48 x 48 crop, padded for the net
 
 
 def test_build_unet_rejects_several_classes_with_a_clear_message():
@@ -182,7 +211,6 @@ def test_build_unet_rejects_several_classes_with_a_clear_message():
 
 
 def test_build_model_dispatches_to_unet():
-    build = pytest.importorskip("detector.modeling.build")
     model = build.build_model(small_cfg(), NUCLEUS)
     assert type(model).__name__ == "UNetModel"
 
@@ -253,8 +281,6 @@ def test_small_training_loop_learns_nuclei_of_a_real_image():
 
 
 def test_checkpoint_round_trip_through_load_model(tmp_path):
-    checkpoint = pytest.importorskip("detector.engine.checkpoint")
-    build = pytest.importorskip("detector.modeling.build")
     cfg = small_cfg("MODEL.UNET.TILE_SIZE", "32")
     model = build.build_model(cfg, [{"id": 3, "name": "nucleus"}]).eval()
     path = str(tmp_path / "unet.pth")
@@ -286,7 +312,6 @@ def test_augmentation_deforms_image_targets_and_weights_alike():
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
-    transforms = pytest.importorskip("detector.data.transforms")
     _, masks = dsb_image_and_masks()
     masks = masks[:, :128, :128]
     masks = masks[masks.reshape(len(masks), -1).any(1)]

@@ -2,7 +2,7 @@
 
     infer_tiles.py --weights model_final.pth --input slides/*.svs --output results/
                    [--tile-size 512 --overlap 96 --batch-size 4 --mpp 0.25 --device cuda
-                    --resume --roi 1000,2000,9000,8000 --hpf-area 0.237
+                    --resume --roi 1000,2000,9000,8000 --hpf-area 0.237 --hotspot-area 2
                     --mitotic-classes "mitotic figure" --score-thresh 0.5 --num-workers 2
                     --nuclei-weights nuclei.pth]
 
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="region of interest: 'x0,y0,x1,y1' in level-0 px or a GeoJSON file")
     p.add_argument("--hpf-area", type=float, default=d.hpf_area,
                    help="area of one high-power field in mm² (default %(default)s)")
+    p.add_argument("--hotspot-shape", choices=("square", "circle"), default=d.hotspot_shape,
+                   help="shape of the hotspot window (default %(default)s)")
+    p.add_argument("--hotspot-area", type=float, default=None,
+                   help="area of the hotspot window in mm² (default: 10 HPF = 10 x --hpf-area; "
+                        "2 for the 2 mm² of current guidelines)")
     p.add_argument("--mitotic-classes", default=None,
                    help="classes counted as mitotic figures (names or ids, comma-separated); "
                         "default: classes whose name says mitosis")
@@ -123,7 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if v <= 0:
             log.error("%s must be > 0, got %s", name, v)
             return 2
-    for name, v in (("--mpp", args.mpp), ("--hpf-area", args.hpf_area)):
+    for name, v in (("--mpp", args.mpp), ("--hpf-area", args.hpf_area),
+                    ("--hotspot-area", args.hotspot_area)):
         if v is not None and not v > 0:
             log.error("%s must be > 0, got %s", name, v)
             return 2
@@ -154,6 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     opts = InferenceOptions(
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
         num_workers=args.num_workers, mpp=args.mpp, roi=args.roi, hpf_area=args.hpf_area,
+        hotspot_shape=args.hotspot_shape, hotspot_area=args.hotspot_area,
         mitotic_classes=args.mitotic_classes, score_thresh=args.score_thresh,
         nms_thresh=args.nms_thresh, tissue_detection=not args.no_tissue_detection,
         amp=not args.no_amp, resume=args.resume, progress=not args.quiet)

@@ -171,17 +171,61 @@ def write_overlay(path: str, thumb: np.ndarray, scale: float, inst: Instances,
             pts = np.round(np.asarray(p) / scale).astype(np.int32).reshape(-1, 1, 2)
             cv2.polylines(img, [pts], True, (0, 0, 255), 2)
     if hotspot and hotspot.get("x0") is not None:
-        p0 = (int(hotspot["x0"] / scale), int(hotspot["y0"] / scale))
-        p1 = (int(hotspot["x1"] / scale) - 1, int(hotspot["y1"] / scale) - 1)
-        cv2.rectangle(img, p0, p1, (255, 200, 0), 3)
-        label = f"hotspot: {hotspot['count']} MF / 10 HPF"
-        cv2.putText(img, label, (p0[0] + 4, max(p0[1] + 18, 18)), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
-                    (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(img, label, (p0[0] + 4, max(p0[1] + 18, 18)), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
-                    (255, 200, 0), 1, cv2.LINE_AA)
+        colour = (255, 200, 0)
+        thick = max(2, int(round(max(img.shape[:2]) / 500)))
+        if "radius" in hotspot:
+            cv2.circle(img, (int(round(hotspot["cx"] / scale)), int(round(hotspot["cy"] / scale))),
+                       max(1, int(round(hotspot["radius"] / scale))), colour, thick, cv2.LINE_AA)
+        else:
+            p0 = (int(hotspot["x0"] / scale), int(hotspot["y0"] / scale))
+            p1 = (int(hotspot["x1"] / scale) - 1, int(hotspot["y1"] / scale) - 1)
+            cv2.rectangle(img, p0, p1, colour, thick)
+        draw_caption(img, hotspot_caption(hotspot),
+                     (hotspot["x0"] / scale, hotspot["y0"] / scale, hotspot["x1"] / scale,
+                      hotspot["y1"] / scale), colour)
     with atomic_write(path, "wb") as f:
         ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         f.write(buf.tobytes())
+
+
+def hotspot_caption(hotspot: Dict[str, Any]) -> str:
+    """The hotspot's caption: "hotspot: 12 MF / 10 HPF", or, when the analysed tissue is
+    smaller than one window, the tissue the count comes from ("hotspot: 12 MF in 0.0625 mm²
+    of tissue (< 10 HPF)")."""
+    label = (hotspot.get("window") or {}).get("label", "10 HPF")
+    if hotspot.get("tissue_smaller_than_window"):
+        area = hotspot.get("tissue_area_mm2", hotspot.get("area_mm2"))
+        where = f" in {area:.3g} mm² of tissue" if area is not None else " in all the tissue"
+        return f"hotspot: {hotspot['count']} MF{where} (< {label})"
+    return f"hotspot: {hotspot['count']} MF / {label}"
+
+
+def draw_caption(img: np.ndarray, text: str, anchor: Tuple[float, float, float, float],
+                 colour: Tuple[int, int, int] = (255, 200, 0)) -> None:
+    """Write ``text`` on ``img`` (RGB, in place) next to the box ``anchor`` (x0, y0, x1, y1,
+    image px): one pass of text on an opaque dark label, its height about 2.5 % of the image's
+    longer side (at least 13 px), above the box when there is room, else below it or inside,
+    always whole inside the image. Hershey fonts only know ASCII: "²" is written "2"."""
+    text = text.replace("²", "2")
+    h, w = img.shape[:2]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    (tw1, th1), _ = cv2.getTextSize(text, font, 1.0, 1)
+    fs = max(13.0, 0.025 * max(h, w)) / th1
+    fs = min(fs, 0.96 * w / (tw1 + 8))  # the whole caption fits across the image
+    thick = max(1, int(round(fs * 1.6)))
+    (tw, th), base = cv2.getTextSize(text, font, fs, thick)
+    pad = max(2, int(round(th * 0.3)))
+    bw, bh = tw + 2 * pad, th + base + 2 * pad
+    x0, y0, x1, y1 = anchor
+    bx = int(np.clip(round(x0), 0, max(0, w - bw)))
+    if y0 - bh >= 0:
+        by = int(round(y0)) - bh  # above the box
+    elif y1 + bh <= h:
+        by = int(round(y1))  # below
+    else:
+        by = int(np.clip(round(y0), 0, max(0, h - bh)))  # inside, at the top
+    cv2.rectangle(img, (bx, by), (bx + bw - 1, by + bh - 1), (20, 20, 20), -1)
+    cv2.putText(img, text, (bx + pad, by + pad + th), font, fs, colour, thick, cv2.LINE_AA)
 
 
 def write_density(path: str, density: np.ndarray, cell_px: float, slide_size: Tuple[int, int],
@@ -225,8 +269,14 @@ def write_density(path: str, density: np.ndarray, cell_px: float, slide_size: Tu
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cb.set_label(title)
     if hotspot and hotspot.get("x0") is not None:
-        ax.add_patch(Rectangle((hotspot["x0"], hotspot["y0"]), hotspot["x1"] - hotspot["x0"],
-                               hotspot["y1"] - hotspot["y0"], fill=False, ec="cyan", lw=2))
+        if "radius" in hotspot:
+            from matplotlib.patches import Circle
+
+            ax.add_patch(Circle((hotspot["cx"], hotspot["cy"]), hotspot["radius"], fill=False,
+                                ec="cyan", lw=2))
+        else:
+            ax.add_patch(Rectangle((hotspot["x0"], hotspot["y0"]), hotspot["x1"] - hotspot["x0"],
+                                   hotspot["y1"] - hotspot["y0"], fill=False, ec="cyan", lw=2))
         ax.text(hotspot["x0"], hotspot["y0"], f" hotspot {hotspot['count']}", color="cyan",
                 va="bottom", fontsize=9)
     ax.set_title(f"{title} (cells of {cell_px:.0f} px)")

@@ -3,8 +3,9 @@
 Append-only JSON lines, flushed and fsynced after every batch: a header line (the run's
 parameters: a journal from different parameters is not resumed), then one line per batch with
 the finished tile indices, the tiles that failed to decode and the batch's detections in slide
-coordinates (boxes XYXY level-0 px, masks as ``CropMask.to_json``). A killed run loses at most the batch in flight;
-a torn last line is ignored. A finished slide has ``summary.json`` and no journal.
+coordinates (boxes XYXY level-0 px, masks as ``CropMask.to_json``). A killed run loses at most
+the batch in flight; a torn last line is ignored, and a damaged line elsewhere costs only its own
+tiles (they are analysed again). A finished slide has ``summary.json`` and no journal.
 
 The weights are identified by content (:func:`weights_identity`, recorded in the header and in
 ``summary.json`` as ``weights_sha256``), not by path: a checkpoint file rewritten between two
@@ -82,12 +83,15 @@ class Journal:
             os.fsync(f.fileno())
 
     def _load(self) -> None:
-        with open(self.path, "r", encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        with open(self.path, "r", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f.read().split("\n") if ln.strip()]
         try:
             head = json.loads(lines[0])["header"]
-        except (ValueError, KeyError, IndexError):
-            head = None
+        except (ValueError, KeyError, IndexError, TypeError):
+            log.warning("%s: the journal's header is unreadable (torn or damaged); starting the "
+                        "slide again", self.path)
+            self._start()
+            return
         if head != self.header:
             keys = sorted(k for k in set(self.header) | set(head or {})
                           if (head or {}).get(k) != self.header.get(k))
@@ -95,23 +99,27 @@ class Journal:
                         "again", self.path, ", ".join(keys))
             self._start()
             return
-        good = 1
-        for line in lines[1:]:
-            if not line.strip():
-                continue
+        keep = [lines[0]]
+        for k, line in enumerate(lines[1:], start=2):
             try:
                 rec = json.loads(line)
-            except ValueError:
-                log.warning("%s: ignoring a torn last record (the run was killed mid-write)",
-                            self.path)
-                break
-            good += 1
-            self.done.update(int(t) for t in rec["tiles"])
-            self.failed.update({int(k): v for k, v in rec.get("failed", {}).items()})
-            self._parts.append(_from_record(rec, self.slide_size))
-        # rewrite without a torn tail so that new records follow valid ones
-        if good < len([ln for ln in lines if ln.strip()]):
-            keep = [ln for ln in lines if ln.strip()][:good]
+                part = _from_record(rec, self.slide_size)
+                tiles = [int(t) for t in rec["tiles"]]
+                failed = {int(t): str(v) for t, v in rec.get("failed", {}).items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                if k == len(lines):
+                    log.warning("%s: ignoring a torn last record (the run was killed "
+                                "mid-write)", self.path)
+                else:
+                    log.warning("%s: ignoring the damaged record on line %d of %d; its tiles "
+                                "are analysed again", self.path, k, len(lines))
+                continue
+            keep.append(line)
+            self.done.update(tiles)
+            self.failed.update(failed)
+            self._parts.append(part)
+        # rewrite without the bad records so that new records follow valid ones
+        if len(keep) < len(lines):
             with open(self.path, "w", encoding="utf-8") as f:
                 f.write("\n".join(keep) + "\n")
                 f.flush()

@@ -83,6 +83,10 @@ class InferenceOptions:
     roi: Optional[str] = None
     # Area of one high-power field in mm^2 (10 HPF = 10 x this).
     hpf_area: float = counting.DEFAULT_HPF_AREA_MM2
+    # Hotspot window: "square" or "circle", of this area in mm^2 (None: 10 HPF = 10 x hpf_area;
+    # 2.0 for the 2 mm^2 of current guidelines).
+    hotspot_shape: str = "square"
+    hotspot_area: Optional[float] = None
     # Classes counted as mitotic figures (names or ids, comma-separated); None: by name.
     mitotic_classes: Optional[str] = None
     # Detections below this score are dropped.
@@ -483,7 +487,8 @@ def summarize_slide(dets: Detections, grid: AnalysisGrid, classes: List[Dict[str
     }
     summary.update(counting.summarize(dets.instances, classes, grid.mpp, grid.tissue_area_mm2,
                                       mitotic_ids, opts.hpf_area, dets.centroids, grid.region,
-                                      grid.level0_per_thumbnail))
+                                      grid.level0_per_thumbnail, opts.hotspot_shape,
+                                      opts.hotspot_area))
     if len(mitotic_ids) > 1:  # phases (or normal / atypical): figures per class
         summary["mitotic_figures"]["by_class"] = {
             str(c["name"]): int((dets.instances.labels == int(c["id"])).sum()) for c in classes
