@@ -214,3 +214,73 @@ def test_mitotic_index_from_a_nuclei_model_in_the_same_call(tmp_path):
     assert s["mitotic_index"] == pytest.approx(3 / 7)
     assert os.path.isfile(tmp_path / "out" / "slide" / "nuclei" / "summary.json")
     assert s["nuclei"]["tissue_area_mm2"] == pytest.approx(s["tissue_area_mm2"])
+
+
+def test_eval_only_of_a_bundle_reports_both_stages(tmp_path, capsys):
+    """``train_net.py --eval-only`` with a bundle: metrics after stage 2 and, as
+    ``<file>/stage1``, the detector alone (here a random detector: the numbers are not the
+    point, the two rows and their thresholds are)."""
+    import cv2
+
+    from detector.cli.train_net import main as train_main
+
+    cfg = get_cfg(None, ["MODEL.META_ARCHITECTURE", "FasterRCNN", "MODEL.BACKBONE.NAME",
+                         "resnet18", "MODEL.BACKBONE.OUT_CHANNELS", "32",
+                         "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+                         "0.0"])
+    ccfg = get_cfg(None, ["MODEL.META_ARCHITECTURE", "PatchClassifier",
+                          "MODEL.CLASSIFIER.PATCH_SIZE", "32"])
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "det.pth"), build_model(cfg, FIGURE), cfg, FIGURE, 0.5, 1)
+    save_checkpoint(str(tmp_path / "cls.pth"), build_model(ccfg, PHASES), ccfg, PHASES, 0.5, 1)
+    write_bundle(str(tmp_path / "det.pth"), str(tmp_path / "cls.pth"), str(tmp_path / "b.pth"),
+                 0.0, 0.4)
+    coco = new_coco(FIGURE, ".")
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), blob_image(160, 160, dark=((80, 80),), grey=()))
+        coco["images"].append(image_entry(i + 1, f"f{i}.png", 160, 160, mpp=0.5))
+        coco["annotations"].append({"image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                                    "bbox": [70, 70, 20, 20], "area": 400})
+    save_coco(coco, str(tmp_path / "test.json"))
+    (tmp_path / "eval.yaml").write_text("MODEL:\n  DEVICE: cpu\n")
+    rc = train_main(["--config-file", str(tmp_path / "eval.yaml"), "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "b.pth"),
+                     "DATASETS.TEST", f"[{tmp_path / 'test.json'}]", "OUTPUT_DIR",
+                     str(tmp_path / "eval"), "TEST.SCORE_THRESH", "0.3"])
+    assert rc == 0
+    res = json.loads((tmp_path / "eval" / "eval_final.json").read_text())["metrics"]
+    assert set(res) == {"test", "test/stage1"}
+    assert res["test"]["score_thresh"] == 0.4 and res["test/stage1"]["score_thresh"] == 0.3
+    assert os.path.isfile(tmp_path / "eval" / "predictions_test_stage1.json")
+
+
+def test_patch_classifier_trains_and_answers_in_eval_mode(tmp_path):
+    """Dark blobs (figures) against grey ones (nuclei, negative-only) through train_net.py: the
+    eval-mode network must tell them apart (a MobileNet with torchvision's BatchNorm momentum
+    of 0.01 answered 'look-alike' to everything after a short run)."""
+    import cv2
+
+    from detector.engine.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    coco = new_coco(FIGURE + [{"id": 2, "name": "nucleus"}], ".")
+    for i in range(12):
+        dark = [tuple(int(v) for v in rng.integers(30, 170, 2)) for _ in range(3)]
+        grey = [tuple(int(v) for v in rng.integers(30, 170, 2)) for _ in range(3)]
+        img = blob_image(200, 200, dark=dark, grey=grey)
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), img[..., ::-1])
+        coco["images"].append(image_entry(i + 1, f"f{i}.png", 200, 200, mpp=0.25))
+        for (x, y), cat in [(p, 1) for p in dark] + [(p, 2) for p in grey]:
+            coco["annotations"].append({"image_id": i + 1, "category_id": cat, "iscrowd": 0,
+                                        "bbox": [x - 10, y - 10, 20, 20], "area": 400})
+    save_coco(coco, str(tmp_path / "train.json"))
+    cfg = get_cfg(None, ["MODEL.META_ARCHITECTURE", "PatchClassifier", "MODEL.DEVICE", "cpu",
+                         "MODEL.CLASSIFIER.PATCH_SIZE", "64", "DATASETS.TRAIN",
+                         f"[{tmp_path / 'train.json'}]", "DATASETS.TEST",
+                         f"[{tmp_path / 'train.json'}]", "DATASETS.NEGATIVE_CATEGORIES",
+                         "[nucleus]", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "16",
+                         "SOLVER.MAX_ITER", "40", "SOLVER.WARMUP_ITERS", "5", "SOLVER.OPTIMIZER",
+                         "AdamW", "SOLVER.BASE_LR", "0.003", "TEST.EVAL_PERIOD", "0",
+                         "OUTPUT_DIR", str(tmp_path / "run")])
+    metrics = Trainer(cfg).train()["train"]
+    assert metrics["balanced_accuracy"] > 0.9 and metrics["recall"] > 0.9
+    assert metrics["precision"] > 0.9

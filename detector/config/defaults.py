@@ -110,7 +110,8 @@ class ClassifierConfig:
     # (mitotic figure, or the phases, or normal/atypical).
     # The network: a torchvision classification model name, trained from scratch
     # ("mobilenet_v3_small": 0.06 GFLOPs at 224 px, about 4x the patches per second of
-    # "resnet18" on a CPU; "resnet18"/"resnet34"/"resnet50" take MODEL.BACKBONE.NORM BN or GN).
+    # "resnet18" on a CPU), with MODEL.BACKBONE.NORM "GN" (default: batch-independent, as the
+    # 2 x 2 px last feature maps of a 64 px patch need) or "BN".
     NAME: str = "mobilenet_v3_small"
     # Side of the patch in px at the training mpp (64 px = 16 um at 0.25 um/px: a figure and
     # its immediate surroundings).

@@ -13,13 +13,20 @@ returns ``{"loss_cls": cross-entropy}``. Eval: returns ``[N, K + 1]`` class prob
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+
+
+def group_norm(num_channels: int, *args: Any, **kwargs: Any) -> nn.GroupNorm:
+    """GroupNorm for any torchvision model's ``norm_layer``: groups of at least 4 channels
+    (at most 32 groups), BatchNorm-only arguments (momentum) ignored."""
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if num_channels % g == 0
+                  and (num_channels // g >= 4 or g == 1))
+    return nn.GroupNorm(groups, num_channels, eps=float(kwargs.get("eps", 1e-5)))
 
 
 class PatchClassifier(nn.Module):
@@ -31,16 +38,16 @@ class PatchClassifier(nn.Module):
         if name not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(f"MODEL.CLASSIFIER.NAME {name!r} is not a torchvision classification "
                              "model (e.g. mobilenet_v3_small, resnet18)")
-        kwargs: Dict[str, Any] = {}
-        if name.startswith("resnet"):
-            norm = cfg.MODEL.BACKBONE.NORM
-            if norm not in ("BN", "SyncBN", "GN"):
-                raise ValueError(f"MODEL.BACKBONE.NORM {norm!r}: the patch classifier is trained "
-                                 "from scratch with BN or GN")
-            kwargs["norm_layer"] = functools.partial(nn.GroupNorm, 32) if norm == "GN" \
-                else nn.BatchNorm2d
-        self.net = torchvision.models.get_model(name, weights=None,
-                                                num_classes=len(self.classes) + 1, **kwargs)
+        norm = cfg.MODEL.BACKBONE.NORM
+        if norm not in ("BN", "SyncBN", "GN"):
+            raise ValueError(f"MODEL.BACKBONE.NORM {norm!r}: the patch classifier is trained from "
+                             "scratch with GN (default) or BN")
+        # GroupNorm by default: on 64 px patches the last feature maps are 2 x 2 px, where
+        # BatchNorm's batch statistics let the network compare the patches of a batch, and its
+        # eval-mode answers (running statistics) then say look-alike to everything
+        norm_layer = group_norm if norm == "GN" else nn.BatchNorm2d
+        self.net = torchvision.models.get_model(name, weights=None, norm_layer=norm_layer,
+                                                num_classes=len(self.classes) + 1)
         self.register_buffer("pixel_mean", torch.tensor(list(cfg.MODEL.PIXEL_MEAN)).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(list(cfg.MODEL.PIXEL_STD)).view(1, 3, 1, 1),
