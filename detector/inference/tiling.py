@@ -106,8 +106,11 @@ def tiles_in_mask(tiles: Sequence[Tile], mask: np.ndarray, scale: float, min_fra
 
 # ------------------------------------------------------------------------------ memory bounds
 # Peak bytes per analysis px of one tile inside the model (float input, normalised copy,
-# backbone and FPN activations at stride 2-4, masks): an upper estimate for the ResNet-FPN
-# and U-Net models run at native resolution.
+# backbone and FPN activations at stride 2-4): an upper estimate for the models run at native
+# resolution. Measured (peak RSS growth, CPU, one 1024-px tile, 10 detections): R18-FPN Mask
+# R-CNN 121-153, R50-FPN 208-266, U-Net (unet_cpu) 264-307 (two runs). Masks pasted into full-tile rasters add about
+# 7 bytes per px per detection; they are not counted (masks are to be kept as crops).
+# benchmarks/bench_tile_memory.py measures these.
 MODEL_BYTES_PER_PX = 400
 # Fraction of the available memory a slide run may plan to use.
 MEMORY_FRACTION = 0.8
