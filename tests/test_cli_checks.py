@@ -145,6 +145,9 @@ def test_demo_exits_2_on_an_unwritable_out(tmp_path, capsys):
 
 
 TOOLS = sorted(f for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py"))
+# a flag only that tool has: the script runs its own CLI
+FLAGS = {"convert_to_coco.py": "--format", "evaluate.py": "--gt", "infer_tiles.py": "--weights",
+         "plot_curves.py": "--run", "train_net.py": "--config-file"}
 
 
 def test_tools_run_as_scripts(tmp_path):
@@ -152,6 +155,7 @@ def test_tools_run_as_scripts(tmp_path):
     --help and evaluate.py with bad input (exit 2, the file named, no traceback) as scripts of
     their own (they start without torch), and every tool's --help run as ``__main__`` in one
     more interpreter (one torch import, about 10 s of CPU on a loaded 2-core machine)."""
+    assert set(FLAGS) == set(TOOLS), "name a flag of each tool in FLAGS"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     missing = str(tmp_path / "nope.json")
     each = textwrap.dedent(f"""
@@ -165,7 +169,8 @@ def test_tools_run_as_scripts(tmp_path):
                 code = None
             except SystemExit as e:
                 code = e.code
-            print(tool, code, out.getvalue().startswith("usage:"))
+            print(tool, code, out.getvalue().split()[:2] == ["usage:", tool],
+                  {FLAGS!r}[tool] in out.getvalue())
     """)
     runs = {"convert": [os.path.join("tools", "convert_to_coco.py"), "--help"],
             "bad input": [os.path.join("tools", "evaluate.py"), "--gt", missing, "--pred",
@@ -182,4 +187,4 @@ def test_tools_run_as_scripts(tmp_path):
     (out, err), rc = done["each"]
     assert rc == 0, err[-2000:]
     assert len(TOOLS) >= 5
-    assert out.split("\n")[:len(TOOLS)] == [f"{t} 0 True" for t in TOOLS], out
+    assert out.split("\n")[:len(TOOLS)] == [f"{t} 0 True True" for t in TOOLS], out
