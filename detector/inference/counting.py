@@ -266,15 +266,18 @@ def hotspot(points: np.ndarray, slide_size: Tuple[int, int], side_px: Tuple[floa
         inside = (px >= x0) & (px < x0 + ww) & (py >= y0) & (py < y0 + wh)
         out["count"] = int(inside.sum())
     if region_mask is not None:
-        m = np.asarray(region_mask, bool)
-        ys, xs = np.mgrid[0:m.shape[0], 0:m.shape[1]]
         # the region's thumbnail pixels whose centre lies in the window
-        cxp, cyp = (xs + 0.5) * mask_scale, (ys + 0.5) * mask_scale
+        m = np.asarray(region_mask, bool)
+        a0, a1 = (int(np.clip(math.ceil(v / mask_scale - 0.5), 0, m.shape[1]))
+                  for v in (out["x0"], out["x1"]))
+        b0, b1 = (int(np.clip(math.ceil(v / mask_scale - 0.5), 0, m.shape[0]))
+                  for v in (out["y0"], out["y1"]))
+        sub = m[b0:b1, a0:a1]
         if shape == "circle":
-            win = np.hypot(cxp - out["cx"], cyp - out["cy"]) <= out["radius"]
-        else:
-            win = (cxp >= out["x0"]) & (cxp < out["x1"]) & (cyp >= out["y0"]) & (cyp < out["y1"])
-        out["tissue_px2"] = float((m & win).sum()) * mask_scale * mask_scale
+            ys, xs = np.mgrid[b0:b1, a0:a1]
+            sub = sub & (np.hypot((xs + 0.5) * mask_scale - out["cx"],
+                                  (ys + 0.5) * mask_scale - out["cy"]) <= out["radius"])
+        out["tissue_px2"] = float(sub.sum()) * mask_scale * mask_scale
     return out
 
 
