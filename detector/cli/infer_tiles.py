@@ -23,6 +23,9 @@ from ..errors import DetectorError
 from ..device import resolve_device
 from ..inference.runner import InferenceOptions, run_slides, shard
 from ..inference.slide import SLIDE_EXTS
+from ..inference.counting import resolve_class_ids
+from ..inference.tissue import parse_roi
+from ..modeling.build import load_model
 
 log = logging.getLogger("detector.infer")
 
@@ -103,8 +106,6 @@ def expand_inputs(items: List[str]) -> Tuple[List[str], List[str]]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ..modeling.build import WeightsError, load_model
-
     slides, missing = expand_inputs(args.input)
     for m in missing:
         log.error("--input %s matched no slide", m)
@@ -136,9 +137,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         nms_thresh=args.nms_thresh, tissue_detection=not args.no_tissue_detection,
         amp=not args.no_amp, resume=args.resume, progress=not args.quiet)
     # fail early on flags that would fail every slide
-    from ..inference.counting import resolve_class_ids
-    from ..inference.tissue import parse_roi
-
     try:
         resolve_class_ids(opts.mitotic_classes, classes)
         if opts.roi:

@@ -17,6 +17,9 @@ import pycocotools.mask as mask_utils
 from ..errors import DetectorError
 from ..fileio import atomic_write
 from ..structures.masks import CropMask, rle_from_json, rle_to_json, trace_polygons
+import contextlib
+import io
+from pycocotools.coco import COCO
 
 
 class CocoFormatError(ValueError, DetectorError):
@@ -229,11 +232,6 @@ def strip_private(data: Dict[str, Any]) -> Dict[str, Any]:
 
 def to_pycocotools(data: Dict[str, Any]):
     """A ``pycocotools.coco.COCO`` object built from an in-memory dict (no file round trip)."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-
     coco = COCO()
     coco.dataset = strip_private(data)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -34,7 +34,7 @@ from ..device import resolve_device as _resolve_device
 from ..errors import DetectorError
 from ..config.config import cfg_to_yaml
 from ..data.dataset import CocoInstanceDataset, DatasetError, check_classes, collate_list
-from ..modeling.build import build_model, load_weights
+from ..modeling.build import build_model, load_model, load_weights, test_time_overrides
 from . import distributed as du
 from .checkpoint import (get_rng_state, last_checkpoint, load_checkpoint, save_checkpoint,
                          set_rng_state, write_last_checkpoint)
@@ -369,8 +369,6 @@ class Trainer:
 
 def evaluate_only(cfg: Any, write_predictions: bool = True) -> Dict[str, Dict[str, float]]:
     """``--eval-only``: evaluate the checkpoint ``MODEL.WEIGHTS`` on ``DATASETS.TEST``."""
-    from ..modeling.build import load_model, test_time_overrides
-
     if not cfg.MODEL.WEIGHTS:
         raise TrainingError("--eval-only needs MODEL.WEIGHTS (a checkpoint of ours)")
     if not list(cfg.DATASETS.TEST):
