@@ -24,6 +24,7 @@ from .image_io import read_image
 from torchvision.transforms import v2
 
 from .transforms import RandomScaleCrop, build_train_transforms, masks_to_boxes_xyxy
+from .unet_targets import UNetTargets
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +164,6 @@ class CocoInstanceDataset(Dataset):
         self.transforms = transforms if transforms is not None else (
             build_train_transforms(cfg) if train else None)
         if target_fn is None and arch == "UNet":
-            from .unet_targets import UNetTargets  # written with the U-Net; imported lazily
-
             target_fn = UNetTargets(cfg)
         self.target_fn = target_fn
 

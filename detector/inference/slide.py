@@ -19,6 +19,9 @@ import cv2
 import numpy as np
 
 from ..data.image_io import ImageReadError, read_image, to_rgb
+import tifffile
+from defusedxml import ElementTree as ET
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +190,6 @@ class TiffReader(SlideReader):
     kind = "tifffile"
 
     def __init__(self, path: str, mpp_hint: Optional[float] = None):
-        import tifffile
-
         self.path = str(path)
         try:
             self._tf = tifffile.TiffFile(self.path)
@@ -217,8 +218,6 @@ class TiffReader(SlideReader):
         tf = self._tf
         if tf.is_ome and tf.ome_metadata:
             try:
-                from defusedxml import ElementTree as ET
-
                 root = ET.fromstring(tf.ome_metadata)
                 for el in root.iter():
                     if el.tag.endswith("}Pixels") or el.tag == "Pixels":
@@ -320,8 +319,6 @@ class PlainImageReader(SlideReader):
         self.level_downsamples = [1.0]
         self.mpp = None
         try:
-            from PIL import Image
-
             with Image.open(self.path) as im:
                 dpi = im.info.get("dpi")
             if dpi and dpi[0] and dpi[0] not in (72, 96):  # 72/96 are defaults, not calibration

@@ -21,7 +21,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 Size = Tuple[int, int]  # (height, width)
-Ring = List[List[float]]  # closed [[x, y], ...] along pixel corners
+Ring = List[List[int]]  # closed [[x, y], ...] along pixel corners (integers)
 Polygon = List[Ring]  # exterior ring, then holes
 
 _UINT32 = 2 ** 32
@@ -231,16 +231,33 @@ class CropMask:
         h, w = self.crop_size
         return float(self.x0), float(self.y0), float(self.x0 + w), float(self.y0 + h)
 
+    def _column_runs(self) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``(column, first row, length)`` of each object run of the crop when no run goes on
+        into the next column (then None)."""
+        h = self.crop_size[0]
+        cum = np.cumsum(self.counts)
+        starts, ends = cum[0:len(cum) - 1:2], cum[1::2]
+        col = starts // h
+        if len(starts) and not np.array_equal(col, (ends - 1) // h):
+            return None
+        return col, starts - col * h, ends - starts
+
     def centroid(self) -> Optional[Tuple[float, float]]:
         """``(x, y)`` mean of the pixel centres (pixel-edge coordinates, like boxes), or None
         when empty."""
         if self.is_empty:
             return None
-        h, w = self.crop_size
-        m = self.crop()
         n = float(self.area)
-        cy = float(m.sum(1) @ np.arange(h)) / n
-        cx = float(m.sum(0) @ np.arange(w)) / n
+        runs = self._column_runs()
+        if runs is not None:  # from the runs: no decoding
+            col, row, length = runs
+            cx = float(col @ length) / n
+            cy = float(((2 * row + length - 1) * length).sum()) / (2 * n)
+        else:
+            h, w = self.crop_size
+            m = self.crop()
+            cy = float(m.sum(1) @ np.arange(h)) / n
+            cx = float(m.sum(0) @ np.arange(w)) / n
         return self.x0 + cx + 0.5, self.y0 + cy + 0.5
 
     def iou(self, other: "CropMask") -> float:
@@ -296,15 +313,13 @@ class CropMask:
         H, W = self.image_size
         if self.is_empty:
             return _full_rle(np.asarray([H * W], np.int64), H, W)
-        h, w = self.crop_size
-        crop = self.crop()
-        padded = np.zeros((w, h + 2), np.int8)  # column-major runs: one row per column
-        padded[:, 1:-1] = crop.T
-        d = np.diff(padded, axis=1)
-        sc, sr = np.nonzero(d == 1)
-        ec, er = np.nonzero(d == -1)
-        starts = (self.x0 + sc).astype(np.int64) * H + self.y0 + sr
-        ends = (self.x0 + ec).astype(np.int64) * H + self.y0 + er
+        runs = self._column_runs()
+        if runs is not None:  # each crop run lies in one column: offset it into the image
+            col, row, length = runs
+            starts = (self.x0 + col) * H + self.y0 + row
+            ends = starts + length
+        else:
+            starts, ends = self._image_runs_decoded()
         join = np.flatnonzero(ends[:-1] == starts[1:])  # a run continues into the next column
         if len(join):
             starts = np.delete(starts, join + 1)
@@ -315,6 +330,19 @@ class CropMask:
         if counts[-1] == 0:
             counts = counts[:-1]
         return _full_rle(counts, H, W)
+
+    def _image_runs_decoded(self) -> Tuple[np.ndarray, np.ndarray]:
+        H = self.image_size[0]
+        h, w = self.crop_size
+        crop = self.crop()
+        padded = np.zeros((w, h + 2), np.int8)  # column-major runs: one row per column
+        padded[:, 1:-1] = crop.T
+        d = np.diff(padded, axis=1)
+        sc, sr = np.nonzero(d == 1)
+        ec, er = np.nonzero(d == -1)
+        starts = (self.x0 + sc).astype(np.int64) * H + self.y0 + sr
+        ends = (self.x0 + ec).astype(np.int64) * H + self.y0 + er
+        return starts, ends
 
     def to_json(self) -> Dict[str, Any]:
         """JSON-ready dict: ``{"x0", "y0", "image_size": [H, W], "size": [h, w], "counts"}``
@@ -421,7 +449,7 @@ def _clean_ring(pts: np.ndarray) -> Optional[Ring]:
     pts = pts[cross != 0]
     if len(pts) < 3:
         return None
-    ring = pts.astype(np.float64).tolist()
+    ring = pts.tolist()  # integer pixel corners
     ring.append(ring[0])
     return ring
 
