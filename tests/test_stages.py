@@ -102,3 +102,36 @@ def test_a_candidate_stage_runs_between_merge_and_region_filter(tmp_path):
     assert seen["n"] == s["total_detections"] > 100
     assert seen["slide"] == os.path.abspath(str(path))
     assert s["counts"]["mitotic figure"] == (seen["n"] + 1) // 2
+
+
+def test_api_load_and_predict_an_image_array(tmp_path):
+    """detector.api: a checkpoint -> Detector; an (H, W, 3) uint8 array -> Instances with
+    CropMask masks in the image's pixels, the same as the model's own forward."""
+    import torch
+
+    from detector import api
+    from detector.engine.checkpoint import save_checkpoint
+    from detector.errors import DetectorError
+    from detector.modeling.build import build_model
+    from tests.test_model import tiny_cfg
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg, CLASSES)
+    ck = str(tmp_path / "ck.pth")
+    save_checkpoint(ck, model, cfg, CLASSES, 0.25, 1)
+    det = api.load(ck, device="cpu")
+    assert det.classes == CLASSES and det.mpp == 0.25
+    rgb = (np.random.default_rng(0).random((70, 90, 3)) * 255).astype(np.uint8)
+    inst = det.predict(rgb)
+    assert inst.image_size == (70, 90) and len(inst) > 0
+    assert all(isinstance(m, CropMask) and m.image_size == (70, 90) for m in inst.masks)
+    model.eval()
+    with torch.no_grad():
+        ref = model([torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0])[0]
+    np.testing.assert_allclose(inst.boxes, ref.boxes, atol=1e-4)
+    assert inst.masks == ref.masks
+    with pytest.raises(DetectorError):
+        det.predict(rgb.astype(np.float32))
+    with pytest.raises(DetectorError, match="unknown option"):
+        det.predict_slide("x.svs", str(tmp_path), tile_sise=256)
