@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# ruff (ruff.toml: pyflakes + syntax errors, the whole repo) and mypy (mypy.ini: structures/
+# and inference/); both come with the dev extra, pinned in constraints.txt.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 demo: $(STAMP)
 	$(PY) -m detector.demo

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     for xml in xmls:
         masks = monuseg_masks(xml, 1000, 1000)
         boxes = boxes_of(masks)
-        t_lab = timed(lambda: labels_from_masks(masks, boxes), args.repeat)
+        t_lab = timed(lambda: labels_from_masks(masks, boxes), args.repeat)  # noqa: F821 (del below)
         labels = labels_from_masks(masks, boxes)
         del masks
         t_cls = timed(lambda: three_class_map(labels, args.width), args.repeat)

@@ -34,7 +34,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .errors import DetectorError
+from . import api
+from .data.synthetic import write_dataset, write_slide
+from .engine.logger import setup_logging
+from .errors import EXIT_USER_ERROR, DetectorError, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs", "demo")
@@ -92,7 +95,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd(tool: str, args: Sequence[str]) -> str:
+    """The command line of ``tools/<tool>.py`` that does what a step does through the API."""
     return " ".join(["python", f"tools/{tool}.py"] + [shlex.quote(str(a)) for a in args])
+
+
+def _flags(options: Dict[str, Any]) -> List[str]:
+    """API keyword options as the tool's flags (``score_thresh=0.4`` -> ``--score-thresh
+    0.4``; True -> the bare flag; lists -> one value each)."""
+    out: List[str] = []
+    for k, v in options.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            out.append(flag)
+        elif isinstance(v, (list, tuple)):
+            out += [flag] + [str(x) for x in v]
+        elif v is not None and v is not False:
+            out += [flag, str(v)]
+    return out
+
+
+def _pairs(overrides: Dict[str, Any]) -> List[str]:
+    """Config overrides as the trailing ``KEY VALUE`` pairs of ``train_net.py``."""
+    out: List[str] = []
+    for k, v in overrides.items():
+        out += [k, "[" + ",".join(map(str, v)) + "]" if isinstance(v, (list, tuple)) else str(v)]
+    return out
+
+
+def _train(config_file: str, overrides: Dict[str, Any], run_dir: str) -> str:
+    """One training run with the log in ``run_dir/log.txt``, as ``train_net.py`` writes it.
+    The demo's own run of an earlier demo is removed first (training refuses to overwrite a
+    finished run)."""
+    if os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    setup_logging(run_dir)
+    return api.train(config_file, overrides)
 
 
 class DemoError(RuntimeError, DetectorError):
@@ -115,11 +152,12 @@ class Runner:
             print(f"    $ {command}", flush=True)
             self.commands[key] = command
         t0 = time.perf_counter()
-        out = fn()
+        try:
+            out = fn()
+        except DetectorError as e:  # what the tool would print before exiting with status 2
+            raise DemoError(f"step {self.n} ({title}) failed with exit status "
+                            f"{EXIT_USER_ERROR} ({e}); the command was:\n    {command}") from None
         self.seconds[key] = round(time.perf_counter() - t0, 1)
-        if command and out != 0:
-            raise DemoError(f"step {self.n} ({title}) failed with exit status {out}; the "
-                            f"command was:\n    {command}")
         print(f"    ({self.seconds[key]:.0f} s)", flush=True)
         return out
 
@@ -132,12 +170,6 @@ def run_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu") -> Di
     """Run every step into ``out``; returns the summary (also written to ``out/summary.json``).
 
     Raises :class:`DemoError` when a step fails."""
-    from .cli.convert_to_coco import main as convert_main
-    from .cli.evaluate import main as evaluate_main
-    from .cli.infer_tiles import main as infer_main
-    from .cli.train_net import main as train_main
-    from .data.synthetic import write_dataset, write_slide
-
     t_start = time.perf_counter()
     out = os.path.abspath(out)
     data, runs = os.path.join(out, "data"), os.path.join(out, "runs")
@@ -168,18 +200,18 @@ def run_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu") -> Di
     # 2. COCO (--workers 1: a few small images, and no processes forked from this one, which
     # may already hold torch's threads)
     two = os.path.join(data, "synthetic.json")
-    args = ["--format", "labels", "--input", fields, "--classes", os.path.join(fields, "classes"),
-            "--categories", CATEGORIES, "--mpp", "0.5", "--split", "train=0.8,test=0.2",
-            "--seed", str(seed), "--workers", "1", "--output", two]
+    kw: Dict[str, Any] = dict(format="labels", input=[fields],
+                              classes=os.path.join(fields, "classes"), categories=CATEGORIES,
+                              mpp=0.5, split="train=0.8,test=0.2", seed=seed, workers=1,
+                              output=two)
     r.step("convert", "convert label images + class maps to COCO (two classes), split by image",
-           _cmd("convert_to_coco", args), lambda: convert_main(args))
+           _cmd("convert_to_coco", _flags(kw)), lambda kw=kw: api.convert(**kw))
     two_train, two_test = (os.path.join(data, f"synthetic_{s}.json") for s in ("train", "test"))
     one_train, one_test = (os.path.join(data, f"nuclei_{s}.json") for s in ("train", "test"))
-    a = ["--format", "labels", "--input", fields, "--mpp", "0.5", "--split", "train=0.8,test=0.2",
-         "--seed", str(seed), "--workers", "1",
-         "--output", os.path.join(data, "nuclei.json")]
+    kw = dict(format="labels", input=[fields], mpp=0.5, split="train=0.8,test=0.2", seed=seed,
+              workers=1, output=os.path.join(data, "nuclei.json"))
     r.step("convert_one_class", "the same split with one class (every nucleus) for the U-Net",
-           _cmd("convert_to_coco", a), lambda: convert_main(a))
+           _cmd("convert_to_coco", _flags(kw)), lambda kw=kw: api.convert(**kw))
 
     # 3. training and test-set predictions
     models = [("maskrcnn", "Mask R-CNN", "mask_rcnn_R_18_FPN.yaml", two_train, two_test,
@@ -189,43 +221,44 @@ def run_demo(out: str, size: DemoSize, seed: int = 0, device: str = "cpu") -> Di
     for key, name, cfg_name, train, test, iters in models:
         cfg = os.path.join(CONFIG_DIR, cfg_name)
         run_dir = os.path.join(runs, key)
-        opts = ["DATASETS.TRAIN", f"[{train}]", "DATASETS.TEST", "[]", "OUTPUT_DIR", run_dir,
-                "SEED", str(seed), "MODEL.DEVICE", device]
+        over: Dict[str, Any] = {"DATASETS.TRAIN": [train], "DATASETS.TEST": [],
+                                "OUTPUT_DIR": run_dir, "SEED": seed, "MODEL.DEVICE": device}
         if iters is not None:
-            opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", "1"]
-        a = ["--config-file", cfg] + opts
-        if os.path.isdir(run_dir):  # the demo's own run of an earlier demo: start over
-            shutil.rmtree(run_dir)
-        r.step(f"train_{key}", f"train the {name}", _cmd("train_net", a),
-               lambda a=a: train_main(a))
-        a = ["--config-file", cfg, "--eval-only", "MODEL.WEIGHTS",
-             os.path.join(run_dir, "model_final.pth"), "DATASETS.TEST", f"[{test}]",
-             "OUTPUT_DIR", run_dir, "MODEL.DEVICE", device]
+            over.update({"SOLVER.MAX_ITER": iters, "SOLVER.WARMUP_ITERS": 1})
+        r.step(f"train_{key}", f"train the {name}", _cmd("train_net", ["--config-file", cfg]
+                                                         + _pairs(over)),
+               lambda cfg=cfg, over=over, run_dir=run_dir: _train(cfg, over, run_dir))
+        weights = os.path.join(run_dir, "model_final.pth")
+        pover = {"MODEL.DEVICE": device}
+        shown = {"MODEL.WEIGHTS": weights, "DATASETS.TEST": [test], "OUTPUT_DIR": run_dir, **pover}
         r.step(f"predict_{key}", f"{name}: predictions on the test fields",
-               _cmd("train_net", a), lambda a=a: train_main(a))
+               _cmd("train_net", ["--config-file", cfg, "--eval-only"] + _pairs(shown)),
+               lambda cfg=cfg, weights=weights, test=test, run_dir=run_dir, pover=pover:
+               api.predict_dataset(cfg, weights, [test], run_dir, pover))
         preds[key] = _predictions(run_dir, test)
 
     # 4. evaluation
     report = os.path.join(out, "report")
-    a = ["--gt", one_test, "--pred", preds["maskrcnn"], preds["unet"], "--names", "Mask R-CNN",
-         "U-Net", "--class-agnostic", "--score-thresh", str(size.score_thresh),
-         "--bootstrap", str(size.bootstrap), "--seed", str(seed), "--out", report]
+    kw = dict(gt=one_test, pred=[preds["maskrcnn"], preds["unet"]],
+              names=["Mask R-CNN", "U-Net"], class_agnostic=True, score_thresh=size.score_thresh,
+              bootstrap=size.bootstrap, seed=seed, out=report)
     r.step("evaluate", "compare the two models on the test fields (every nucleus, "
-           "class-agnostic) -> report", _cmd("evaluate", a), lambda: evaluate_main(a))
+           "class-agnostic) -> report", _cmd("evaluate", _flags(kw)),
+           lambda kw=kw: api.evaluate(**kw))
     per_class = os.path.join(report, "maskrcnn_per_class")
-    a = ["--gt", two_test, "--pred", preds["maskrcnn"], "--names", "Mask R-CNN",
-         "--score-thresh", str(size.score_thresh), "--bootstrap", "0", "--no-report",
-         "--out", per_class]
+    kw = dict(gt=two_test, pred=[preds["maskrcnn"]], names=["Mask R-CNN"],
+              score_thresh=size.score_thresh, bootstrap=0, no_report=True, out=per_class)
     r.step("evaluate_classes", "Mask R-CNN per class (nucleus, mitotic figure)",
-           _cmd("evaluate", a), lambda: evaluate_main(a))
+           _cmd("evaluate", _flags(kw)), lambda kw=kw: api.evaluate(**kw))
 
     # 5. the slide
     slides = os.path.join(out, "slides")
-    a = ["--weights", os.path.join(runs, "maskrcnn", "model_final.pth"), "--input", slide,
-         "--output", slides, "--device", device, "--batch-size", "2", "--num-workers", "0",
-         "--score-thresh", str(size.score_thresh)]
+    weights = os.path.join(runs, "maskrcnn", "model_final.pth")
+    kw = dict(batch_size=2, num_workers=0, score_thresh=size.score_thresh)
     r.step("infer", "run the Mask R-CNN over the slide, tile by tile",
-           _cmd("infer_tiles", a), lambda: infer_main(a))
+           _cmd("infer_tiles", _flags(dict(weights=weights, input=[slide], output=slides,
+                                           device=device, **kw))),
+           lambda kw=kw: api.load(weights, device).predict_slide(slide, slides, **kw))
 
     # 6. summary
     slide_dir = os.path.join(slides, SLIDE_NAME)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from detector.data.coco import (
-    CocoFormatError, annotation_to_mask, bbox_of_mask, encode_mask, image_entry, load_coco,
+    CocoFormatError, annotation_to_mask, bbox_of_mask, image_entry, load_coco,
     mask_annotation, new_coco, save_coco, to_pycocotools)
 from detector.data.image_io import ImageReadError, image_size, read_image
 from detector.structures import CropMask, Instances, rle_from_json

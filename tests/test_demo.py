@@ -157,13 +157,17 @@ def test_demo_help_shows_the_options(capsys):
 
 
 def test_a_failing_step_names_the_step_and_its_command(tmp_path, monkeypatch, capsys):
-    import detector.cli.train_net as train_net
+    import detector.api as api
     import detector.demo as demo
+    from detector.errors import DetectorError
 
     monkeypatch.setattr(demo, "QUICK", demo.DemoSize(train_images=3, image_size=96,
                                                       slide_size=256, slide_levels=1,
                                                       maskrcnn_iters=1, unet_iters=1))
-    monkeypatch.setattr(train_net, "main", lambda argv=None: 2)
+    def fail(*args, **kwargs):
+        raise DetectorError("DATASETS.TRAIN: no such file")
+
+    monkeypatch.setattr(api, "train", fail)
     assert demo.main(["--quick", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "train the Mask R-CNN" in err and "failed with exit status 2" in err

@@ -38,6 +38,9 @@ def test_round_trips_equal_pycocotools():
         assert m.area == int(mask_utils.area(ref))
         x, y, w, h = mask_utils.toBbox(ref).tolist()
         assert m.bbox == ((x, y, x + w, y + h) if full.any() else (0.0, 0.0, 0.0, 0.0))
+        if full.any():
+            ys, xs = np.nonzero(full)
+            assert m.centroid() == pytest.approx((xs.mean() + 0.5, ys.mean() + 0.5))
     counts = [5, 3, 1000000, 2, 7, 0, 2 ** 40]
     assert counts_from_string(counts_to_string(counts)).tolist() == counts
 

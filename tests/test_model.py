@@ -236,3 +236,23 @@ def test_test_time_keys_override_the_checkpoint(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="not a test-time key"):
         load_model(str(tmp_path / "ck.pth"), overrides={"MODEL.BACKBONE.NAME": "resnet50"})
+
+
+def test_mask_rcnn_masks_pasted_in_their_boxes_equal_torchvisions_full_image_paste():
+    """Masks are pasted only into each box's crop (CropMask), never into image-sized rasters,
+    and give exactly the pixels of torchvision's paste_masks_in_image."""
+    import numpy as np
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from detector.modeling.rcnn import paste_masks_in_boxes
+
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    probs = torch.rand(n, 1, 28, 28, generator=g)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([85.0, 65.0])
+    wh = torch.rand(n, 2, generator=g) * 30 + 0.5
+    boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([90.0, 70.0]))], 1)
+    full = paste_masks_in_image(probs, boxes, (70, 90))[:, 0] > 0.5
+    crops = paste_masks_in_boxes(probs, boxes, (70, 90), 0.5)
+    for m, f in zip(crops, full):
+        assert np.array_equal(m.to_full(), f.numpy())

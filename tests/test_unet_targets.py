@@ -154,7 +154,7 @@ def test_touching_nuclei_are_separated_by_the_watershed_on_real_dsb(image_id):
     assert touching_pairs(lab) >= 10, "the test image must have touching nuclei"
     cls = three_class_map(lab, boundary_width=2)
     inst = instances_from_probabilities(probabilities_from_classes(cls), category_id=7,
-                                        min_size=1)
+                                        min_size=1, seed_thresh=0.5, smooth_sigma=0.0)
     gt = [mask_utils.encode(np.asfortranarray(m)) for m in masks]
     iou = mask_utils.iou([m.to_coco_rle() for m in inst.masks], gt, [0] * len(gt))
     rows, cols = linear_sum_assignment(-iou)
@@ -176,7 +176,8 @@ def test_merging_touching_nuclei_without_boundary_class_fails():
     masks = dsb_masks(TOUCHING_DSB[0])
     lab = labels_from_masks(masks)
     cls = np.where(lab > 0, INTERIOR, BACKGROUND).astype(np.uint8)
-    labels, _ = label_map_from_probabilities(probabilities_from_classes(cls), min_size=1)
+    labels, _ = label_map_from_probabilities(probabilities_from_classes(cls), min_size=1,
+                                           seed_thresh=0.5, smooth_sigma=0.0)
     assert labels.max() < 0.95 * len(masks)
 
 
@@ -191,7 +192,8 @@ def test_watershed_seeds_scores_small_objects_and_seedless_components():
     probs[:, 30:36, 30:36] = np.array([0.2, 0.3, 0.5])[:, None, None]
     # a tiny seeded speck, 4 px
     probs[:, 45:47, 45:47] = np.array([0.0, 1.0, 0.0])[:, None, None]
-    inst = instances_from_probabilities(probs, category_id=3, min_size=10)
+    inst = instances_from_probabilities(probs, category_id=3, min_size=10, seed_thresh=0.5,
+                                        smooth_sigma=0.0)
     assert len(inst) == 2
     order = np.argsort(inst.boxes[:, 0])
     a, b = inst[order[0]], inst[order[1]]
@@ -214,7 +216,7 @@ def test_smoothing_joins_seed_fragments_of_one_nucleus():
     probs[:, 10:30, 10:30] = np.array([0.0, 0.8, 0.2])[:, None, None]
     # a one-pixel line of noisy, boundary-like output across the nucleus
     probs[:, 19, 10:30] = np.array([0.0, 0.45, 0.55])[:, None]
-    split = instances_from_probabilities(probs, seed_thresh=0.3, min_size=5)
+    split = instances_from_probabilities(probs, seed_thresh=0.3, min_size=5, smooth_sigma=0.0)
     joined = instances_from_probabilities(probs, seed_thresh=0.3, min_size=5, smooth_sigma=1.0)
     assert len(split) == 2
     assert len(joined) == 1 and joined.boxes[0].tolist() == [10, 10, 30, 30]

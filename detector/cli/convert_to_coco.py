@@ -23,12 +23,18 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..data.coco import CocoFormatError, save_coco_files
+from ..data.coco import save_coco_files
 from ..data.converters import FORMATS, remap_categories, summary_text, to_polygon_format
 from ..data.converters.common import (Conversion, ConversionError, copy_images,
                                       parse_category_spec, to_rle_format)
 from ..errors import DetectorError, report
 from ..data.splits import image_groups, kfold_groups, parse_fractions, split_coco, split_groups
+from ..data.converters.amibr import convert_amibr
+from ..data.converters.coco_files import convert_coco
+from ..data.converters.dsb import convert_dsb
+from ..data.converters.imagescope import convert_xml
+from ..data.converters.labels import convert_labels
+from ..data.converters.points import convert_points
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,31 +121,21 @@ def _run_converter(args: argparse.Namespace) -> Conversion:
         raise ConversionError(args.classes, f"--classes is an option of --format labels, not "
                               f"--format {fmt}", "drop --classes, or use --format labels")
     if fmt == "dsb":
-        from ..data.converters.dsb import convert_dsb
-
         return convert_dsb(inp, skip_invalid=args.skip_invalid, workers=args.workers,
                            progress=progress)
     if fmt == "labels":
-        from ..data.converters.labels import convert_labels
-
         return convert_labels(inp, labels_dir=args.labels, images_dir=args.images,
                               classes_dir=args.classes, mpp=args.mpp,
                               skip_invalid=args.skip_invalid,
                               workers=args.workers, progress=progress)
     if fmt == "xml":
-        from ..data.converters.imagescope import convert_xml
-
         return convert_xml(inp, images_dir=args.images, mpp=args.mpp,
                            skip_invalid=args.skip_invalid, progress=progress)
     if fmt == "points":
-        from ..data.converters.points import convert_points
-
         return convert_points(inp, images_dir=args.images, mpp=args.mpp,
                               box_size_um=args.box_size_um, box_size_px=args.box_size_px,
                               skip_invalid=args.skip_invalid, progress=progress)
     if fmt == "amibr":
-        from ..data.converters.amibr import convert_amibr
-
         return convert_amibr(inp, label_mode=args.label_mode, mpp=args.mpp,
                              box_size_um=args.box_size_um, box_size_px=args.box_size_px,
                              skip_invalid=args.skip_invalid)
@@ -149,8 +145,6 @@ def _run_converter(args: argparse.Namespace) -> Conversion:
         return convert_images(inp, categories=args.categories, mpp=args.mpp,
                               skip_invalid=args.skip_invalid, progress=progress)
     if fmt == "coco":
-        from ..data.converters.coco_files import convert_coco
-
         return convert_coco(args.input, skip_invalid=args.skip_invalid)
     raise ConversionError(fmt, "unknown format", f"choose one of {', '.join(FORMATS)}")
 

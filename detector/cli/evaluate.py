@@ -30,7 +30,7 @@ import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import DetectorError, report
-from ..evaluation.evaluator import Evaluation, evaluate
+from ..evaluation.evaluator import DEFAULTS, Evaluation, evaluate
 from ..evaluation.inputs import (MODES, EvaluationInputError, choose_mode, load_gt,
                                  load_predictions)
 from ..evaluation.points import MIDOG_RADIUS_UM
@@ -56,11 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="auto", choices=MODES,
                    help="auto: masks when both sides have them; points when the GT has no "
                         "segmentation and every image has mpp (or --mpp); else boxes")
-    p.add_argument("--iou-thresh", type=float, default=0.5,
-                   help="IoU above which a match is a true positive (default 0.5)")
-    p.add_argument("--score-thresh", type=float, default=0.5,
+    p.add_argument("--iou-thresh", type=float, default=DEFAULTS.IOU_THRESH,
+                   help="IoU above which a match is a true positive (default: TEST.IOU_THRESH, "
+                        f"{DEFAULTS.IOU_THRESH})")
+    p.add_argument("--score-thresh", type=float, default=DEFAULTS.SCORE_THRESH,
                    help="predictions below this score are dropped before matching (AP uses all)")
-    p.add_argument("--max-dets", type=int, default=1000,
+    p.add_argument("--max-dets", type=int, default=DEFAULTS.MAX_DETS,
                    help="COCOeval maxDets per image (dense nuclei need more than COCO's 100)")
     p.add_argument("--radius-um", type=float, default=MIDOG_RADIUS_UM,
                    help="points mode: matching radius in micrometres (MIDOG: 7.5)")

@@ -21,10 +21,17 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from ..errors import DetectorError
+from ..checkpoint import load_checkpoint
+from ..config.config import cfg_to_yaml
 from ..device import resolve_device
+from ..errors import DetectorError
+from ..inference.journal import weights_identity
 from ..inference.runner import InferenceOptions, run_slides, shard
+from ..inference.second_stage import second_stage_from_checkpoint
 from ..inference.slide import SLIDE_EXTS
+from ..inference.counting import resolve_class_ids
+from ..inference.tissue import parse_roi
+from ..modeling.build import load_model
 
 log = logging.getLogger("detector.infer")
 
@@ -114,10 +121,6 @@ def expand_inputs(items: List[str]) -> Tuple[List[str], List[str]]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ..engine.checkpoint import load_checkpoint
-    from ..inference.second_stage import second_stage_from_checkpoint
-    from ..modeling.build import load_model
-
     slides, missing = expand_inputs(args.input)
     for m in missing:
         log.error("--input %s matched no slide", m)
@@ -165,9 +168,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         nms_thresh=args.nms_thresh, tissue_detection=not args.no_tissue_detection,
         amp=not args.no_amp, resume=args.resume, progress=not args.quiet)
     # fail early on flags that would fail every slide
-    from ..inference.counting import resolve_class_ids
-    from ..inference.tissue import parse_roi
-
     try:
         resolve_class_ids(opts.mitotic_classes, classes)
         if opts.roi:
@@ -179,9 +179,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.info("%d slide(s) for this process (of %d), model %s at %s um/px, classes %s, on %s",
              len(mine), len(slides), os.path.basename(args.weights), model_mpp,
              ", ".join(c["name"] for c in classes), device)
-    from ..config.config import cfg_to_yaml
-    from ..inference.journal import weights_identity
-
     weights_id = weights_identity(model, classes, model_mpp, cfg_to_yaml(_cfg))
     if second is not None:  # a bundle: both stages and their thresholds decide the counts
         weights_id = weights_identity(second.model, second.classes, second.mpp,

@@ -7,6 +7,7 @@ import sys
 from typing import List, Optional
 
 from detector.errors import DetectorError
+from detector.engine.curves import plot_training_curves
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -27,8 +28,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {folder}: no such run folder (give a training OUTPUT_DIR)", file=sys.stderr)
             return 2
         runs[name or os.path.basename(os.path.normpath(folder))] = folder
-    from detector.engine.curves import plot_training_curves
-
     try:
         drawn = plot_training_curves(runs, args.out)
     except (DetectorError, ValueError) as e:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_utils
+from pycocotools.coco import COCO
 
 from ..errors import DetectorError
 from ..fileio import atomic_write
@@ -249,11 +251,6 @@ def strip_private(data: Dict[str, Any]) -> Dict[str, Any]:
 
 def to_pycocotools(data: Dict[str, Any]):
     """A ``pycocotools.coco.COCO`` object built from an in-memory dict (no file round trip)."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-
     coco = COCO()
     coco.dataset = strip_private(data)
     with contextlib.redirect_stdout(io.StringIO()):

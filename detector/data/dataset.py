@@ -26,6 +26,7 @@ from .coco import CocoFormatError, annotation_to_mask, load_coco
 from .image_io import WindowCache, tissue_fraction
 
 from .transforms import RandomScaleCrop, build_train_transforms, masks_to_boxes_xyxy
+from .unet_targets import UNetTargets
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +224,6 @@ class CocoInstanceDataset(Dataset):
         self.transforms = transforms if transforms is not None else (
             build_train_transforms(cfg) if train else None)
         if target_fn is None and arch == "UNet":
-            from .unet_targets import UNetTargets  # written with the U-Net; imported lazily
-
             target_fn = UNetTargets(cfg)
         self.target_fn = target_fn
 

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DetectorError
+import tifffile
 
 TIFF_EXTS = (".tif", ".tiff")
 
@@ -34,8 +35,6 @@ def read_array(path: str) -> np.ndarray:
         raise ImageReadError(path, "file is empty (0 bytes)")
     try:
         if path.lower().endswith(TIFF_EXTS):
-            import tifffile
-
             arr = tifffile.imread(path, key=0)
         else:
             with Image.open(path) as im:
@@ -102,8 +101,6 @@ def image_size(path: str) -> Tuple[int, int]:
         raise ImageReadError(path, "file not found")
     try:
         if path.lower().endswith(TIFF_EXTS):
-            import tifffile
-
             with tifffile.TiffFile(path) as tf:
                 shape = tf.pages[0].shape
             return int(shape[0]), int(shape[1])

@@ -26,6 +26,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
+import tifffile
+from PIL import Image
+from tqdm import tqdm
 
 # Stain optical-density vectors (rows: hematoxylin, eosin), Ruifrok & Johnston, as in skimage.
 _STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], dtype=np.float32)
@@ -191,8 +194,6 @@ def _paint(rng: np.random.Generator, labels: np.ndarray, classes: Dict[int, int]
 
 
 def _imwrite(path: str, arr: np.ndarray) -> None:
-    from PIL import Image
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(arr).save(path)
 
@@ -209,8 +210,6 @@ def write_dataset(out_dir: str, n_images: int = 24, size: Tuple[int, int] = (256
     bare glass beyond it, as at the edges of a slide's tissue (a model that never saw glass
     and tissue borders finds objects there).
     """
-    from tqdm import tqdm
-
     rng = np.random.default_rng(seed)
     rows = []
     n_nuc = n_mit = 0
@@ -280,8 +279,6 @@ def write_slide(path: str, size: Tuple[int, int] = (3072, 3072), mpp: float = 0.
     """Write a pyramidal, tiled, JPEG-compressed TIFF "slide" with tissue, nuclei and known
     mitotic figures, and ``<path>.truth.json`` with their positions (level-0 px), the mpp
     and the true counts. Returns that truth dict."""
-    import tifffile
-
     rng = np.random.default_rng(seed)
     h, w = size
     tissue = _tissue_mask(rng, h, w)

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DetectorError
+from ..checkpoint import (CheckpointError, load_checkpoint,  # noqa: F401 (re-exported)
+                          load_error_reason)
+from ..config.config import cfg_to_yaml
 from ..fileio import atomic_write
 
 LAST_CHECKPOINT = "last_checkpoint"
@@ -28,10 +30,6 @@ PERIODIC = re.compile(r"^model_(\d{7,})\.pth$")
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError, DetectorError):
-    """A file that is not one of our checkpoints, or a missing one; the message names it."""
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -39,8 +37,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _config_text(cfg: Any) -> str:
     if isinstance(cfg, str):
         return cfg
-    from ..config.config import cfg_to_yaml
-
     return cfg_to_yaml(cfg)
 
 
@@ -100,31 +96,6 @@ def save_checkpoint(path: str, model: nn.Module, cfg: Any, classes: List[Dict[st
         ckpt["extra"] = dict(extra)
     with atomic_write(path, "wb") as f:
         torch.save(ckpt, f)
-
-
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read one of our checkpoints (``weights_only=True``: no code is executed)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a checkpoint that loads safely "
-                              f"({load_error_reason(e)})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "classes"} <= set(ckpt):
-        raise CheckpointError(f"{path}: not a detector checkpoint (needs 'model', 'config' and "
-                              "'classes'; a plain state dict goes in MODEL.WEIGHTS for "
-                              "fine-tuning instead)")
-    return ckpt
-
-
-def load_error_reason(e: BaseException) -> str:
-    """What ``torch.load(weights_only=True)`` refused, in one line, without torch's advice to
-    retry with ``weights_only=False`` (which would run whatever code the file carries)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    keep = [ln for ln in lines if "weights_only" not in ln and "Weights only load failed" not in ln
-            and not ln.startswith("Check the documentation")]
-    return f"{type(e).__name__}: {keep[0] if keep else 'unreadable file'}"
 
 
 def write_last_checkpoint(output_dir: str, name: str) -> None:

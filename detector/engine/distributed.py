@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 
 from ..device import get_local_rank, get_rank, get_world_size, is_main_process
+import torch.multiprocessing as mp
 
 __all__ = ["get_local_rank", "get_rank", "get_world_size", "is_main_process", "synchronize",
            "init_process_group", "launch", "all_reduce_mean"]
@@ -62,8 +63,6 @@ def launch(fn: Callable, num_procs: int, args: Sequence[Any] = ()) -> None:
     if num_procs <= 1 or "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         fn(*args)
         return
-    import torch.multiprocessing as mp
-
     mp.start_processes(_worker, args=(fn, num_procs, _free_port(), tuple(args)), nprocs=num_procs,
                        join=True, start_method="spawn")
 

@@ -22,6 +22,7 @@ from ..data.patches import CocoPatchDataset
 from ..evaluation.classification import classification_metrics
 from ..inference.second_stage import SecondStage, predict_two_stage
 from ..structures.instances import Instances
+from ..evaluation import evaluate_coco
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +101,6 @@ def evaluate_datasets(model: nn.Module, cfg: Any, datasets: List[CocoInstanceDat
                       autocast: Optional[Any] = None) -> Dict[str, Dict[str, float]]:
     """Metrics per test set (keyed by file stem). Writes ``eval_<iteration>.json`` (and
     ``predictions_<stem>.json`` with ``write_predictions``) into ``output_dir``."""
-    from ..evaluation import evaluate_coco  # the evaluation package; imported when needed
-
     all_metrics: Dict[str, Dict[str, float]] = {}
     with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
         for ds in datasets:

@@ -38,7 +38,7 @@ from ..data.coco import load_coco
 from ..data.dataset import CocoInstanceDataset, DatasetError, check_classes, collate_list
 from ..data.patches import build_dataset
 from ..inference.second_stage import SecondStage, second_stage_from_checkpoint
-from ..modeling.build import build_model, load_weights
+from ..modeling.build import build_model, load_model, load_weights, test_time_overrides
 from . import distributed as du
 from ..evaluation import evaluate_coco
 from .checkpoint import (CheckpointError, get_rng_state, last_checkpoint, load_checkpoint,
@@ -457,8 +457,6 @@ def refuse_to_overwrite(output_dir: str) -> None:
 
 def evaluate_only(cfg: Any, write_predictions: bool = True) -> Dict[str, Dict[str, float]]:
     """``--eval-only``: evaluate the checkpoint ``MODEL.WEIGHTS`` on ``DATASETS.TEST``."""
-    from ..modeling.build import load_model, test_time_overrides
-
     if not cfg.MODEL.WEIGHTS:
         raise TrainingError("--eval-only needs MODEL.WEIGHTS (a checkpoint of ours)")
     if not list(cfg.DATASETS.TEST):

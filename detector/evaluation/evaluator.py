@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from ..config.defaults import TestConfig
 from .coco_eval import run_cocoeval
 from .inputs import (EvaluationInputError, check_compatible, check_mpp, choose_mode,
                      normalize_results, objects_of)
@@ -21,6 +22,9 @@ from .metrics import (ImageEval, evaluate_image_instances, iou_curve, prf, score
                       summarize_counts, summarize_instances)
 from .points import MIDOG_RADIUS_UM, evaluate_image_points
 
+
+#: Evaluation defaults are the config's ``TEST.*`` (config/defaults.py), set in one place.
+DEFAULTS = TestConfig()
 
 @dataclass
 class Evaluation:
@@ -63,8 +67,9 @@ def _agnostic(gt: Dict[str, Any], results: List[Dict[str, Any]]):
     return g, [dict(r, category_id=cat["id"]) for r in results]
 
 
-def evaluate(gt: Dict[str, Any], results: Sequence[Dict[str, Any]], iou_thresh: float = 0.5,
-             score_thresh: float = 0.5, max_dets: int = 1000, mode: str = "auto",
+def evaluate(gt: Dict[str, Any], results: Sequence[Dict[str, Any]],
+             iou_thresh: float = DEFAULTS.IOU_THRESH, score_thresh: float = DEFAULTS.SCORE_THRESH,
+             max_dets: int = DEFAULTS.MAX_DETS, mode: str = "auto",
              radius_um: float = MIDOG_RADIUS_UM, mpp: Optional[float] = None,
              class_agnostic: bool = False, sweep: bool = True, source: str = "predictions",
              progress: bool = False) -> Evaluation:
@@ -184,8 +189,9 @@ def evaluate(gt: Dict[str, Any], results: Sequence[Dict[str, Any]], iou_thresh: 
         images=images, image_evals=evals, gt=gt, results=res, cocoeval=ev, warnings=warns)
 
 
-def evaluate_coco(gt: Dict[str, Any], results: List[Dict[str, Any]], iou_thresh: float = 0.5,
-                  score_thresh: float = 0.5, max_dets: int = 1000, mode: str = "auto",
+def evaluate_coco(gt: Dict[str, Any], results: List[Dict[str, Any]],
+                  iou_thresh: float = DEFAULTS.IOU_THRESH,
+                  score_thresh: float = DEFAULTS.SCORE_THRESH, max_dets: int = DEFAULTS.MAX_DETS, mode: str = "auto",
                   **kwargs: Any) -> Dict[str, float]:
     """Object-level and COCO metrics of a results list against a COCO ground truth.
 

@@ -22,6 +22,10 @@ import numpy as np
 from .coco_eval import APResampler
 from .evaluator import Evaluation
 from .points import count_correlation
+import cv2
+from collections import defaultdict
+from ..data.image_io import ImageReadError, read_image
+from .inputs import objects_of
 
 # rows of the comparison table: (key in summary, label)
 INSTANCE_ROWS = [("precision", "Precision @0.5"), ("recall", "Recall @0.5"), ("f1", "F1 @0.5"),
@@ -309,8 +313,6 @@ GREEN, RED, YELLOW = (0, 200, 0), (255, 0, 0), (255, 215, 0)  # RGB
 
 def _draw_objects(canvas: np.ndarray, objs, idx: np.ndarray, color, mode: str, scale: float,
                   radius_px: float, thickness: int = 2) -> None:
-    import cv2
-
     for k in idx:
         if mode == "masks" and objs.masks is not None:
             rings = [np.round(np.asarray(ring, np.float64) * scale).astype(np.int32)
@@ -330,12 +332,6 @@ def draw_overlay(ev: Evaluation, image_index: int, out_path: str, min_side: int 
     """The image with TP predictions in green, FP predictions in red and FN (missed GT) in
     yellow; small images are enlarged (nearest) so that outlines stay readable. Returns None
     (with a warning) when the image cannot be read."""
-    import cv2
-    from collections import defaultdict
-
-    from ..data.image_io import ImageReadError, read_image
-    from .inputs import objects_of
-
     im = ev.images[image_index]
     e = ev.image_evals[image_index]
     root = ev.gt.get("_image_root", ".")

@@ -49,7 +49,7 @@ def _box_ring(box: np.ndarray) -> List[List[float]]:
     return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
 
 
-def instance_polygons(inst: Instances, i: int) -> List[List[List[float]]]:
+def instance_polygons(inst: Instances, i: int) -> Sequence[Sequence[Sequence[float]]]:
     """Every ring (outer boundaries and holes) of detection ``i`` in level-0 px as closed
     ``[[x, y], ...]`` lists along pixel corners; the box's rectangle for box-only detections."""
     if inst.masks is None:

@@ -387,7 +387,7 @@ def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOpt
                 if inst.masks is not None:  # an empty mask is not an object
                     keep &= np.asarray([not m.is_empty for m in inst.masks], bool)
                 inst = inst[keep]
-                edges = interior_edges(b["index"], rows, cols, grid.selected)
+                edges = interior_edges(b["index"], rows, cols, grid.selected.tolist())
                 inst = drop_cut(inst, edges, opts.edge_margin)
                 parts.append(tile_to_slide(inst, b["tile"][:2],
                                            grid.geometry.level0_per_analysis, (H0, W0)))

@@ -13,12 +13,15 @@ import logging
 import math
 import os
 import re
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 from ..data.image_io import ImageReadError, read_image, to_rgb
+import tifffile
+from defusedxml import ElementTree as ET
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +133,14 @@ class SlideReader:
                 f"{self.level_count} levels, mpp={self.mpp})")
 
 
-def _valid_mpp(v: Optional[float]) -> Optional[float]:
+def _valid_mpp(v: Any) -> Optional[float]:
     try:
-        v = float(v)  # type: ignore[arg-type]
+        f = float(v)
     except (TypeError, ValueError):
         return None
-    if not math.isfinite(v) or not MPP_RANGE[0] <= v <= MPP_RANGE[1]:
+    if not math.isfinite(f) or not MPP_RANGE[0] <= f <= MPP_RANGE[1]:
         return None
-    return v
+    return f
 
 
 # ------------------------------------------------------------------------------------ OpenSlide
@@ -156,7 +159,7 @@ class OpenSlideReader(SlideReader):
             raise SlideReadError(self.path, f"OpenSlide cannot open it ({type(e).__name__}: {e}); "
                                  "the file may be truncated or not a slide") from None
         s = self._slide
-        self.level_dimensions = [tuple(map(int, d)) for d in s.level_dimensions]
+        self.level_dimensions = [(int(d[0]), int(d[1])) for d in s.level_dimensions]
         self.level_downsamples = [float(d) for d in s.level_downsamples]
         props = s.properties
         mx = _valid_mpp(props.get(openslide.PROPERTY_NAME_MPP_X))
@@ -187,8 +190,6 @@ class TiffReader(SlideReader):
     kind = "tifffile"
 
     def __init__(self, path: str, mpp_hint: Optional[float] = None):
-        import tifffile
-
         self.path = str(path)
         try:
             self._tf = tifffile.TiffFile(self.path)
@@ -217,8 +218,6 @@ class TiffReader(SlideReader):
         tf = self._tf
         if tf.is_ome and tf.ome_metadata:
             try:
-                from defusedxml import ElementTree as ET
-
                 root = ET.fromstring(tf.ome_metadata)
                 for el in root.iter():
                     if el.tag.endswith("}Pixels") or el.tag == "Pixels":
@@ -231,7 +230,7 @@ class TiffReader(SlideReader):
                                 return mpp
             except Exception as e:  # malformed OME-XML: fall back to the TIFF tags
                 log.warning("%s: cannot parse OME metadata (%s)", self.path, e)
-        page = tf.pages[0]
+        page: Any = tf.pages[0]
         desc = page.description or ""
         m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", desc)  # Aperio-style description
         if m and _valid_mpp(m.group(1)):
@@ -276,10 +275,11 @@ class TiffReader(SlideReader):
                 if seg is None:
                     continue
                 seg = seg.reshape(seg.shape[-3:])  # (length, width, samples)
+                seg_hw: Tuple[int, ...] = tuple(seg.shape)
                 sy0, sx0 = int(idx[-3]), int(idx[-2])
                 ay0, ax0 = max(y, sy0), max(x, sx0)
-                ay1 = min(y + h, sy0 + seg.shape[0], lh)
-                ax1 = min(x + w, sx0 + seg.shape[1], lw)
+                ay1 = min(y + h, sy0 + seg_hw[0], lh)
+                ax1 = min(x + w, sx0 + seg_hw[1], lw)
                 if ay1 > ay0 and ax1 > ax0:
                     out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = seg[ay0 - sy0:ay1 - sy0, ax0 - sx0:ax1 - sx0]
         return _to_rgb8(out)
@@ -319,8 +319,6 @@ class PlainImageReader(SlideReader):
         self.level_downsamples = [1.0]
         self.mpp = None
         try:
-            from PIL import Image
-
             with Image.open(self.path) as im:
                 dpi = im.info.get("dpi")
             if dpi and dpi[0] and dpi[0] not in (72, 96):  # 72/96 are defaults, not calibration

@@ -28,7 +28,7 @@ def tissue_mask(thumb: np.ndarray, min_contrast: float = 8.0, close_px: int = 7,
     if rgb.ndim == 2:
         rgb = np.repeat(rgb[..., None], 3, axis=2)
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    gray = cv2.GaussianBlur(gray, (3, 3), 0)
+    gray = np.asarray(cv2.GaussianBlur(gray, (3, 3), 0), np.float32)
     # extreme percentiles: a small fragment of tissue on a large glass slide still counts
     lo, hi = np.percentile(gray, (0.05, 99.95))
     if hi - lo < min_contrast:

@@ -13,9 +13,13 @@ import socket
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from ..checkpoint import load_checkpoint, load_error_reason
+from ..config.config import cfg_from_string
 from ..errors import DetectorError
+from .rcnn import build_rcnn
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +39,6 @@ def build_model(cfg: Any, classes: List[Dict[str, Any]]) -> nn.Module:
                          f"{len(classes)} categories {[c['name'] for c in classes]}; set "
                          "MODEL.NUM_CLASSES 0 to take them from the data")
     if arch in ("MaskRCNN", "FasterRCNN"):
-        from .rcnn import build_rcnn
-
         return build_rcnn(cfg, classes)
     if arch == "UNet":
         try:
@@ -136,8 +138,6 @@ def load_weights(model: nn.Module, weights: str) -> None:
         try:
             obj = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
-            from ..engine.checkpoint import load_error_reason
-
             raise WeightsError(f"MODEL.WEIGHTS {weights}: not a PyTorch weights file that loads "
                                f"safely ({load_error_reason(e)})") from None
         if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -179,8 +179,6 @@ TEST_TIME_KEYS = (
 
 def test_time_overrides(cfg: Any) -> Dict[str, Any]:
     """The :data:`TEST_TIME_KEYS` values of ``cfg`` (for ``load_model(..., overrides=)``)."""
-    from omegaconf import OmegaConf
-
     return {k: OmegaConf.select(cfg, k) for k in TEST_TIME_KEYS}
 
 
@@ -194,11 +192,6 @@ def load_model(path: str, device: str = "cpu", overrides: Optional[Dict[str, Any
     checkpoint's (e.g. ``{"INPUT.SCALE": 0.5}`` for images at twice the training resolution);
     other keys are refused, since they would not fit the trained weights.
     """
-    from omegaconf import OmegaConf
-
-    from ..config.config import cfg_from_string
-    from ..engine.checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(path)
     cfg = cfg_from_string(ckpt["config"])
     for key, value in (overrides or {}).items():

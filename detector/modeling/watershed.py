@@ -29,18 +29,21 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+from ..config.defaults import UNetConfig
 from ..structures.instances import Instances
 from ..structures.masks import CropMask
 
 _EIGHT = np.ones((3, 3), bool)
+#: The defaults are the config's (``MODEL.UNET.*``), set in one place: config/defaults.py.
+_DEFAULTS = UNetConfig()
 
 
 def label_map_from_probabilities(
     probs: np.ndarray,
-    seed_thresh: float = 0.5,
-    fg_thresh: float = 0.5,
-    min_size: int = 10,
-    smooth_sigma: float = 0.0,
+    seed_thresh: float = _DEFAULTS.SEED_THRESH,
+    fg_thresh: float = _DEFAULTS.FOREGROUND_THRESH,
+    min_size: int = _DEFAULTS.MIN_SIZE,
+    smooth_sigma: float = _DEFAULTS.SMOOTH_SIGMA,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Label image of the nuclei in a 3-class probability map.
 
@@ -126,16 +129,16 @@ def instances_from_label_map(
 def instances_from_probabilities(
     probs: np.ndarray,
     category_id: int = 1,
-    seed_thresh: float = 0.5,
-    fg_thresh: float = 0.5,
-    min_size: int = 10,
-    smooth_sigma: float = 0.0,
+    seed_thresh: float = _DEFAULTS.SEED_THRESH,
+    fg_thresh: float = _DEFAULTS.FOREGROUND_THRESH,
+    min_size: int = _DEFAULTS.MIN_SIZE,
+    smooth_sigma: float = _DEFAULTS.SMOOTH_SIGMA,
 ) -> Instances:
     """Nuclei of a ``(3, H, W)`` probability map (background, interior, boundary) as
     :class:`Instances` with :class:`CropMask` masks, boxes, scores (see the module docstring) and
     ``category_id`` as label. Scores are computed on the smoothed probabilities."""
     probs = smooth_probabilities(np.asarray(probs, dtype=np.float32), smooth_sigma)
-    labels, seeds = label_map_from_probabilities(probs, seed_thresh, fg_thresh, min_size)
+    labels, seeds = label_map_from_probabilities(probs, seed_thresh, fg_thresh, min_size, 0.0)
     n = int(labels.max())
     scores = np.zeros(n + 1, np.float64)
     if n:

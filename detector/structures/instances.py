@@ -75,10 +75,10 @@ class Instances:
             raise ValueError("Instances.cat: some items have masks and some do not")
         masks = None
         if all(with_masks):
-            masks = [m for it in items for m in it.masks]
+            masks = [m for it in items for m in (it.masks or [])]
         return Instances(
             size,
-            np.concatenate([it.boxes for it in items]) if items else None,
+            np.concatenate([it.boxes for it in items]),
             np.concatenate([it.scores for it in items]),
             np.concatenate([it.labels for it in items]),
             masks,

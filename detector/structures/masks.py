@@ -14,14 +14,14 @@ edges; polygons run along pixel corners. Sizes are ``(height, width)``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 
 Size = Tuple[int, int]  # (height, width)
-Ring = List[List[float]]  # closed [[x, y], ...] along pixel corners
+Ring = List[List[int]]  # closed [[x, y], ...] along pixel corners (integers)
 Polygon = List[Ring]  # exterior ring, then holes
 
 _UINT32 = 2 ** 32
@@ -88,7 +88,7 @@ def _full_rle(counts: np.ndarray, height: int, width: int) -> Dict[str, Any]:
     if int(height) * int(width) < _UINT32:
         return mask_utils.frPyObjects({"size": size, "counts": [int(v) for v in counts]},
                                       size[0], size[1])
-    return {"size": size, "counts": counts_to_string(counts)}
+    return {"size": size, "counts": counts_to_string(counts.tolist())}
 
 
 def rle_to_json(rle: Dict[str, Any]) -> Dict[str, Any]:
@@ -112,14 +112,18 @@ def rle_from_json(rle: Dict[str, Any]) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------ the type
 class CropMask:
-    """One object's mask: ``rle``, the COCO RLE (bytes counts) of its tight crop of size
-    ``(h, w)``, placed with its top-left pixel at ``(x0, y0)`` of an image of ``image_size``
-    ``(H, W)``. An empty mask has a 0 x 0 crop at (0, 0). Immutable."""
+    """One object's mask: the COCO RLE of its tight crop of size ``crop_size`` ``(h, w)``
+    (``counts``: the uncompressed run lengths, column-major, starting with background, as
+    pycocotools' ``frPyObjects`` takes them; :attr:`rle` is the compressed form), placed with
+    its top-left pixel at ``(x0, y0)`` of an image of ``image_size`` ``(H, W)``. An empty mask
+    has a 0 x 0 crop at (0, 0). Immutable."""
 
-    __slots__ = ("rle", "x0", "y0", "image_size")
+    __slots__ = ("counts", "crop_size", "x0", "y0", "image_size")
 
-    def __init__(self, rle: Dict[str, Any], x0: int, y0: int, image_size: Sequence[int]):
-        self.rle = rle
+    def __init__(self, counts: np.ndarray, crop_size: Sequence[int], x0: int, y0: int,
+                 image_size: Sequence[int]):
+        self.counts = np.asarray(counts, np.int64)
+        self.crop_size: Size = (int(crop_size[0]), int(crop_size[1]))
         self.x0 = int(x0)
         self.y0 = int(y0)
         self.image_size: Size = (int(image_size[0]), int(image_size[1]))
@@ -127,7 +131,7 @@ class CropMask:
     # -- construction
     @staticmethod
     def empty(image_size: Sequence[int]) -> "CropMask":
-        return CropMask(dict(_EMPTY_RLE), 0, 0, image_size)
+        return CropMask(np.zeros(0, np.int64), (0, 0), 0, 0, image_size)
 
     @staticmethod
     def from_crop(crop: np.ndarray, x0: int, y0: int, image_size: Sequence[int]) -> "CropMask":
@@ -141,34 +145,26 @@ class CropMask:
         cx1, cy1 = min(w, W - int(x0)), min(h, H - int(y0))
         if cx1 <= cx0 or cy1 <= cy0:
             return CropMask.empty((H, W))
-        crop = crop[cy0:cy1, cx0:cx1]
+        crop = crop[cy0:cy1, cx0:cx1].astype(bool, copy=False)
         rows = np.flatnonzero(crop.any(1))
         if rows.size == 0:
             return CropMask.empty((H, W))
         cols = np.flatnonzero(crop.any(0))
         r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        tight = np.asfortranarray(crop[r0:r1, c0:c1], dtype=np.uint8)
-        return CropMask(mask_utils.encode(tight), int(x0) + cx0 + c0, int(y0) + cy0 + r0, (H, W))
+        tight = crop[r0:r1, c0:c1]
+        flat = tight.T.ravel()  # column-major, as COCO
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        edges = np.concatenate(([0], change, [flat.size]))
+        counts = np.diff(edges)
+        if flat[0]:
+            counts = np.concatenate(([0], counts))
+        return CropMask(counts, (r1 - r0, c1 - c0), int(x0) + cx0 + c0, int(y0) + cy0 + r0,
+                        (H, W))
 
     @staticmethod
     def from_full(mask: np.ndarray) -> "CropMask":
         """The mask of an image-sized ``(H, W)`` binary raster."""
         return CropMask.from_crop(mask, 0, 0, mask.shape[:2])
-
-    @staticmethod
-    def from_label_image(labels: np.ndarray, ids: Optional[Iterable[int]] = None
-                         ) -> Dict[int, "CropMask"]:
-        """``{id: mask}`` of every label id > 0 of an ``(H, W)`` label image (or of ``ids``),
-        each from its bounding slice (``scipy.ndimage.find_objects``)."""
-        from scipy import ndimage as ndi  # scipy is heavy to import; only label images need it
-
-        out: Dict[int, CropMask] = {}
-        want = None if ids is None else set(int(i) for i in ids)
-        for k, sl in enumerate(ndi.find_objects(labels), start=1):
-            if sl is None or (want is not None and k not in want):
-                continue
-            out[k] = CropMask.from_crop(labels[sl] == k, sl[1].start, sl[0].start, labels.shape)
-        return out
 
     @staticmethod
     def from_coco_rle(rle: Dict[str, Any]) -> "CropMask":
@@ -187,28 +183,31 @@ class CropMask:
         idx = np.repeat(starts - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
         col, row = idx // H, idx % H
         x0, y0 = int(col.min()), int(row.min())
-        crop = np.zeros((int(row.max()) - y0 + 1, int(col.max()) - x0 + 1), np.uint8, order="F")
-        crop[row - y0, col - x0] = 1
-        return CropMask(mask_utils.encode(crop), x0, y0, (H, W))
+        crop = np.zeros((int(row.max()) - y0 + 1, int(col.max()) - x0 + 1), bool)
+        crop[row - y0, col - x0] = True
+        return CropMask.from_crop(crop, x0, y0, (H, W))
 
     # -- reading
-    @property
-    def crop_size(self) -> Size:
-        return int(self.rle["size"][0]), int(self.rle["size"][1])
-
     @property
     def is_empty(self) -> bool:
         return self.crop_size[0] == 0 or self.crop_size[1] == 0
 
+    @property
+    def rle(self) -> Dict[str, Any]:
+        """The crop's compressed COCO RLE (``{"size": [h, w], "counts": bytes}``)."""
+        h, w = self.crop_size
+        if self.is_empty:
+            return {"size": [h, w], "counts": b""}
+        return mask_utils.frPyObjects({"size": [h, w], "counts": self.counts.tolist()}, h, w)
+
     def crop(self) -> np.ndarray:
         """The ``(h, w)`` bool crop (its top-left pixel is ``(x0, y0)``)."""
-        if self.is_empty:
-            return np.zeros((0, 0), bool)
         h, w = self.crop_size
-        counts = counts_from_string(self.rle["counts"])
-        # column-major runs alternating background/object (pycocotools.mask.decode warns
-        # under numpy 2 and allocates more; the runs of a crop are few)
-        flat = np.repeat((np.arange(len(counts)) % 2).astype(bool), counts)
+        if self.is_empty:
+            return np.zeros((h, w), bool)
+        n = len(self.counts)
+        alt = _ALTERNATING[:n] if n <= len(_ALTERNATING) else np.arange(n) % 2 == 1
+        flat = np.repeat(alt, self.counts)
         return flat.reshape(w, h).T
 
     def to_full(self) -> np.ndarray:
@@ -222,7 +221,7 @@ class CropMask:
     @property
     def area(self) -> int:
         """Pixel count."""
-        return 0 if self.is_empty else int(mask_utils.area(self.rle))
+        return int(self.counts[1::2].sum())
 
     @property
     def bbox(self) -> Tuple[float, float, float, float]:
@@ -232,14 +231,34 @@ class CropMask:
         h, w = self.crop_size
         return float(self.x0), float(self.y0), float(self.x0 + w), float(self.y0 + h)
 
+    def _column_runs(self) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``(column, first row, length)`` of each object run of the crop when no run goes on
+        into the next column (then None)."""
+        h = self.crop_size[0]
+        cum = np.cumsum(self.counts)
+        starts, ends = cum[0:len(cum) - 1:2], cum[1::2]
+        col = starts // h
+        if len(starts) and not np.array_equal(col, (ends - 1) // h):
+            return None
+        return col, starts - col * h, ends - starts
+
     def centroid(self) -> Optional[Tuple[float, float]]:
         """``(x, y)`` mean of the pixel centres (pixel-edge coordinates, like boxes), or None
         when empty."""
         if self.is_empty:
             return None
-        m = self.crop()
-        ys, xs = np.nonzero(m)
-        return self.x0 + float(xs.mean()) + 0.5, self.y0 + float(ys.mean()) + 0.5
+        n = float(self.area)
+        runs = self._column_runs()
+        if runs is not None:  # from the runs: no decoding
+            col, row, length = runs
+            cx = float(col @ length) / n
+            cy = float(((2 * row + length - 1) * length).sum()) / (2 * n)
+        else:
+            h, w = self.crop_size
+            m = self.crop()
+            cy = float(m.sum(1) @ np.arange(h)) / n
+            cx = float(m.sum(0) @ np.arange(w)) / n
+        return self.x0 + cx + 0.5, self.y0 + cy + 0.5
 
     def iou(self, other: "CropMask") -> float:
         """Intersection over union with ``other`` (same image), from the overlap of the two
@@ -268,7 +287,7 @@ class CropMask:
         x0, y0 = self.x0 + int(dx), self.y0 + int(dy)
         h, w = self.crop_size
         if x0 >= 0 and y0 >= 0 and x0 + w <= size[1] and y0 + h <= size[0]:
-            return CropMask(self.rle, x0, y0, size)
+            return CropMask(self.counts, self.crop_size, x0, y0, size)
         return CropMask.from_crop(self.crop(), x0, y0, size)
 
     def rescale(self, ratio: float, image_size: Sequence[int]) -> "CropMask":
@@ -294,15 +313,13 @@ class CropMask:
         H, W = self.image_size
         if self.is_empty:
             return _full_rle(np.asarray([H * W], np.int64), H, W)
-        h, w = self.crop_size
-        crop = self.crop()
-        padded = np.zeros((w, h + 2), np.int8)  # column-major runs: one row per column
-        padded[:, 1:-1] = crop.T
-        d = np.diff(padded, axis=1)
-        sc, sr = np.nonzero(d == 1)
-        ec, er = np.nonzero(d == -1)
-        starts = (self.x0 + sc).astype(np.int64) * H + self.y0 + sr
-        ends = (self.x0 + ec).astype(np.int64) * H + self.y0 + er
+        runs = self._column_runs()
+        if runs is not None:  # each crop run lies in one column: offset it into the image
+            col, row, length = runs
+            starts = (self.x0 + col) * H + self.y0 + row
+            ends = starts + length
+        else:
+            starts, ends = self._image_runs_decoded()
         join = np.flatnonzero(ends[:-1] == starts[1:])  # a run continues into the next column
         if len(join):
             starts = np.delete(starts, join + 1)
@@ -314,21 +331,29 @@ class CropMask:
             counts = counts[:-1]
         return _full_rle(counts, H, W)
 
+    def _image_runs_decoded(self) -> Tuple[np.ndarray, np.ndarray]:
+        H = self.image_size[0]
+        h, w = self.crop_size
+        crop = self.crop()
+        padded = np.zeros((w, h + 2), np.int8)  # column-major runs: one row per column
+        padded[:, 1:-1] = crop.T
+        d = np.diff(padded, axis=1)
+        sc, sr = np.nonzero(d == 1)
+        ec, er = np.nonzero(d == -1)
+        starts = (self.x0 + sc).astype(np.int64) * H + self.y0 + sr
+        ends = (self.x0 + ec).astype(np.int64) * H + self.y0 + er
+        return starts, ends
+
     def to_json(self) -> Dict[str, Any]:
         """JSON-ready dict: ``{"x0", "y0", "image_size": [H, W], "size": [h, w], "counts"}``
-        (``size``/``counts``: the crop's COCO RLE)."""
-        counts = self.rle["counts"]
+        (``size``/``counts``: the crop's compressed COCO RLE)."""
         return {"x0": self.x0, "y0": self.y0, "image_size": list(self.image_size),
-                "size": [int(v) for v in self.rle["size"]],
-                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+                "size": list(self.crop_size), "counts": self.rle["counts"].decode("ascii")}
 
     @staticmethod
     def from_json(d: Dict[str, Any]) -> "CropMask":
         """The inverse of :meth:`to_json`."""
-        counts = d["counts"]
-        rle = {"size": [int(d["size"][0]), int(d["size"][1])],
-               "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        return CropMask(rle, d["x0"], d["y0"], d["image_size"])
+        return CropMask(_coco_counts(d), d["size"], d["x0"], d["y0"], d["image_size"])
 
     # -- polygons
     def polygons(self) -> List[Polygon]:
@@ -339,91 +364,100 @@ class CropMask:
         area equals :attr:`area`. Empty mask: ``[]``."""
         if self.is_empty:
             return []
-        return [[[[x + self.x0, y + self.y0] for x, y in ring] for ring in poly]
-                for poly in trace_polygons(self.crop())]
+        return trace_polygons(self.crop(), (self.x0, self.y0))
 
     # -- python
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CropMask):
             return NotImplemented
-        return (self.x0, self.y0, self.image_size, self.crop_size, bytes(self.rle["counts"])) == (
-            other.x0, other.y0, other.image_size, other.crop_size, bytes(other.rle["counts"]))
+        return ((self.x0, self.y0, self.image_size, self.crop_size)
+                == (other.x0, other.y0, other.image_size, other.crop_size)
+                and np.array_equal(self.counts, other.counts))
 
     def __repr__(self) -> str:
-        h, w = self.crop_size
-        return (f"CropMask(x0={self.x0}, y0={self.y0}, crop_size=({h}, {w}), "
+        return (f"CropMask(x0={self.x0}, y0={self.y0}, crop_size={self.crop_size}, "
                 f"image_size={self.image_size})")
 
 
-def trace_polygons(mask: np.ndarray) -> List[Polygon]:
+_ALTERNATING = np.arange(1 << 16) % 2 == 1  # runs alternate background, object, ...
+
+
+def trace_polygons(mask: np.ndarray, offset: Tuple[int, int] = (0, 0)) -> List[Polygon]:
     """Pixel-corner outlines of a binary ``(h, w)`` mask (see :meth:`CropMask.polygons`), in
-    the mask's own pixels.
+    the mask's pixels plus ``offset`` ``(x, y)``.
 
     Own code because no library traces pixel-*edge* outlines (OpenCV traces pixel centres,
-    which shaves half a pixel off every side): each 4-connected part is upsampled 2x so that
+    which shaves half a pixel off every side): the mask is upsampled 2x so that
     ``cv2.findContours`` (8-connected foreground, 4-connected holes) runs along the doubled
     pixels, and an upsampled boundary pixel ``u`` maps onto the corner ``ceil(u / 2)``, exact
-    for outer boundaries and holes alike. Tracing each 4-connected part alone keeps every ring
-    simple (a ring never passes a corner twice), so the polygons are valid.
+    for outer boundaries and holes alike. Where two pixels touch only at a corner (and are not
+    otherwise connected) each 4-connected part is traced alone, which keeps every ring simple
+    (a ring never passes a corner twice), so the polygons are valid.
     """
     m = np.ascontiguousarray(mask, dtype=np.uint8)
     if not m.any():
         return []
+    a, b, c, d = m[:-1, :-1], m[:-1, 1:], m[1:, :-1], m[1:, 1:]
+    diagonal = ((a & d & ~(b | c)) | (b & c & ~(a | d))).any()
+    if not diagonal:  # 8-connected parts are 4-connected: trace them all at once
+        return _trace(m, offset)
     n, parts = cv2.connectedComponents(m, connectivity=4)
     out: List[Polygon] = []
     for k in range(1, n):
-        part = (parts == k) if n > 2 else m.astype(bool)
-        ys = np.flatnonzero(part.any(1))
-        xs = np.flatnonzero(part.any(0))
-        sub = part[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1].astype(np.uint8)
-        h, w = sub.shape
-        up = np.pad(cv2.resize(sub, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST), 1)
-        contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-        exterior: Optional[Ring] = None
-        holes: List[Ring] = []
-        for c, hier in zip(contours, hierarchy[0]):
-            pts = np.ceil((c.reshape(-1, 2).astype(np.float64) - 1) / 2.0)
-            pts += (float(xs[0]), float(ys[0]))
-            ring = _clean_ring(pts)
-            if ring is None:
-                continue
-            if hier[3] < 0:  # no parent: the outer boundary (one per 4-connected part)
-                exterior = ring
-            else:
-                holes.append(ring)
-        if exterior is not None:
-            out.append([exterior] + holes)
+        ys, xs = np.nonzero(parts == k)
+        y0, x0 = int(ys.min()), int(xs.min())
+        sub = (parts[y0:int(ys.max()) + 1, x0:int(xs.max()) + 1] == k).astype(np.uint8)
+        out += _trace(sub, (offset[0] + x0, offset[1] + y0))
     return out
+
+
+def _trace(m: np.ndarray, offset: Tuple[int, int]) -> List[Polygon]:
+    """Polygons of a 0/1 uint8 mask whose 8-connected parts are 4-connected."""
+    h, w = m.shape
+    up = cv2.copyMakeBorder(cv2.resize(m, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST),
+                            1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    polys: Dict[int, Polygon] = {}
+    holes: List[Tuple[int, Ring]] = []
+    shift = np.array([offset[0] * 2, offset[1] * 2], np.int64)
+    for k, (cnt, hier) in enumerate(zip(contours, hierarchy[0])):
+        # corner = ceil((u - 1) / 2) = u // 2 (u: padded upsampled px), plus the offset
+        pts = (cnt.reshape(-1, 2).astype(np.int64) + shift) // 2
+        ring = _clean_ring(pts)
+        if ring is None:
+            continue
+        if hier[3] < 0:  # no parent: an outer boundary
+            polys[k] = [ring]
+        else:
+            holes.append((int(hier[3]), ring))
+    for parent, ring in holes:
+        if parent in polys:
+            polys[parent].append(ring)
+    return list(polys.values())
 
 
 def _clean_ring(pts: np.ndarray) -> Optional[Ring]:
     """Closed ring without repeated or collinear vertices, or None when degenerate."""
-    keep = np.any(pts != np.roll(pts, 1, axis=0), axis=1)
-    pts = pts[keep]
+    prev = np.concatenate((pts[-1:], pts[:-1]))
+    pts = pts[(pts != prev).any(axis=1)]
     if len(pts) < 3:
         return None
-    prev, nxt = np.roll(pts, 1, axis=0), np.roll(pts, -1, axis=0)
+    prev = np.concatenate((pts[-1:], pts[:-1]))
+    nxt = np.concatenate((pts[1:], pts[:1]))
     cross = (pts[:, 0] - prev[:, 0]) * (nxt[:, 1] - pts[:, 1]) - \
         (pts[:, 1] - prev[:, 1]) * (nxt[:, 0] - pts[:, 0])
     pts = pts[cross != 0]
     if len(pts) < 3:
         return None
-    ring = pts.tolist()
+    ring = pts.tolist()  # integer pixel corners
     ring.append(ring[0])
     return ring
 
 
 # ------------------------------------------------------------------------ many masks at once
 def mask_areas(masks: Sequence[CropMask]) -> np.ndarray:
-    """``(N,)`` float64 pixel areas. pycocotools on all crops at once, in chunks of 255
-    (``pycocotools.mask.area`` 2.0.11 overflows a uint8 length on longer lists)."""
-    rles = [m.rle for m in masks]
-    out = np.zeros(len(rles), np.float64)
-    nonempty = np.flatnonzero([not m.is_empty for m in masks])
-    for k in range(0, len(nonempty), 255):
-        sel = nonempty[k:k + 255]
-        out[sel] = np.asarray(mask_utils.area([rles[i] for i in sel]), np.float64).reshape(-1)
-    return out
+    """``(N,)`` float64 pixel areas."""
+    return np.asarray([m.area for m in masks], np.float64).reshape(-1)
 
 
 def mask_boxes(masks: Sequence[CropMask]) -> np.ndarray:

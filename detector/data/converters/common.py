@@ -16,6 +16,8 @@ from ...structures.masks import CropMask
 from ..coco import (annotation_parts, annotation_to_crop_mask, annotation_to_rle,
                     new_coco, rle_to_json)
 from ..image_io import ImageReadError, read_array
+import multiprocessing as mp
+from tqdm import tqdm
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 WSI_EXTS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu")
@@ -329,13 +331,9 @@ def copy_images(coco: Dict[str, Any], dest: str, dest_rel: str) -> None:
 def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
                  desc: str, progress: bool = True) -> Iterator[Any]:
     """``map(fn, items)`` in order, in ``workers`` processes when > 1, with a tqdm bar."""
-    from tqdm import tqdm
-
     bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress, leave=False)
     try:
         if workers > 1 and len(items) > 1:
-            import multiprocessing as mp
-
             # fork is fastest, but forking a process whose torch (OpenMP) threads have run can
             # deadlock the children: then start them from a clean server process instead
             if hasattr(os, "fork") and "torch" not in sys.modules:

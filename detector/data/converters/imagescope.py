@@ -29,6 +29,7 @@ from skimage.draw import polygon as draw_polygon
 
 from .common import (IMAGE_EXTS, WSI_EXTS, Conversion, ConversionError, add_image,
                      empty_conversion, pixels_to_annotation)
+from tqdm import tqdm
 
 DEFAULT_CATEGORY = "nucleus"
 _TCGA = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)
@@ -148,8 +149,6 @@ def convert_xml(input_path: str, *, images_dir: Optional[str] = None, mpp: Optio
         a :class:`Conversion`; ``per_file`` lists regions, instances, degenerate and skipped
         regions per XML file.
     """
-    from tqdm import tqdm
-
     input_path = os.path.abspath(input_path)
     if os.path.isdir(input_path):
         xmls = sorted(os.path.join(input_path, f) for f in os.listdir(input_path)

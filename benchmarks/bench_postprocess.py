@@ -1,0 +1,262 @@
+"""Host-side throughput of a slide run: everything after the model (per-tile filtering and the
+move to slide px, merge, region filter, counts, export), in objects per second.
+
+The "model output" is recorded, not predicted: the ground-truth nuclei of a real, dense H&E
+tile (MoNuSeg ``TCGA-2Z-A9J9-01A-01-TS1``, 1000 x 1000 px, converted by the ImageScope
+converter) stand in for a model's masks. The tile is repeated over a virtual slide (``--copies``
+x ``--copies`` periods); the slide is cut into analysis tiles (``--tile-size``, ``--overlap``)
+and each tile's "prediction" is the ground-truth objects it contains (cut at the tile border,
+as a model sees them), with a score per object. Building those per-tile outputs is not timed;
+from there on the timed part is what ``infer_slide`` does after ``predict_batch``.
+
+    python benchmarks/bench_postprocess.py                      # this checkout
+    python benchmarks/bench_postprocess.py --baseline OLD_TREE  # and an older checkout, one table
+
+The old-code path (``--api old``) replays the same outputs through the pre-CropMask functions
+(full-tile RLE masks as Mask R-CNN returned them, ``tile_to_slide`` with slide-sized RLE,
+``counting.centroids_and_areas``, the export writers), as ``infer_slide`` did before the stages.
+The last line reads ``... N objects/s``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path and not os.environ.get("BENCH_KEEP_PATH"):
+    sys.path.insert(0, ROOT)
+
+DEFAULT_XML = os.path.join(ROOT, "..", "shared", "data", "monuseg", "TCGA-2Z-A9J9-01A-01-TS1.xml")
+
+
+def label_image(xml: str) -> np.ndarray:
+    """``(H, W)`` int32 instance labels of the tile's ground truth (via the project's ImageScope
+    converter and COCO decoding, identical in old and new code)."""
+    from detector.data.coco import annotation_to_mask
+    from detector.data.converters.imagescope import convert_xml
+
+    conv = convert_xml(xml, progress=False)
+    coco = conv.coco
+    im = coco["images"][0]
+    h, w = int(im["height"]), int(im["width"])
+    lab = np.zeros((h, w), np.int32)
+    for k, a in enumerate(coco["annotations"], start=1):
+        m = annotation_to_mask(a, h, w)
+        if m is not None:
+            lab[m & (lab == 0)] = k
+    return lab
+
+
+def recorded_outputs(lab: np.ndarray, copies: int, tile: int, overlap: int, api: str):
+    """Per-tile Instances (tile px) of the periodic slide, the tile grid and the slide size."""
+    from scipy import ndimage as ndi
+
+    from detector.inference.tiling import grid_shape, tile_grid
+    from detector.structures.instances import Instances
+
+    h, w = lab.shape
+    H, W = h * copies, w * copies
+    slide = np.tile(lab, (copies, copies))
+    # distinct ids per period, so that copies are distinct objects
+    period = (np.arange(H)[:, None] // h) * copies + (np.arange(W)[None, :] // w)
+    slide = np.where(slide > 0, slide + period * (int(lab.max()) + 1), 0)
+    tiles = tile_grid(W, H, tile, overlap)
+    rows, cols = grid_shape(W, H, tile, overlap)
+    rng = np.random.default_rng(0)
+    out = []
+    for (x0, y0, x1, y1) in tiles:
+        t = slide[y0:y1, x0:x1]
+        objs = ndi.find_objects(t)
+        ids = [k for k, sl in enumerate(objs, start=1) if sl is not None]
+        boxes = np.asarray([[objs[k - 1][1].start, objs[k - 1][0].start, objs[k - 1][1].stop,
+                             objs[k - 1][0].stop] for k in ids], np.float32).reshape(-1, 4)
+        scores = rng.uniform(0.3, 1.0, len(ids)).astype(np.float32)
+        labels = np.ones(len(ids), np.int64)
+        if api == "new":
+            from detector.structures.masks import CropMask
+
+            masks = [CropMask.from_crop(t[objs[k - 1]] == k, objs[k - 1][1].start,
+                                        objs[k - 1][0].start, t.shape) for k in ids]
+        else:  # full-tile RLE, as the old Mask R-CNN wrapper encoded its pasted masks
+            import pycocotools.mask as mask_utils
+
+            masks = []
+            for k in ids:
+                full = np.zeros(t.shape, np.uint8, order="F")
+                full[objs[k - 1]] = t[objs[k - 1]] == k
+                masks.append(mask_utils.encode(full))
+        out.append(Instances(t.shape, boxes, scores, labels, masks))
+    return out, tiles, (rows, cols), (H, W)
+
+
+def run_new(outputs, tiles, shape, size, out_dir, mpp, opts_kw):
+    from detector.inference import runner
+    from detector.inference.runner import (AnalysisGrid, SlideGeometry, TilePredictions,
+                                           export_slide, merge_tiles, region_filter,
+                                           summarize_slide)
+    from detector.inference.merge import drop_cut, tile_to_slide
+    from detector.inference.tiling import interior_edges
+    from detector.structures.instances import Instances
+
+    opts = runner.InferenceOptions(**opts_kw)
+    H, W = size
+    thumb_ratio = max(H, W) / 1024.0
+    th, tw = int(round(H / thumb_ratio)), int(round(W / thumb_ratio))
+    selected = np.ones(len(tiles), bool)
+    grid = AnalysisGrid("virtual.tif", (H, W), mpp, "file", mpp, mpp,
+                        SlideGeometry(0, 1.0, 1.0, (H, W)), list(tiles), shape, selected,
+                        np.full((th, tw, 3), 230, np.uint8), thumb_ratio, np.ones((th, tw), bool),
+                        None, H * W * (mpp / 1000.0) ** 2)
+    t0 = time.perf_counter()
+    parts = []
+    for idx, (inst, tile) in enumerate(zip(outputs, tiles)):
+        keep = inst.scores >= opts.score_thresh
+        keep &= np.asarray([not m.is_empty for m in inst.masks], bool)
+        inst = drop_cut(inst[keep], interior_edges(idx, shape[0], shape[1], selected),
+                        opts.edge_margin)
+        parts.append(tile_to_slide(inst, tile[:2], 1.0, (H, W)))
+    preds = TilePredictions([Instances.cat(parts, (H, W))], {}, 0.0)
+    t1 = time.perf_counter()
+    cands = merge_tiles(preds, grid, opts)
+    t2 = time.perf_counter()
+    dets = region_filter(cands, grid, opts)
+    t3 = time.perf_counter()
+    summary = summarize_slide(dets, grid, [{"id": 1, "name": "nucleus"}], opts, preds)
+    t4 = time.perf_counter()
+    export_slide(out_dir, dets, grid, [{"id": 1, "name": "nucleus"}], opts, summary)
+    t5 = time.perf_counter()
+    return len(dets.instances), {"tiles": t1 - t0, "merge": t2 - t1, "filter": t3 - t2,
+                                 "count": t4 - t3, "export": t5 - t4}
+
+
+def run_old(outputs, tiles, shape, size, out_dir, mpp, opts_kw):
+    """The same steps through the functions infer_slide used before the stages (747c7f5)."""
+    import cv2
+
+    from detector.inference import counting, export, runner
+    from detector.inference.merge import drop_cut, merge_detections, tile_to_slide
+    from detector.inference.tiling import interior_edges
+    from detector.structures.instances import Instances
+
+    opts = runner.InferenceOptions(**opts_kw)
+    H, W = size
+    tscale = max(H, W) / 1024.0
+    th, tw = int(round(H / tscale)), int(round(W / tscale))
+    thumb, tissue = np.full((th, tw, 3), 230, np.uint8), np.ones((th, tw), bool)
+    selected = np.ones(len(tiles), bool)
+    classes = [{"id": 1, "name": "nucleus"}]
+    t0 = time.perf_counter()
+    parts = []
+    for idx, (inst, tile) in enumerate(zip(outputs, tiles)):
+        inst = drop_cut(inst[inst.scores >= opts.score_thresh],
+                        interior_edges(idx, shape[0], shape[1], selected), opts.edge_margin)
+        parts.append(tile_to_slide(inst, tile[:2], 1.0, (H, W)))
+    t1 = time.perf_counter()
+    merged = merge_detections(Instances.cat(parts, (H, W)), opts.nms_thresh, opts.mask_iou_thresh)
+    t2 = time.perf_counter()
+    centroids, areas = counting.centroids_and_areas(merged)
+    grown = cv2.dilate(tissue.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    tx = np.clip((centroids[:, 0] / tscale).astype(int), 0, grown.shape[1] - 1)
+    ty = np.clip((centroids[:, 1] / tscale).astype(int), 0, grown.shape[0] - 1)
+    on = grown[ty, tx]
+    merged, centroids, areas = merged[on], centroids[on], areas[on]
+    t3 = time.perf_counter()
+    summary = {"analysis": {}}
+    summary.update(counting.summarize(merged, classes, mpp, H * W * (mpp / 1000.0) ** 2, [],
+                                      opts.hpf_area, centroids, tissue, tscale))
+    t4 = time.perf_counter()
+    hs = summary["mitotic_figures"]["hotspot"]
+    export.write_geojson(os.path.join(out_dir, "detections.geojson"), merged, classes, mpp, areas, [])
+    export.write_coco_results(os.path.join(out_dir, "detections.json"), merged)
+    export.write_csv(os.path.join(out_dir, "detections.csv"), merged, classes, mpp, centroids, areas)
+    export.write_overlay(os.path.join(out_dir, "overlay.png"), thumb, tscale, merged, classes, [], hs,
+                         None, tissue)
+    cell_px = np.sqrt(opts.hpf_area) * 1000.0 / mpp
+    dens, cell = counting.density_grid(centroids, (H, W), cell_px, mpp)
+    export.write_density(os.path.join(out_dir, "density.png"), dens, cell, (H, W), thumb,
+                         "detections / mm²", None, tissue, tscale)
+    export.write_json(os.path.join(out_dir, "summary.json"), summary)
+    t5 = time.perf_counter()
+    return len(merged), {"tiles": t1 - t0, "merge": t2 - t1, "filter": t3 - t2,
+                         "count": t4 - t3, "export": t5 - t4}
+
+
+def measure(args) -> dict:
+    api = args.api
+    if api == "auto":
+        try:
+            import detector.structures.masks  # noqa: F401
+            api = "new"
+        except ImportError:
+            api = "old"
+    lab = label_image(args.xml)
+    outputs, tiles, shape, size = recorded_outputs(lab, args.copies, args.tile_size,
+                                                   args.overlap, api)
+    n_in = sum(len(o) for o in outputs)
+    # imported once per process by a real run; not part of the per-object cost
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    opts_kw = dict(tile_size=args.tile_size, overlap=args.overlap, score_thresh=0.5,
+                   progress=False)
+    fn = run_new if api == "new" else run_old
+    with tempfile.TemporaryDirectory() as d:
+        n, parts = fn(outputs, tiles, shape, size, d, 0.25, opts_kw)
+    total = sum(parts.values())
+    return {"api": api, "slide_size": list(size), "tiles": len(tiles),
+            "tile_detections": n_in, "objects": n, "seconds": total, "stages": parts,
+            "objects_per_s": n / total, "code": os.path.dirname(os.path.dirname(
+                sys.modules["detector"].__file__))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--xml", default=DEFAULT_XML, help="ImageScope XML of the recorded tile")
+    p.add_argument("--copies", type=int, default=4, help="periods per side of the virtual slide")
+    p.add_argument("--tile-size", type=int, default=512)
+    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--api", choices=("auto", "new", "old"), default="auto")
+    p.add_argument("--baseline", help="an older checkout of the project: measured in a "
+                   "subprocess with the same outputs, shown in the same table")
+    p.add_argument("--json", action="store_true", help="print one JSON line (used internally)")
+    args = p.parse_args()
+    if not os.path.isfile(args.xml):
+        sys.exit(f"{args.xml}: not found (MoNuSeg from ../shared/data; pass --xml)")
+    rows = []
+    if args.baseline:
+        cmd = [sys.executable, os.path.abspath(__file__), "--json", "--api", "old", "--xml",
+               args.xml, "--copies", str(args.copies), "--tile-size", str(args.tile_size),
+               "--overlap", str(args.overlap)]
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(args.baseline), BENCH_KEEP_PATH="1")
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    rows.append(measure(args))
+    if args.json:
+        print(json.dumps(rows[-1]))
+        return
+    r = rows[-1]
+    print(f"virtual slide {r['slide_size'][0]} x {r['slide_size'][1]} px (H x W), {r['tiles']} "
+          f"tiles of {args.tile_size} px (overlap {args.overlap}), {r['tile_detections']} tile "
+          f"detections -> {r['objects']} objects; load {os.getloadavg()[0]:.1f}")
+    print("| code | tiles->slide s | merge s | filter s | count s | export s | total s | objects/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s = r["stages"]
+        print(f"| {r['api']} ({r['code']}) | {s['tiles']:.2f} | {s['merge']:.2f} | "
+              f"{s['filter']:.2f} | {s['count']:.2f} | {s['export']:.2f} | {r['seconds']:.2f} | "
+              f"{r['objects_per_s']:,.0f} |")
+    if len(rows) == 2:
+        print(f"speed-up: {rows[1]['objects_per_s'] / rows[0]['objects_per_s']:.1f}x")
+    print(f"post-processing: {rows[-1]['objects_per_s']:.0f} objects/s")
+
+
+if __name__ == "__main__":
+    main()
