@@ -251,7 +251,8 @@ def hotspot(points: np.ndarray, slide_size: Tuple[int, int], side_px: Tuple[floa
         if region_mask is not None and len(tied):
             m = np.asarray(region_mask, bool)
             integral = np.pad(m.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-        choice, choice_tissue = None, -1
+        choice: Optional[Tuple[int, int]] = None
+        choice_tissue = -1.0
         for i in tied[np.linspace(0, len(tied) - 1, min(len(tied), 256)).astype(int)]:
             js = np.flatnonzero(_column_counts(px, py, ww, wh, cx, cy, i) == best)
             if integral is None:
@@ -261,6 +262,7 @@ def hotspot(points: np.ndarray, slide_size: Tuple[int, int], side_px: Tuple[floa
             k = int(np.argmax(tissue))
             if tissue[k] > choice_tissue:
                 choice, choice_tissue = (i, js[k]), tissue[k]
+        assert choice is not None  # the densest column holds the best count
         x0, y0 = float(cx[choice[0]]), float(cy[choice[1]])
         out = {"x0": x0, "y0": y0, "x1": x0 + ww, "y1": y0 + wh}
         inside = (px >= x0) & (px < x0 + ww) & (py >= y0) & (py < y0 + wh)
