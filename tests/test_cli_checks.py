@@ -147,7 +147,7 @@ def test_demo_exits_2_on_an_unwritable_out(tmp_path, capsys):
 TOOLS = sorted(f for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py"))
 # a flag only that tool has: the script runs its own CLI
 FLAGS = {"convert_to_coco.py": "--format", "evaluate.py": "--gt", "infer_tiles.py": "--weights",
-         "plot_curves.py": "--run", "train_net.py": "--config-file"}
+         "mitosis_stage2.py": "bundle", "plot_curves.py": "--run", "train_net.py": "--config-file"}
 
 
 def test_tools_run_as_scripts(tmp_path):

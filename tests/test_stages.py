@@ -23,7 +23,7 @@ def _grid(size=(400, 600), region=None, roi=None, mpp=0.5):
     region = np.ones(thumb.shape[:2], bool) if region is None else region
     tiles = [(0, 0, 320, 400), (280, 0, 600, 400)]
     return AnalysisGrid("virtual.tif", (H, W), mpp, "file", mpp, mpp,
-                        SlideGeometry(0, 1.0, 1.0, (H, W)), tiles, (1, 2),
+                        SlideGeometry(0, 1.0, 1.0, (H, W)), 320, 40, tiles, (1, 2),
                         np.ones(2, bool), thumb, 4.0, region, roi,
                         float(region.sum()) * (4.0 * mpp / 1000) ** 2)
 

@@ -30,7 +30,9 @@ class FixedDetector(torch.nn.Module):
 
 
 def _opts(**kw):
-    base = dict(num_workers=0, progress=False, tile_size=4096, overlap=0)
+    # one tile over the whole slide, one at a time (the memory check before the run counts a
+    # real model's bytes per pixel)
+    base = dict(num_workers=0, progress=False, tile_size=4096, overlap=0, batch_size=1)
     base.update(kw)
     return InferenceOptions(**base)
 

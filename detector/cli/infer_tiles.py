@@ -142,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         device = resolve_device(args.device)
-    except RuntimeError as e:  # torch.device("gpu")
+    except (RuntimeError, DetectorError) as e:  # torch.device("gpu"), CUDA absent
         log.error("--device %s: %s; use 'auto', 'cpu' or 'cuda:N'", args.device,
                   str(e).splitlines()[0])
         return 2
