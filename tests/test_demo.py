@@ -81,12 +81,9 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(quick_demo):
 
 
 def _assert_valid_features(features):
-    """Each feature a closed, non-empty Polygon or MultiPolygon (valid for shapely, where it is
-    installed)."""
-    try:
-        from shapely.geometry import shape
-    except ImportError:
-        shape = None
+    """Each feature a closed, non-empty Polygon or MultiPolygon, valid for shapely."""
+    from shapely.geometry import shape  # a dev dependency (setup.py extra "dev")
+
     invalid = []
     for feat in features:
         g = feat["geometry"]
@@ -95,14 +92,9 @@ def _assert_valid_features(features):
         for poly in polys:
             for ring in poly:
                 assert len(ring) >= 4 and ring[0] == ring[-1], feat
-        if shape is not None and (not shape(g).is_valid or shape(g).is_empty):
+        if not shape(g).is_valid or shape(g).is_empty:
             invalid.append(feat["id"])
-    if invalid:
-        # TODO(merge of branch i13, issue 15 item 2): polygons of pixels touching at a corner
-        # are self-intersecting today; once the GeoJSON export writes valid geometries, replace
-        # this xfail by `assert not invalid`.
-        pytest.xfail(f"{len(invalid)} of {len(features)} GeoJSON features are invalid for "
-                     "shapely (issue 15 item 2, branch i13)")
+    assert not invalid, f"{len(invalid)} of {len(features)} GeoJSON features are invalid for shapely"
 
 
 @pytest.mark.slow
