@@ -42,10 +42,12 @@ conv() { "$PY" tools/convert_to_coco.py --quiet "$@" | grep -E "^wrote|^skipped"
     --label-mode phase --output "$D/amibr_phase.json" --split train=0.8,val=0.1,test=0.1 --seed 0
 [ -f "$D/monuseg_nuclei_val.json" ] || conv --format xml --input "$SHARED/monuseg_train/labelled" \
     --categories nucleus --output "$D/monuseg_nuclei.json" --split train=0.7,val=0.3 --seed 0
+# the MoNuSeg training tiles are 0.2527 um/px (the labelled tiles' XML says so; PNGs carry none)
 [ -f "$D/monuseg_tiles_val.json" ] || conv --format images --input "$SHARED/monuseg_train/labelled" \
-    --categories "mitotic figure" --output "$D/monuseg_tiles.json" --split train=0.7,val=0.3 --seed 0
+    --categories "mitotic figure" --mpp 0.2527 --output "$D/monuseg_tiles.json" \
+    --split train=0.7,val=0.3 --seed 0
 [ -f "$D/monuseg_unlabelled.json" ] || conv --format images \
-    --input "$SHARED/monuseg_train/unlabelled" --categories "mitotic figure" \
+    --input "$SHARED/monuseg_train/unlabelled" --categories "mitotic figure" --mpp 0.2527 \
     --output "$D/monuseg_unlabelled.json"
 [ -f "$D/classifier_val.json" ] || conv --format coco --input "$D/amibr_phase_val.json" \
     "$D/monuseg_nuclei_val.json" --output "$D/classifier_val.json" \
