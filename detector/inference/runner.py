@@ -24,12 +24,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..modeling.unet import mirror_indices
 from ..structures.instances import Instances
 from . import counting, export
 from .journal import JOURNAL_NAME, Journal
 from .merge import drop_cut, merge_detections, tile_to_slide
 from .slide import SlideReadError, SlideReader, choose_level, open_slide
-from .tiling import Tile, grid_shape, interior_edges, tile_grid, tiles_in_mask
+from .tiling import Tile, grid_shape, interior_edges, tile_cores, tile_grid, tiles_in_mask
 from .tissue import parse_roi, points_in_roi, roi_mask, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,34 @@ def read_tile(reader: SlideReader, geom: SlideGeometry, tile: Tile) -> np.ndarra
                           borderMode=cv2.BORDER_REPLICATE)
 
 
+def read_tile_with_context(reader: SlideReader, geom: SlideGeometry, tile: Tile, context: int
+                           ) -> np.ndarray:
+    """``(h + 2 context, w + 2 context, 3)`` uint8 RGB: the tile and ``context`` px of the real
+    neighbouring pixels on every side, mirrored (numpy ``reflect``) only beyond the edge of the
+    analysis grid, at the same positions whatever the tiling (:func:`mirror_indices`)."""
+    if context <= 0:
+        return read_tile(reader, geom, tile)
+    x0, y0, x1, y1 = tile
+    iy = mirror_indices(geom.size[1], y0 - context, y1 + context)
+    ix = mirror_indices(geom.size[0], x0 - context, x1 + context)
+    ry0, rx0 = int(iy.min()), int(ix.min())
+    region = read_tile(reader, geom, (rx0, ry0, int(ix.max()) + 1, int(iy.max()) + 1))
+    if region.shape[0] == len(iy) and region.shape[1] == len(ix):
+        return region  # nothing mirrored
+    return region[(iy - ry0)[:, None], (ix - rx0)[None, :]]
+
+
 class TileDataset(Dataset):
     """Tiles of one slide for a DataLoader. Each worker opens the slide once (lazily, in the
     worker process), reads and converts its tiles; a tile that fails to decode comes back with
-    ``image`` None and the error, so that the run logs it and goes on."""
+    ``image`` None and the error, so that the run logs it and goes on. With ``context`` > 0
+    each image holds that many px of the tile's surroundings on every side
+    (:func:`read_tile_with_context`)."""
 
-    def __init__(self, path: str, geom: SlideGeometry, tiles: Sequence[Tile], indices: Sequence[int]):
+    def __init__(self, path: str, geom: SlideGeometry, tiles: Sequence[Tile], indices: Sequence[int],
+                 context: int = 0):
         self.path = path
+        self.context = int(context)
         self.geom = geom
         self.tiles = list(tiles)
         self.indices = list(indices)
@@ -163,7 +185,7 @@ class TileDataset(Dataset):
         idx = self.indices[k]
         tile = self.tiles[idx]
         try:
-            rgb = read_tile(self._get_reader(), self.geom, tile)
+            rgb = read_tile_with_context(self._get_reader(), self.geom, tile, self.context)
         except (SlideReadError, OSError, ValueError) as e:
             return {"index": idx, "tile": tile, "image": None, "error": str(e)}
         img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # uint8 (3, h, w)
@@ -190,19 +212,32 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def predict_batch(model: torch.nn.Module, images: List[torch.Tensor], amp: bool = True
-                  ) -> List[Instances]:
+def predict_batch(model: torch.nn.Module, images: List[torch.Tensor], amp: bool = True,
+                  tiles: Optional[Sequence[Tile]] = None, cores: Optional[Sequence[Tile]] = None,
+                  context: int = 0) -> List[Instances]:
     """Run the model on uint8 ``(3, H, W)`` tiles: float 0..1 on the model's device, bf16
-    autocast on CUDA, no gradients. Returns one Instances per tile (tile px)."""
+    autocast on CUDA, no gradients. Returns one Instances per tile (tile px). With ``context``
+    (a model with ``slide_context``, the U-Net) the images hold that many px around each tile
+    and the model keeps the objects whose centroid lies in the tile's core (analysis px, like
+    ``tiles``; :func:`tile_cores`)."""
     dev = model_device(model)
     x = [im.to(dev, non_blocking=True).float().div_(255.0) for im in images]
     with torch.inference_mode():
         if dev.type == "cuda" and amp:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(x)
+                out = _forward(model, x, tiles, cores, context)
         else:
-            out = model(x)
+            out = _forward(model, x, tiles, cores, context)
     return list(out)
+
+
+def _forward(model: torch.nn.Module, x: List[torch.Tensor], tiles: Optional[Sequence[Tile]],
+             cores: Optional[Sequence[Tile]], context: int) -> List[Instances]:
+    if not context:
+        return model(x)
+    assert tiles is not None and cores is not None
+    local = [(c[0] - t[0], c[1] - t[1], c[2] - t[0], c[3] - t[1]) for t, c in zip(tiles, cores)]
+    return model.predict_slide_tiles(x, [t[:2] for t in tiles], local, context)
 
 
 # ----------------------------------------------------------------------------- one slide
@@ -269,7 +304,11 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
     journal = Journal(os.path.join(out_dir, JOURNAL_NAME), header, resume=opts.resume)
     todo = [i for i in sel_idx if i not in journal.done]
 
-    ds = TileDataset(slide_path, geom, tiles, todo)
+    # a model that reads real neighbouring pixels (the U-Net) owns the objects in tile cores
+    context = int(getattr(model, "slide_context", 0) or 0)
+    cores = (tile_cores(geom.size[0], geom.size[1], opts.tile_size, opts.overlap, selected)
+             if context else None)
+    ds = TileDataset(slide_path, geom, tiles, todo, context)
     on_cuda = model_device(model).type == "cuda"
     loader = DataLoader(ds, batch_size=max(1, opts.batch_size), shuffle=False,
                         num_workers=opts.num_workers if len(todo) > opts.batch_size else 0,
@@ -286,11 +325,14 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
             log.warning("tile %d of %s skipped: %s", k, slide_path, v)
         parts: List[Instances] = []
         if good:
-            preds = predict_batch(model, [b["image"] for b in good], opts.amp)
+            preds = predict_batch(model, [b["image"] for b in good], opts.amp,
+                                  [b["tile"] for b in good],
+                                  [cores[b["index"]] for b in good] if cores else None, context)
             for b, inst in zip(good, preds):
                 inst = inst[inst.scores >= opts.score_thresh]
-                edges = interior_edges(b["index"], rows, cols, selected)
-                inst = drop_cut(inst, edges, opts.edge_margin)
+                if not context:  # else each object came from the tile owning its centroid
+                    edges = interior_edges(b["index"], rows, cols, selected)
+                    inst = drop_cut(inst, edges, opts.edge_margin)
                 parts.append(tile_to_slide(inst, b["tile"][:2], geom.factor, (H0, W0)))
                 if has_masks is None:
                     has_masks = inst.masks is not None

@@ -100,3 +100,31 @@ def tiles_in_mask(tiles: Sequence[Tile], mask: np.ndarray, scale: float, min_fra
         s = integral[b1, a1] - integral[b0, a1] - integral[b1, a0] + integral[b0, a0]
         keep[i] = s > 0 and s / float((a1 - a0) * (b1 - b0)) > min_fraction
     return keep
+
+
+def tile_cores(width: int, height: int, tile_size: int, overlap: int,
+               selected: Sequence[bool] | None = None) -> List[Tile]:
+    """The part of each tile of :func:`tile_grid` that it owns: ``(x0, y0, x1, y1)`` per tile,
+    row-major. Neighbouring tiles split their overlap in the middle, so the cores of the
+    analysed tiles partition the image; across an edge whose neighbour is not analysed (not in
+    ``selected``) or the image border, the core reaches the tile's edge. A model that keeps
+    only the objects anchored in a tile's core (the U-Net on slides: the centroid of each
+    nucleus's seed) finds each object once, and whole while ``overlap`` exceeds the largest
+    object."""
+    xs = tile_starts(width, tile_size, overlap)
+    ys = tile_starts(height, tile_size, overlap)
+
+    def cuts(starts: List[int], length: int) -> List[int]:
+        ends = [min(s + tile_size, length) for s in starts]
+        return [0] + [(starts[k] + ends[k - 1]) // 2 for k in range(1, len(starts))] + [length]
+
+    cx, cy = cuts(xs, width), cuts(ys, height)
+    cols = len(xs)
+    cores: List[Tile] = []
+    for r, y in enumerate(ys):
+        for c, x in enumerate(xs):
+            left, top, right, bottom = interior_edges(r * cols + c, len(ys), cols, selected)
+            cores.append((cx[c] if left else x, cy[r] if top else y,
+                          cx[c + 1] if right else min(x + tile_size, width),
+                          cy[r + 1] if bottom else min(y + tile_size, height)))
+    return cores
