@@ -215,3 +215,31 @@ def test_test_time_keys_override_the_checkpoint(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="not a test-time key"):
         load_model(str(tmp_path / "ck.pth"), overrides={"MODEL.BACKBONE.NAME": "resnet50"})
+
+
+def test_crop_masks_equal_torchvision_full_image_paste_on_a_real_image(mask_model):
+    """Eval masks are pasted into their boxes' crops only (no image-sized raster per
+    detection): pixel for pixel torchvision's paste, and a caller's score threshold drops
+    detections before the mask head without changing those above it."""
+    import numpy as np
+    import tifffile
+
+    from tests.conftest import shared_path
+
+    he = tifffile.imread(str(shared_path("monuseg", "TCGA-2Z-A9J9-01A-01-TS1.tif")))
+    x = torch.from_numpy(np.ascontiguousarray(he[:200, :260, :3])).permute(2, 0, 1).float() / 255
+    mask_model.eval()
+    with torch.no_grad():
+        ref = mask_model.model([x])[0]  # torchvision's forward: full-image masks
+        ours = mask_model.predict([x])[0]
+        thr = float(ref["scores"].median())
+        high = mask_model.predict([x], score_thresh=thr)[0]
+    assert len(ref["boxes"]) > 10 and len(ours) == len(ref["boxes"])
+    full = (ref["masks"][:, 0] > 0.5).numpy().astype(np.uint8)
+    expect = [mask_utils.encode(np.asfortranarray(m)) for m in full]
+    assert [m["counts"] for m in ours.masks] == [m["counts"] for m in expect]
+    assert torch.equal(torch.from_numpy(ours.boxes), ref["boxes"])
+    keep = (ref["scores"] >= thr).numpy()
+    assert 0 < len(high) == int(keep.sum()) < len(ours)
+    np.testing.assert_array_equal(high.scores, ours.scores[keep])
+    assert [m["counts"] for m in high.masks] == [m["counts"] for m, k in zip(expect, keep) if k]

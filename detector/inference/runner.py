@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..modeling.unet import mirror_indices
 from ..structures.instances import Instances
-from . import counting, export
+from . import counting, export, predictor
 from .journal import JOURNAL_NAME, Journal
 from .merge import drop_cut, merge_detections, tile_to_slide
 from .slide import SlideReadError, SlideReader, choose_level, open_slide
@@ -69,7 +69,7 @@ class InferenceOptions:
     mask_iou_thresh: float = 0.5
     # Skip background tiles (Otsu tissue detection on a thumbnail).
     tissue_detection: bool = True
-    # Mixed precision (bf16 autocast) on CUDA.
+    # Mixed precision (bf16 autocast) on CUDA and on CPUs with native bf16 (see predictor.py).
     amp: bool = True
     resume: bool = False
     # Longest side of the thumbnail used for tissue detection and overlay.png.
@@ -171,6 +171,8 @@ class TileDataset(Dataset):
 
     def _get_reader(self) -> SlideReader:
         if self._reader is None or self._pid != os.getpid():
+            if torch.utils.data.get_worker_info() is not None:
+                predictor.single_threaded_worker()
             self._reader = open_slide(self.path)
             self._pid = os.getpid()
         return self._reader
@@ -214,27 +216,25 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def predict_batch(model: torch.nn.Module, images: List[torch.Tensor], amp: bool = True,
                   tiles: Optional[Sequence[Tile]] = None, cores: Optional[Sequence[Tile]] = None,
-                  context: int = 0) -> List[Instances]:
+                  context: int = 0, score_thresh: float = 0.0) -> List[Instances]:
     """Run the model on uint8 ``(3, H, W)`` tiles: float 0..1 on the model's device, bf16
-    autocast on CUDA, no gradients. Returns one Instances per tile (tile px). With ``context``
+    autocast on CUDA and bf16 CPUs (:mod:`.predictor`), no gradients. Returns one Instances per tile (tile px). With ``context``
     (a model with ``slide_context``, the U-Net) the images hold that many px around each tile
     and the model keeps the objects whose centroid lies in the tile's core (analysis px, like
     ``tiles``; :func:`tile_cores`)."""
     dev = model_device(model)
     x = [im.to(dev, non_blocking=True).float().div_(255.0) for im in images]
-    with torch.inference_mode():
-        if dev.type == "cuda" and amp:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = _forward(model, x, tiles, cores, context)
-        else:
-            out = _forward(model, x, tiles, cores, context)
+    with torch.inference_mode(), predictor.autocast(dev, amp):
+        out = _forward(model, x, tiles, cores, context, score_thresh)
     return list(out)
 
 
 def _forward(model: torch.nn.Module, x: List[torch.Tensor], tiles: Optional[Sequence[Tile]],
-             cores: Optional[Sequence[Tile]], context: int) -> List[Instances]:
+             cores: Optional[Sequence[Tile]], context: int, score_thresh: float
+             ) -> List[Instances]:
     if not context:
-        return model(x)
+        # R-CNN: low-scoring detections dropped before the mask head
+        return model.predict(x, score_thresh) if hasattr(model, "predict") else model(x)
     assert tiles is not None and cores is not None
     local = [(c[0] - t[0], c[1] - t[1], c[2] - t[0], c[3] - t[1]) for t, c in zip(tiles, cores)]
     return model.predict_slide_tiles(x, [t[:2] for t in tiles], local, context)
@@ -305,6 +305,7 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
     todo = [i for i in sel_idx if i not in journal.done]
 
     # a model that reads real neighbouring pixels (the U-Net) owns the objects in tile cores
+    predictor.prepare_model(model)
     context = int(getattr(model, "slide_context", 0) or 0)
     cores = (tile_cores(geom.size[0], geom.size[1], opts.tile_size, opts.overlap, selected)
              if context else None)
@@ -327,7 +328,8 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         if good:
             preds = predict_batch(model, [b["image"] for b in good], opts.amp,
                                   [b["tile"] for b in good],
-                                  [cores[b["index"]] for b in good] if cores else None, context)
+                                  [cores[b["index"]] for b in good] if cores else None, context,
+                                  opts.score_thresh)
             for b, inst in zip(good, preds):
                 inst = inst[inst.scores >= opts.score_thresh]
                 if not context:  # else each object came from the tile owning its centroid

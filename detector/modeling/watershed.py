@@ -110,6 +110,8 @@ def crop_mask_to_rle(crop: np.ndarray, y0: int, x0: int, height: int, width: int
         counts_arr[1:-1:2] = ends - starts
         counts_arr[2:-1:2] = starts[1:] - ends[:-1]
         counts_arr[-1] = total - ends[-1]
+        if counts_arr[-1] == 0:  # no background after the last run: pycocotools' encoding
+            counts_arr = counts_arr[:-1]
         counts = counts_arr.tolist()
     return mask_utils.frPyObjects({"counts": counts, "size": [int(height), int(width)]},
                                   int(height), int(width))
