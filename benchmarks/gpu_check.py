@@ -104,12 +104,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.parse_args()
     device = os.environ.get("GPU_CHECK_DEVICE", "cpu" if TINY else "cuda")
-    iters = env_int("GPU_CHECK_ITERS", 200, 4)
-    slide_px = env_int("GPU_CHECK_SLIDE", 20000, 1536)
-    naive_px = env_int("GPU_CHECK_NAIVE_SLIDE", 4096, 1024)
-    batch = env_int("GPU_CHECK_BATCH", 8, 2)
-    tile = env_int("GPU_CHECK_TILE", 512, 512)
-    fields = env_int("GPU_CHECK_FIELDS", 48, 6)
+    iters = env_int("GPU_CHECK_ITERS", 200, 2)
+    slide_px = env_int("GPU_CHECK_SLIDE", 20000, 768)
+    naive_px = env_int("GPU_CHECK_NAIVE_SLIDE", 4096, 512)
+    batch = env_int("GPU_CHECK_BATCH", 8, 1)
+    tile = env_int("GPU_CHECK_TILE", 512, 256)
+    fields = env_int("GPU_CHECK_FIELDS", 48, 4)
     out = os.environ.get("GPU_CHECK_OUT") or tempfile.mkdtemp(prefix="gpu_check_")
     py = sys.executable
     t_all = time.perf_counter()
@@ -138,7 +138,7 @@ def main() -> int:
             "SOLVER.LOG_PERIOD", str(max(1, iters // 20)), "SOLVER.AMP.ENABLED", "true",
             "SOLVER.AMP.DTYPE", "bf16", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", train_dir]
     if TINY:
-        opts += ["INPUT.CROP_SIZE", "128", "DATALOADER.NUM_WORKERS", "0"]
+        opts += ["INPUT.CROP_SIZE", "96", "DATALOADER.NUM_WORKERS", "0"]
     t_train = run([py, "tools/train_net.py", "--config-file",
                    "configs/nuclei/mask_rcnn_R_50_FPN.yaml", *opts])
     tr = training_figures(train_dir, batch)
@@ -157,7 +157,8 @@ def main() -> int:
     workers = "2" if TINY else "4"
     t_big = run([py, "tools/infer_tiles.py", "--weights", weights, "--input", big, "--output",
                  os.path.join(out, "infer"), "--device", device, "--tile-size", str(tile),
-                 "--batch-size", "8" if not TINY else "2", "--num-workers", workers, "--quiet"])
+                 "--batch-size", "8" if not TINY else "2", "--overlap", "64",
+                 "--num-workers", workers, "--quiet"])
     stem = os.path.splitext(os.path.basename(big))[0]
     with open(os.path.join(out, "infer", stem, "summary.json")) as f:
         summary = json.load(f)
