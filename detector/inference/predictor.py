@@ -5,8 +5,10 @@
   many times slower than fp32, e.g. 70x for a ResNet-18 on an AVX2-only EPYC). ``amp=False``
   (``infer_tiles.py --no-amp``) keeps fp32 everywhere.
 - **channels-last** convolutions for the R-CNN backbone on CPU (oneDNN's native layout).
-- **threads**: DataLoader workers only read and resample tiles; each uses one OpenCV thread so
-  that the workers and the model's intra-op threads do not oversubscribe a small CPU.
+- **threads**: DataLoader workers only read and resample tiles (torch gives each one intra-op
+  thread); the model's intra-op threads stay torch's default (one per core). OpenCV's thread
+  count is left alone in the workers: changing it in a forked worker after the parent used
+  OpenCV's pool deadlocks.
 """
 from __future__ import annotations
 
@@ -71,10 +73,3 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
         model.to(memory_format=torch.channels_last)
         model.channels_last = True
     return model
-
-
-def single_threaded_worker() -> None:
-    """In a DataLoader worker: one OpenCV thread (torch already sets one intra-op thread)."""
-    import cv2
-
-    cv2.setNumThreads(1)

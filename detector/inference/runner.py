@@ -171,8 +171,6 @@ class TileDataset(Dataset):
 
     def _get_reader(self) -> SlideReader:
         if self._reader is None or self._pid != os.getpid():
-            if torch.utils.data.get_worker_info() is not None:
-                predictor.single_threaded_worker()
             self._reader = open_slide(self.path)
             self._pid = os.getpid()
         return self._reader
