@@ -50,8 +50,11 @@ def log(msg: str) -> None:
 
 def run(cmd: List[str]) -> float:
     log(" ".join(cmd))
+    # the tools import this checkout's detector, as this script does (not another install)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     return time.perf_counter() - t
 
 
@@ -105,8 +108,8 @@ def main() -> int:
     p.parse_args()
     device = os.environ.get("GPU_CHECK_DEVICE", "cpu" if TINY else "cuda")
     iters = env_int("GPU_CHECK_ITERS", 200, 2)
-    slide_px = env_int("GPU_CHECK_SLIDE", 20000, 768)
-    naive_px = env_int("GPU_CHECK_NAIVE_SLIDE", 4096, 512)
+    slide_px = env_int("GPU_CHECK_SLIDE", 20000, 512)
+    naive_px = env_int("GPU_CHECK_NAIVE_SLIDE", 4096, 256)
     batch = env_int("GPU_CHECK_BATCH", 8, 1)
     tile = env_int("GPU_CHECK_TILE", 512, 256)
     fields = env_int("GPU_CHECK_FIELDS", 48, 4)
