@@ -190,13 +190,13 @@ def main() -> int:
           f"{tr['images_per_s']:.1f} images/s ({tr['s_per_iter']:.3f} s/it) | "
           f"{tr['memory_mb']:.0f} MB peak |")
     print(f"| infer_tiles.py (CLI, incl. start-up) | {slide_px} x {slide_px} px | {t_big:.0f} | "
-          f"{mpx_big / t_big:.2f} Mpx/s ({mpx_big / model_s:.2f} in infer_slide) | "
+          f"{mpx_big / t_big:.3g} Mpx/s ({mpx_big / model_s:.3g} in infer_slide) | "
           f"{summary['total_detections']} detections |")
     print(f"| infer_slide (library) | {naive_px} x {naive_px} px | {dt_tool:.1f} | "
-          f"{mpx_small / dt_tool:.2f} Mpx/s, {dt_naive / dt_tool:.2f}x naive | F1 vs naive "
+          f"{mpx_small / dt_tool:.3g} Mpx/s, {dt_naive / dt_tool:.2f}x naive | F1 vs naive "
           f"{f1:.3f} |")
     print(f"| naive per-tile loop (fp32) | {naive_px} x {naive_px} px | {dt_naive:.1f} | "
-          f"{mpx_small / dt_naive:.2f} Mpx/s | {len(boxes_naive)} detections |")
+          f"{mpx_small / dt_naive:.3g} Mpx/s | {len(boxes_naive)} detections |")
     print(f"(whole check: {total / 60:.1f} min; outputs in {out})")
     for path in glob.glob(os.path.join(out, "slide_*.tif")):
         os.unlink(path)
