@@ -7,8 +7,9 @@
 Part 1 (one table): megapixels of tissue per second on the same image (a mosaic of real MoNuSeg
 H&E tiles written as a pyramidal TIFF) and the same model, for
   - ``infer_tiles``: this tool (DataLoader workers reading tiles ahead, batches, merge);
-  - ``naive loop``: the same tiles read and predicted one at a time in one process, the same
-    merge (no prefetch, no batching);
+  - ``naive loop``: the same tiles read and predicted one at a time in one process by
+    torchvision's own eval forward (every mask pasted into a full-tile raster, then encoded),
+    fp32, the same merge (no prefetch, no batching, no crop masks);
   - ``SAHI``: ``sahi.predict.get_sliced_prediction`` with the same torchvision model
     (``pip install sahi``; the benchmark extra), same slice size and overlap, NMS 0.5.
 Each is compared with one-piece inference of the whole image (F1 of one-to-one box matching at
@@ -161,7 +162,7 @@ def run_tool(model, classes, mpp, path, out, args) -> Tuple[float, np.ndarray, f
 
     opts = InferenceOptions(tile_size=args.tile_size, overlap=args.overlap,
                             batch_size=args.batch_size, num_workers=args.num_workers,
-                            score_thresh=args.score_thresh, progress=False)
+                            score_thresh=args.score_thresh, progress=False, amp=not args.fp32)
     t = time.perf_counter()
     s = infer_slide(model, classes, mpp, path, out, opts)
     dt = time.perf_counter() - t
@@ -178,7 +179,7 @@ def run_naive(model, classes, mpp, path, args) -> Tuple[float, np.ndarray]:
     import torch
 
     from detector.inference.merge import drop_cut, merge_detections, tile_to_slide
-    from detector.inference.runner import predict_batch, read_tile, slide_geometry
+    from detector.inference.runner import read_tile, slide_geometry
     from detector.inference.slide import open_slide
     from detector.inference.tiling import grid_shape, interior_edges, tile_grid, tiles_in_mask
     from detector.inference.tissue import tissue_mask
@@ -195,12 +196,36 @@ def run_naive(model, classes, mpp, path, args) -> Tuple[float, np.ndarray]:
     parts = []
     for i in np.flatnonzero(selected):
         img = torch.from_numpy(read_tile(reader, geom, tiles[i])).permute(2, 0, 1)
-        inst = predict_batch(model, [img])[0]
+        inst = torchvision_forward(model, img)
         inst = inst[inst.scores >= args.score_thresh]
         inst = drop_cut(inst, interior_edges(int(i), rows, cols, selected))
         parts.append(tile_to_slide(inst, tiles[i][:2], geom.level0_per_analysis, (H0, W0)))
     merged = merge_detections(Instances.cat(parts, (H0, W0)))
     return time.perf_counter() - t, merged.boxes
+
+
+def torchvision_forward(model, img):
+    """One uint8 tile through torchvision's eval forward (full-tile mask rasters, fp32), as
+    :class:`Instances` with full-tile RLE masks: what a plain per-tile loop does."""
+    import pycocotools.mask as mask_utils
+    import torch
+
+    from detector.structures.instances import Instances
+
+    inner = getattr(model, "model", None)
+    if inner is None:  # not an R-CNN: its own forward
+        with torch.inference_mode():
+            return model([img.float() / 255.0])[0]
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        out = inner([img.to(dev).float() / 255.0])[0]
+    masks = None
+    if "masks" in out:
+        m = (out["masks"][:, 0] > model.mask_threshold).cpu().numpy()
+        masks = [mask_utils.encode(np.asfortranarray(x.astype(np.uint8))) for x in m]
+    labels = model.label_to_id[out["labels"]].cpu().numpy()
+    return Instances(tuple(img.shape[-2:]), out["boxes"].cpu().numpy(),
+                     out["scores"].cpu().numpy(), labels, masks)
 
 
 def run_sahi(model, img, args) -> Tuple[float, np.ndarray]:
@@ -244,7 +269,7 @@ def memory_child(args) -> None:
     model, classes, mpp, _ = get_model(args.weights, args.device)
     opts = InferenceOptions(tile_size=args.tile_size, overlap=args.overlap,
                             batch_size=args.batch_size, num_workers=args.num_workers,
-                            score_thresh=args.score_thresh, progress=False)
+                            score_thresh=args.score_thresh, progress=False, amp=not args.fp32)
     t = time.perf_counter()
     s = infer_slide(model, classes, mpp, args.memory_child, args.out, opts)
     dt = time.perf_counter() - t
@@ -271,6 +296,8 @@ def main() -> int:
     p.add_argument("--memory-sizes", default="10000,40000")
     p.add_argument("--memory-tissue", type=int, default=1024,
                    help="side (px) of the tissue placed on the memory-test slides")
+    p.add_argument("--fp32", action="store_true",
+                   help="this tool in fp32 (default: bf16 autocast where the device has it)")
     p.add_argument("--skip-sahi", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
@@ -303,8 +330,12 @@ def speed_table(model, classes, mpp, name, tmp, args) -> None:
     img = he_mosaic(args.size)
     path = os.path.join(tmp, "mosaic.tif")
     write_pyramid(path, img, mpp)
+    from detector.inference.predictor import autocast_dtype
+
+    amp = autocast_dtype(torch.device(args.device), not args.fp32)
     log(f"model: {name}; image {args.size}x{args.size} px at {mpp} um/px; device {args.device}; "
-        f"{args.threads} torch threads; tiles {args.tile_size} overlap {args.overlap}")
+        f"{args.threads} torch threads; tiles {args.tile_size} overlap {args.overlap}; "
+        f"this tool in {amp or 'fp32'}; load {os.getloadavg()[0]:.1f}")
     with torch.inference_mode():  # warm-up (allocator, cuDNN autotune)
         model([torch.rand(3, args.tile_size, args.tile_size, device=args.device)])
 
@@ -330,11 +361,15 @@ def speed_table(model, classes, mpp, name, tmp, args) -> None:
             log("sahi is not installed (pip install 'detector[bench]'); SAHI row skipped")
     base = rows[1][1]
     print(f"\nSpeed: {name}, {args.size}x{args.size} px image, {tissue_mpx:.2f} Mpx of tissue, "
-          f"device {args.device}, one-piece reference: {len(ref)} detections")
-    print("| method | seconds | tissue Mpx/s | x naive | F1 vs one-piece | F1 vs naive | detections |")
-    print("|---|---|---|---|---|---|---|")
+          f"device {args.device}, this tool in {amp or 'fp32'}, one-piece reference: "
+          f"{len(ref)} detections, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    sahi_dt = rows[2][1] if len(rows) > 2 else None
+    print("| method | seconds | tissue Mpx/s | x naive | x SAHI | F1 vs one-piece | F1 vs naive "
+          "| detections |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, dt, f1, n, f1n in rows:
-        print(f"| {label} | {dt:.1f} | {tissue_mpx / dt:.3f} | {base / dt:.2f} | {f1:.3f} | "
+        xs = f"{sahi_dt / dt:.2f}" if sahi_dt else "-"
+        print(f"| {label} | {dt:.1f} | {tissue_mpx / dt:.3f} | {base / dt:.2f} | {xs} | {f1:.3f} | "
               f"{f1n:.3f} | {n} |")
     print("(F1: one-to-one box matching at IoU 0.5. One-piece differs from any tiling when the "
           "model is not local, e.g. GroupNorm normalises over the whole input; the naive loop "
@@ -359,6 +394,8 @@ def memory_table(mpp, tmp, args) -> None:
                    "--overlap", str(args.overlap), "--batch-size", str(args.batch_size),
                    "--num-workers", str(args.num_workers), "--score-thresh", str(args.score_thresh),
                    "--device", args.device, "--threads", str(args.threads)]
+            if args.fp32:
+                cmd.append("--fp32")
             if args.weights:
                 cmd += ["--weights", args.weights]
             log(f"inference on {size}x{size} ...")

@@ -256,3 +256,32 @@ def test_mask_rcnn_masks_pasted_in_their_boxes_equal_torchvisions_full_image_pas
     crops = paste_masks_in_boxes(probs, boxes, (70, 90), 0.5)
     for m, f in zip(crops, full):
         assert np.array_equal(m.to_full(), f.numpy())
+
+
+def test_crop_masks_equal_torchvision_full_image_paste_on_a_real_image(mask_model):
+    """Eval masks are pasted into their boxes' crops only (no image-sized raster per
+    detection): pixel for pixel torchvision's paste, and a caller's score threshold drops
+    detections before the mask head without changing those above it."""
+    import numpy as np
+    import tifffile
+
+    from tests.conftest import shared_path
+
+    he = tifffile.imread(str(shared_path("monuseg", "TCGA-2Z-A9J9-01A-01-TS1.tif")))
+    x = torch.from_numpy(np.ascontiguousarray(he[:200, :260, :3])).permute(2, 0, 1).float() / 255
+    mask_model.eval()
+    with torch.no_grad():
+        ref = mask_model.model([x])[0]  # torchvision's forward: full-image masks
+        ours = mask_model.predict([x])[0]
+        thr = float(ref["scores"].median())
+        high = mask_model.predict([x], score_thresh=thr)[0]
+    assert len(ref["boxes"]) > 10 and len(ours) == len(ref["boxes"])
+    full = (ref["masks"][:, 0] > 0.5).numpy().astype(np.uint8)
+    expect = [mask_utils.encode(np.asfortranarray(m)) for m in full]
+    assert [m.to_coco_rle()["counts"] for m in ours.masks] == [m["counts"] for m in expect]
+    assert torch.equal(torch.from_numpy(ours.boxes), ref["boxes"])
+    keep = (ref["scores"] >= thr).numpy()
+    assert 0 < len(high) == int(keep.sum()) < len(ours)
+    np.testing.assert_array_equal(high.scores, ours.scores[keep])
+    assert [m.to_coco_rle()["counts"] for m in high.masks] == \
+        [m["counts"] for m, k in zip(expect, keep) if k]

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="box IoU for duplicate removal across tiles (default %(default)s)")
     p.add_argument("--no-tissue-detection", action="store_true",
                    help="analyse every tile, background included")
-    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--no-amp", action="store_true", help="fp32 everywhere (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -42,14 +42,15 @@ from tqdm import tqdm
 
 from ..device import get_rank, get_world_size
 from ..errors import DetectorError
+from ..modeling.unet import mirror_indices
 from ..structures.instances import Instances
-from . import counting, export
+from . import counting, export, predictor
 from .journal import JOURNAL_NAME, WEIGHTS_KEY, Journal, finished_weights, weights_identity
 from .merge import drop_cut, merge_detections, tile_to_slide
 from .second_stage import SecondStage
 from .slide import SlideReadError, SlideReader, choose_level, open_slide
 from .tiling import (Tile, bounded_tile_size, check_tile_memory, grid_shape, interior_edges,
-                     region_size, tile_grid, tiles_in_mask)
+                     region_size, tile_cores, tile_grid, tiles_in_mask)
 from .tissue import parse_roi, points_in_roi, roi_mask, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class InferenceOptions:
     mask_iou_thresh: float = 0.5
     # Skip background tiles (Otsu tissue detection on a thumbnail).
     tissue_detection: bool = True
-    # Mixed precision (bf16 autocast) on CUDA.
+    # Mixed precision (bf16 autocast) on CUDA and on CPUs with native bf16 (see predictor.py).
     amp: bool = True
     resume: bool = False
     # Longest side of the thumbnail used for tissue detection and overlay.png.
@@ -160,13 +161,34 @@ def read_tile(reader: SlideReader, geom: SlideGeometry, tile: Tile) -> np.ndarra
                           borderMode=cv2.BORDER_REPLICATE)
 
 
+def read_tile_with_context(reader: SlideReader, geom: SlideGeometry, tile: Tile, context: int
+                           ) -> np.ndarray:
+    """``(h + 2 context, w + 2 context, 3)`` uint8 RGB: the tile and ``context`` px of the real
+    neighbouring pixels on every side, mirrored (numpy ``reflect``) only beyond the edge of the
+    analysis grid, at the same positions whatever the tiling (:func:`mirror_indices`)."""
+    if context <= 0:
+        return read_tile(reader, geom, tile)
+    x0, y0, x1, y1 = tile
+    iy = mirror_indices(geom.size[0], y0 - context, y1 + context)
+    ix = mirror_indices(geom.size[1], x0 - context, x1 + context)
+    ry0, rx0 = int(iy.min()), int(ix.min())
+    region = read_tile(reader, geom, (rx0, ry0, int(ix.max()) + 1, int(iy.max()) + 1))
+    if region.shape[0] == len(iy) and region.shape[1] == len(ix):
+        return region  # nothing mirrored
+    return region[(iy - ry0)[:, None], (ix - rx0)[None, :]]
+
+
 class TileDataset(Dataset):
     """Tiles of one slide for a DataLoader. Each worker opens the slide once (lazily, in the
     worker process), reads and converts its tiles; a tile that fails to decode comes back with
-    ``image`` None and the error, so that the run logs it and goes on."""
+    ``image`` None and the error, so that the run logs it and goes on. With ``context`` > 0
+    each image holds that many px of the tile's surroundings on every side
+    (:func:`read_tile_with_context`)."""
 
-    def __init__(self, path: str, geom: SlideGeometry, tiles: Sequence[Tile], indices: Sequence[int]):
+    def __init__(self, path: str, geom: SlideGeometry, tiles: Sequence[Tile], indices: Sequence[int],
+                 context: int = 0):
         self.path = path
+        self.context = int(context)
         self.geom = geom
         self.tiles = list(tiles)
         self.indices = list(indices)
@@ -192,7 +214,7 @@ class TileDataset(Dataset):
         idx = self.indices[k]
         tile = self.tiles[idx]
         try:
-            rgb = read_tile(self._get_reader(), self.geom, tile)
+            rgb = read_tile_with_context(self._get_reader(), self.geom, tile, self.context)
         except (SlideReadError, OSError, ValueError) as e:
             return {"index": idx, "tile": tile, "image": None, "error": str(e)}
         img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # uint8 (3, h, w)
@@ -210,19 +232,32 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def predict_batch(model: torch.nn.Module, images: List[torch.Tensor], amp: bool = True
-                  ) -> List[Instances]:
+def predict_batch(model: torch.nn.Module, images: List[torch.Tensor], amp: bool = True,
+                  tiles: Optional[Sequence[Tile]] = None, cores: Optional[Sequence[Tile]] = None,
+                  context: int = 0, score_thresh: float = 0.0) -> List[Instances]:
     """Run the model on uint8 ``(3, H, W)`` tiles: float 0..1 on the model's device, bf16
-    autocast on CUDA, no gradients. Returns one Instances per tile (tile px)."""
+    autocast on CUDA and bf16 CPUs (:mod:`.predictor`), no gradients. Returns one Instances
+    per tile (tile px). With ``context``
+    (a model with ``slide_context``, the U-Net) the images hold that many px around each tile
+    and the model keeps the objects whose centroid lies in the tile's core (analysis px, like
+    ``tiles``; :func:`tile_cores`)."""
     dev = model_device(model)
     x = [im.to(dev, non_blocking=True).float().div_(255.0) for im in images]
-    with torch.inference_mode():
-        if dev.type == "cuda" and amp:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(x)
-        else:
-            out = model(x)
+    with torch.inference_mode(), predictor.autocast(dev, amp):
+        out = _forward(model, x, tiles, cores, context, score_thresh)
     return list(out)
+
+
+def _forward(model: torch.nn.Module, x: List[torch.Tensor], tiles: Optional[Sequence[Tile]],
+             cores: Optional[Sequence[Tile]], context: int, score_thresh: float
+             ) -> List[Instances]:
+    if not context:
+        # R-CNN: low-scoring detections dropped before the mask head
+        predict = getattr(model, "predict", None)
+        return predict(x, score_thresh) if callable(predict) else model(x)
+    assert tiles is not None and cores is not None
+    local = [(c[0] - t[0], c[1] - t[1], c[2] - t[0], c[3] - t[1]) for t, c in zip(tiles, cores)]
+    return getattr(model, "predict_slide_tiles")(x, [t[:2] for t in tiles], local, context)
 
 
 # ----------------------------------------------------------------------------- one slide
@@ -363,7 +398,14 @@ def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOpt
     todo = [i for i in sel_idx if i not in journal.done]
     H0, W0 = grid.slide_size
     rows, cols = grid.grid_shape
-    ds = TileDataset(path, grid.geometry, grid.tiles, todo)
+    geom = grid.geometry
+    selected = grid.selected.tolist()
+    # a model that reads real neighbouring pixels (the U-Net) owns the objects in tile cores
+    predictor.prepare_model(model)
+    context = int(getattr(model, "slide_context", 0) or 0)
+    cores = (tile_cores(geom.size[1], geom.size[0], grid.tile_size, grid.overlap, selected)
+             if context else None)
+    ds = TileDataset(path, geom, grid.tiles, todo, context)
     on_cuda = model_device(model).type == "cuda"
     ahead = opts.num_workers > 0 and len(todo) > opts.batch_size
     loader = DataLoader(ds, batch_size=max(1, opts.batch_size), shuffle=False,
@@ -381,16 +423,20 @@ def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOpt
             log.warning("tile %d of %s skipped: %s", k, path, v)
         parts: List[Instances] = []
         if good:
-            preds = predict_batch(model, [b["image"] for b in good], opts.amp)
+            preds = predict_batch(model, [b["image"] for b in good], opts.amp,
+                                  [b["tile"] for b in good],
+                                  [cores[b["index"]] for b in good] if cores else None, context,
+                                  opts.score_thresh)
             for b, inst in zip(good, preds):
                 keep = inst.scores >= opts.score_thresh
                 if inst.masks is not None:  # an empty mask is not an object
                     keep &= np.asarray([not m.is_empty for m in inst.masks], bool)
                 inst = inst[keep]
-                edges = interior_edges(b["index"], rows, cols, grid.selected.tolist())
-                inst = drop_cut(inst, edges, opts.edge_margin)
-                parts.append(tile_to_slide(inst, b["tile"][:2],
-                                           grid.geometry.level0_per_analysis, (H0, W0)))
+                if not context:  # else each object came from the tile owning its centroid
+                    edges = interior_edges(b["index"], rows, cols, selected)
+                    inst = drop_cut(inst, edges, opts.edge_margin)
+                parts.append(tile_to_slide(inst, b["tile"][:2], geom.level0_per_analysis,
+                                           (H0, W0)))
                 if has_masks is None:
                     has_masks = inst.masks is not None
         batch_inst = Instances.cat(parts, (H0, W0)) if parts else _empty((H0, W0), has_masks)

@@ -186,3 +186,31 @@ def region_size(grid_size: Tuple[int, int], polygons: Optional[Sequence[np.ndarr
     pts = np.concatenate([np.asarray(p, np.float64).reshape(-1, 2) for p in polygons])
     w, h = (pts.max(axis=0) - pts.min(axis=0)) / float(level0_per_analysis)
     return min(gh, int(math.ceil(h)) + 2), min(gw, int(math.ceil(w)) + 2)
+
+
+def tile_cores(width: int, height: int, tile_size: int, overlap: int,
+               selected: Sequence[bool] | None = None) -> List[Tile]:
+    """The part of each tile of :func:`tile_grid` that it owns: ``(x0, y0, x1, y1)`` per tile,
+    row-major. Neighbouring tiles split their overlap in the middle, so the cores of the
+    analysed tiles partition the image; across an edge whose neighbour is not analysed (not in
+    ``selected``) or the image border, the core reaches the tile's edge. A model that keeps
+    only the objects anchored in a tile's core (the U-Net on slides: the centroid of each
+    nucleus's seed) finds each object once, and whole while ``overlap`` exceeds the largest
+    object."""
+    xs = tile_starts(width, tile_size, overlap)
+    ys = tile_starts(height, tile_size, overlap)
+
+    def cuts(starts: List[int], length: int) -> List[int]:
+        ends = [min(s + tile_size, length) for s in starts]
+        return [0] + [(starts[k] + ends[k - 1]) // 2 for k in range(1, len(starts))] + [length]
+
+    cx, cy = cuts(xs, width), cuts(ys, height)
+    cols = len(xs)
+    cores: List[Tile] = []
+    for r, y in enumerate(ys):
+        for c, x in enumerate(xs):
+            left, top, right, bottom = interior_edges(r * cols + c, len(ys), cols, selected)
+            cores.append((cx[c] if left else x, cy[r] if top else y,
+                          cx[c + 1] if right else min(x + tile_size, width),
+                          cy[r + 1] if bottom else min(y + tile_size, height)))
+    return cores

@@ -14,8 +14,10 @@ native resolution (times ``INPUT.SCALE``) instead of being resized to 800 px.
 from __future__ import annotations
 
 import functools
+
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -208,6 +210,8 @@ class RCNN(nn.Module):
         self.with_masks = cfg.MODEL.META_ARCHITECTURE == "MaskRCNN"
         self.mask_threshold = float(cfg.MODEL.ROI_HEADS.MASK_THRESHOLD)
         self.model = build_torchvision_rcnn(cfg, len(self.classes) + 1)
+        # convolutions in channels-last layout (oneDNN's faster path on CPU): set_inference
+        self.channels_last = False
         self.register_buffer("label_to_id",
                              torch.tensor([0] + [c["id"] for c in self.classes], dtype=torch.int64),
                              persistent=False)
@@ -227,8 +231,35 @@ class RCNN(nn.Module):
                     d["masks"] = t["masks"].as_subclass(Tensor)
                 tv_targets.append(d)
             return self.model([im.as_subclass(Tensor) for im in images], tv_targets)
-        outputs = self.model([im.as_subclass(Tensor) for im in images])
-        return [self._to_instances(o, im.shape[-2:]) for o, im in zip(outputs, images)]
+        return self.predict(images)
+
+    def predict(self, images: List[Tensor], score_thresh: float = 0.0) -> List[Instances]:
+        """Eval-mode prediction: one :class:`Instances` per ``[3, H, W]`` image (0..1), in its
+        px. Detections scoring below ``score_thresh`` (besides the config's
+        ``ROI_HEADS.SCORE_THRESH_TEST``) are dropped before the mask head, and masks are
+        pasted into their boxes' crops (:func:`paste_masks_in_boxes`): the detections at or
+        above the threshold are those of torchvision's forward, pixel for pixel."""
+        m = self.model
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        heads = m.roi_heads
+        saved = heads.score_thresh
+        # torchvision keeps scores > thresh; a caller's threshold keeps scores >= it
+        heads.score_thresh = max(saved, float(np.nextafter(np.float32(score_thresh), -1)))
+        try:
+            batch, _ = m.transform([im.as_subclass(Tensor) for im in images])
+            x = batch.tensors
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            features = m.backbone(x)
+            proposals, _ = m.rpn(batch, features)
+            detections, _ = heads(features, proposals, batch.image_sizes)
+        finally:
+            heads.score_thresh = saved
+        out = []
+        for det, resized, size in zip(detections, batch.image_sizes, sizes):
+            det["boxes"] = resize_boxes(det["boxes"], resized, size)
+            out.append(self._to_instances(det, size))
+        return out
 
     def _to_instances(self, out: Dict[str, Tensor], size: Tuple[int, int]) -> Instances:
         labels = self.label_to_id.to(out["labels"].device)[out["labels"]]

@@ -24,6 +24,13 @@ multiple (``MODEL.UNET.TILE_SIZE`` rounded), each tile's input is ``s + 4 + bord
 valid size) and the first ``s`` output px of each tile are kept: the tiled prediction then
 equals the prediction of the whole image in one piece up to floating-point noise.
 
+**On slides** (:meth:`UNetModel.predict_slide_tiles`) the slide runner reads each tile with
+:attr:`UNetModel.slide_context` px of the *real* neighbouring pixels (mirrored only beyond the
+slide's edge, at the same positions as in one-piece prediction), and the prediction windows are
+aligned to the slide's pooling grid: probabilities equal those of the whole slide in one piece.
+Each tile keeps the instances whose seed's centroid lies in its core (the tiles' cores
+partition the slide), so every nucleus is found once, as in one piece.
+
 Instances come from the 3-class probabilities by the watershed of
 :mod:`detector.modeling.watershed`; each instance's score is the mean interior probability
 over its seed (see there). A 3-class U-Net separates nuclei from background and has no class
@@ -290,24 +297,119 @@ class UNetModel(nn.Module):
                                  align_corners=False)[0]
         return self._predict_tiles(x, tile_size)
 
+    def _tile_starts(self, length: int, stride: int) -> Tuple[List[int], int]:
+        """Output offsets of the prediction tiles along an axis of ``length`` px, and the stride
+        actually used: regular steps of ``stride`` (a multiple of ``2^(depth-1)``), the last
+        one moved back so that the tiles end less than ``2^(depth-1)`` px after ``length``
+        (every offset stays a multiple of ``2^(depth-1)``, so the output does not change);
+        an axis shorter than a tile gets one tile just long enough."""
+        f = 2 ** (self.depth - 1)
+        if length <= stride:
+            return [0], max(f, f * math.ceil(length / f))
+        starts = list(range(0, length - stride, stride))
+        last = f * math.ceil((length - stride) / f)
+        starts = sorted({min(s, last) for s in starts} | {last})
+        return starts, stride
+
     def _predict_tiles(self, x: Tensor, tile_size: Optional[int]) -> Tensor:
-        """Overlap-tile prediction of a normalised ``(3, H, W)`` image -> ``(3, H, W)``."""
+        """Overlap-tile prediction of a normalised ``(3, H, W)`` image -> ``(3, H, W)``: the
+        image mirrored at its edges (missing context is mirrored, as in the paper)."""
         h, w = x.shape[-2:]
+        before, after_h, after_w = self._context_needed(h, w, tile_size)
+        padded = mirror_pad(x, before, after_h, before, after_w)
+        return self._predict_window(padded, before, before, h, w, tile_size)
+
+    def _context_needed(self, h: int, w: int, tile_size: Optional[int]) -> Tuple[int, int, int]:
+        """``(before, after_h, after_w)``: input px the overlap-tile prediction of an
+        ``h`` x ``w`` output needs before its first and after its last row / column."""
         stride, before, after = self._tile_geometry(tile_size or self.tile_size)
-        ny, nx = math.ceil(h / stride), math.ceil(w / stride)
-        padded = mirror_pad(x, before, ny * stride - h + after, before, nx * stride - w + after)
-        span = stride + before + after
+        ends = []
+        for n in (h, w):
+            starts, s = self._tile_starts(n, stride)
+            ends.append(starts[-1] + s + after - n)
+        return before, ends[0], ends[1]
+
+    def _predict_window(self, xp: Tensor, top: int, left: int, h: int, w: int,
+                        tile_size: Optional[int]) -> Tensor:
+        """Probabilities ``(3, h, w)`` of the output window whose first pixel is input pixel
+        ``(top, left)`` of the normalised input ``xp``; ``xp`` holds at least the context of
+        :meth:`_context_needed` around the window (real neighbouring pixels or mirrored).
+        The output equals that of the whole image when the window starts at a multiple of
+        ``2^(depth-1)`` px of it (max pooling is equivariant only to such shifts)."""
+        stride, before, after = self._tile_geometry(tile_size or self.tile_size)
+        ys, sy = self._tile_starts(h, stride)
+        xs, sx = self._tile_starts(w, stride)
         keep0 = before if self.padding == "same" else 0
-        out = x.new_zeros((NUM_UNET_CLASSES, ny * stride, nx * stride), dtype=torch.float32)
-        corners = [(i * stride, j * stride) for i in range(ny) for j in range(nx)]
+        out = xp.new_zeros((NUM_UNET_CLASSES, ys[-1] + sy, xs[-1] + sx), dtype=torch.float32)
+        corners = [(y, x0) for y in ys for x0 in xs]
         for k in range(0, len(corners), self.tile_batch):
             batch = corners[k:k + self.tile_batch]
-            tiles = torch.stack([padded[:, y:y + span, x0:x0 + span] for y, x0 in batch])
+            tiles = torch.stack([
+                xp[:, top - before + y:top - before + y + sy + before + after,
+                   left - before + x0:left - before + x0 + sx + before + after]
+                for y, x0 in batch])
             probs = torch.softmax(self.net(tiles), dim=1)
             for (y, x0), p in zip(batch, probs):
-                out[:, y:y + stride, x0:x0 + stride] = p[:, keep0:keep0 + stride,
-                                                         keep0:keep0 + stride].float()
+                out[:, y:y + sy, x0:x0 + sx] = p[:, keep0:keep0 + sy, keep0:keep0 + sx].float()
         return out[:, :h, :w]
+
+    # ------------------------------------------------------------- seamless slide tiles
+    @property
+    def slide_context(self) -> int:
+        """Px of real image the slide runner reads around each tile (mirrored only at the
+        slide's edge), so that tiled prediction equals one-piece prediction: the network's
+        context plus up to ``2^(depth-1) - 1`` px to align the tile with the pooling grid.
+        0 when ``INPUT.SCALE`` != 1 (the in-model resize breaks the alignment; such tiles are
+        predicted on their own, mirrored at their border)."""
+        if self.scale != 1.0:
+            return 0
+        f = 2 ** (self.depth - 1)
+        stride, before, after = self._tile_geometry(self.tile_size)
+        return max(before, after) + f - 1
+
+    @torch.no_grad()
+    def predict_tile_probabilities(self, image: Tensor, origin: Tuple[int, int],
+                                   context: int) -> Tensor:
+        """Probabilities of one slide tile read with ``context`` px of its surroundings.
+
+        Args:
+            image: ``Tensor[3, h + 2 context, w + 2 context]`` float RGB 0..1: the tile and
+                ``context`` px of real neighbouring pixels on every side (mirrored beyond the
+                slide's edge, position-stable: :func:`mirror_indices` of the whole slide).
+            origin: ``(x0, y0)`` of the tile in px of the analysed image (the slide at the
+                model's mpp); the pooling grid is aligned to that image's origin.
+            context: ``>= slide_context``.
+
+        Returns:
+            ``Tensor[3, h, w]`` float32 probabilities, equal (up to float noise) to those of
+            the whole image predicted in one piece at the tile's pixels.
+        """
+        if context < self.slide_context or self.slide_context == 0:
+            raise ValueError(f"tile context {context} px < the U-Net's {self.slide_context} px")
+        x = self._normalize(image)
+        h, w = x.shape[-2] - 2 * context, x.shape[-1] - 2 * context
+        f = 2 ** (self.depth - 1)
+        dx, dy = int(origin[0]) % f, int(origin[1]) % f  # window starts on the pooling grid
+        probs = self._predict_window(x, context - dy, context - dx, h + dy, w + dx, None)
+        return probs[:, dy:, dx:]
+
+    def predict_slide_tiles(self, images: Sequence[Tensor], origins: Sequence[Tuple[int, int]],
+                            cores: Sequence[Tuple[int, int, int, int]], context: int
+                            ) -> List[Instances]:
+        """Instances of slide tiles read with context (see :meth:`predict_tile_probabilities`),
+        in tile px: the watershed runs over the whole tile, and a tile keeps the instances
+        whose seed's centroid lies in its ``core`` (``(x0, y0, x1, y1)`` tile px; the cores of
+        a slide's tiles partition it, :func:`detector.inference.tiling.tile_cores`). An
+        instance is then found once, by the tile that owns its seed, and is the same as in
+        one-piece prediction when the tiles overlap by more than twice the largest nucleus
+        (the margin the watershed of the owning tile sees around it)."""
+        out = []
+        for image, origin, core in zip(images, origins, cores):
+            probs = self.predict_tile_probabilities(image, origin, context).cpu().numpy()
+            out.append(instances_from_probabilities(
+                probs, self.category_id, self.seed_thresh, self.fg_thresh, self.min_size,
+                self.smooth_sigma, core=core))
+        return out
 
     def predict_instances(self, image: Tensor, tile_size: Optional[int] = None) -> Instances:
         """:class:`Instances` of one image (RLE masks, XYXY boxes in its px, scores = mean

@@ -23,7 +23,7 @@ RLE mask, XYXY box (pixel edges), score and label per nucleus, as Mask R-CNN giv
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -133,12 +133,20 @@ def instances_from_probabilities(
     fg_thresh: float = _DEFAULTS.FOREGROUND_THRESH,
     min_size: int = _DEFAULTS.MIN_SIZE,
     smooth_sigma: float = _DEFAULTS.SMOOTH_SIGMA,
+    core: Optional[Tuple[int, int, int, int]] = None,
 ) -> Instances:
     """Nuclei of a ``(3, H, W)`` probability map (background, interior, boundary) as
     :class:`Instances` with :class:`CropMask` masks, boxes, scores (see the module docstring) and
-    ``category_id`` as label. Scores are computed on the smoothed probabilities."""
+    ``category_id`` as label. Scores are computed on the smoothed probabilities.
+
+    ``core`` ``(x0, y0, x1, y1)`` (px of the map, end-exclusive): keep only the instances
+    whose seed's centroid (or, without a seed, whose centroid) lies in it, tested exactly on
+    integer sums, so that tiles whose cores partition an image find every instance once (see
+    :meth:`detector.modeling.unet.UNetModel.predict_slide_tiles`)."""
     probs = smooth_probabilities(np.asarray(probs, dtype=np.float32), smooth_sigma)
     labels, seeds = label_map_from_probabilities(probs, seed_thresh, fg_thresh, min_size, 0.0)
+    if core is not None:
+        labels, seeds = _keep_centroids_in(labels, seeds, core)
     n = int(labels.max())
     scores = np.zeros(n + 1, np.float64)
     if n:
@@ -152,6 +160,37 @@ def instances_from_probabilities(
         scores = np.where(seed_count > 0, seed_mean, 0.5 * fg_mean)
         scores[0] = 0.0
     return instances_from_label_map(labels, np.clip(scores, 0.0, 1.0), category_id)
+
+
+def _keep_centroids_in(labels: np.ndarray, seeds: np.ndarray, core: Tuple[int, int, int, int]
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+    """``labels`` and ``seeds`` without the instances whose anchor lies outside ``core``
+    ``(x0, y0, x1, y1)`` (ids are kept, not renumbered). The anchor is the centroid of the
+    instance's seed (the centroid of its pixels when it has none): a seed is a thresholded
+    component of the probabilities, the same in a tile as in the whole image unless it comes
+    within the smoothing radius of the tile's edge, while the watershed that grows it may
+    shift its rim a little; an instance is then owned by the same tile whatever its rim."""
+    n = int(labels.max())
+    if n == 0:
+        return labels, seeds
+    keep = np.zeros(n + 1, bool)
+    anchored = np.zeros(n + 1, bool)
+    x0, y0, x1, y1 = (int(v) for v in core)
+    for ids in (seeds, labels):  # seeds first; instances without a seed by their pixels
+        flat = ids.reshape(-1)
+        nz = np.flatnonzero(flat)
+        ys, xs = np.divmod(nz, ids.shape[1])
+        count = np.bincount(flat[nz], minlength=n + 1).astype(np.int64)
+        sx = np.bincount(flat[nz], weights=xs, minlength=n + 1).astype(np.int64)  # exact < 2^53
+        sy = np.bincount(flat[nz], weights=ys, minlength=n + 1).astype(np.int64)
+        # x0 <= sx / count < x1 (likewise y) without rounding: ownership must agree between a
+        # tile and the whole image to the last bit
+        inside = (sx >= x0 * count) & (sx < x1 * count) & (sy >= y0 * count) & (sy < y1 * count)
+        new = (count > 0) & ~anchored
+        keep[new] = inside[new]
+        anchored |= count > 0
+    keep[0] = False
+    return np.where(keep[labels], labels, 0), np.where(keep[seeds], seeds, 0)
 
 
 def probabilities_from_classes(classes: np.ndarray) -> np.ndarray:
