@@ -144,18 +144,22 @@ def test_mining_writes_only_detections_away_from_figures(tmp_path):
     assert [len(r["negatives"]) for r in ds.records] == [0, 4]
 
 
-def test_second_stage_rescores_candidates_on_a_resampled_slide(tmp_path):
-    img = blob_image(1200, 1600, dark=((200, 240), (800, 600), (1400, 1000)),
-                     grey=((500, 900), (1040, 200)))
+def _run_blob_slide(tmp_path, grey, tile_size, nuclei=None):
+    """3 dark figures and ``grey`` look-alikes on a 1200 x 1600 px slide at 0.25 um/px, run
+    with a model trained at 0.5 um/px (the slide is analysed at half size) and stage 2."""
+    img = blob_image(1200, 1600, dark=((200, 240), (800, 600), (1400, 1000)), grey=grey)
     path = str(tmp_path / "slide.tif")
     tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb")
-    # model at 0.5 um/px, slide at 0.25: the slide is analysed at half size
     second = SecondStage(DarkCentreClassifier(), PHASES, patch_size=16, threshold=0.5,
                          candidate_threshold=0.5)
     opts = InferenceOptions(mpp=0.25, num_workers=0, tissue_detection=False, progress=False,
-                            tile_size=256, overlap=48, score_thresh=0.5)
-    s = infer_slide(BlobDetector(), FIGURE, 0.5, path, str(tmp_path / "out"), opts,
-                    second_stage=second)
+                            tile_size=tile_size, overlap=48, score_thresh=0.5)
+    return infer_slide(BlobDetector(), FIGURE, 0.5, path, str(tmp_path / "out"), opts,
+                       second_stage=second, nuclei=nuclei)
+
+
+def test_second_stage_rescores_candidates_on_a_resampled_slide(tmp_path):
+    s = _run_blob_slide(tmp_path, ((500, 900), (1040, 200)), 256)
     assert s["second_stage"]["candidates"] == 5
     assert s["second_stage"]["mitotic_figures_before"] == 5
     assert s["second_stage"]["mitotic_figures_after"] == 3 == s["mitotic_figures"]["total"]
@@ -198,17 +202,8 @@ def test_bundle_round_trip_and_cli_threshold(tmp_path, capsys):
 
 
 def test_mitotic_index_from_a_nuclei_model_in_the_same_call(tmp_path):
-    img = blob_image(1200, 1600, dark=((200, 240), (800, 600), (1400, 1000)),
-                     grey=((500, 900), (1040, 200), (300, 700), (900, 300)))
-    path = str(tmp_path / "slide.tif")
-    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb")
-    second = SecondStage(DarkCentreClassifier(), PHASES, patch_size=16, threshold=0.5,
-                         candidate_threshold=0.5)
-    opts = InferenceOptions(mpp=0.25, num_workers=0, tissue_detection=False, progress=False,
-                            tile_size=512, overlap=48, score_thresh=0.5)
     nuclei = (BlobDetector(), [{"id": 1, "name": "nucleus"}], 0.25)  # every blob is a nucleus
-    s = infer_slide(BlobDetector(), FIGURE, 0.5, path, str(tmp_path / "out"), opts,
-                    second_stage=second, nuclei=nuclei)
+    s = _run_blob_slide(tmp_path, ((500, 900), (1040, 200), (300, 700), (900, 300)), 512, nuclei)
     assert s["mitotic_figures"]["total"] == 3
     assert s["nuclei"]["count"] == 7
     assert s["mitotic_index"] == pytest.approx(3 / 7)
