@@ -103,7 +103,7 @@ def test_tile_probabilities_from_real_context_equal_one_piece(unet):
     whole = unet.predict_probabilities(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
     assert float(whole.std(dim=(1, 2)).min()) > 1e-3
     context = unet.slide_context
-    geom = SlideGeometry(0, 1.0, 1.0, (w, h))
+    geom = SlideGeometry(0, 1.0, 1.0, (h, w))  # size (height, width)
     with open_slide(dsb_path()) as reader:
         for tile in tile_grid(w, h, 200, 50):  # x starts 0, 150, 300, 450, 496
             x0, y0, x1, y1 = tile
@@ -143,7 +143,9 @@ def test_unet_slide_run_tiled_equals_one_piece_on_real_images(unet, image, tmp_p
     assert f1 >= 0.999, f"F1 {f1:.4f}: {len(tiled)} tiled vs {len(whole)} one-piece instances"
     # nearly every instance is the same to the pixel, with the same score; the few that may
     # differ are larger than the overlap allows (their watershed sees a neighbour cut at the
-    # owning tile's edge)
+    # owning tile's edge), or reach the tile's outer edge, where the default 1 px smoothing of
+    # the probabilities (MODEL.UNET.SMOOTH_SIGMA) pads differently (7 of 380 on the MoNuSeg
+    # crop since smoothing became the default; 0 of 310 on the DSB image)
     best = iou.argmax(1)
     same = (iou[np.arange(len(tiled)), best] == 1.0) & (np.abs(s_tiled - s_whole[best]) < 1e-4)
-    assert same.mean() >= 0.99, f"{int((~same).sum())} of {len(tiled)} instances differ"
+    assert same.mean() >= 0.98, f"{int((~same).sum())} of {len(tiled)} instances differ"
