@@ -323,9 +323,11 @@ class Trainer:
             with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
                 f.write(cfg_to_yaml(cfg))
         writer = MetricsWriter(self.output_dir, self.start_iter) if main else None
-        logger.info("training %s (%s, %d classes) on %d images from %s, %d process(es) on %s, "
+        classifier = cfg.MODEL.META_ARCHITECTURE == "PatchClassifier"
+        logger.info("training %s (%s, %d classes) on %d %s from %s, %d process(es) on %s, "
                     "iterations %d..%d, %d images per step", cfg.MODEL.META_ARCHITECTURE,
-                    cfg.MODEL.BACKBONE.NAME, len(self.classes), len(self.train_set),
+                    cfg.MODEL.CLASSIFIER.NAME if classifier else cfg.MODEL.BACKBONE.NAME,
+                    len(self.classes), len(self.train_set), "patches" if classifier else "images",
                     ", ".join(cfg.DATASETS.TRAIN), self.world_size, self.device,
                     self.start_iter, max_iter, int(s.IMS_PER_BATCH))
         loader = self.build_loader()
