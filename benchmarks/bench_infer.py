@@ -86,7 +86,6 @@ def write_big_slide(path: str, size: int, tissue: np.ndarray, mpp: float) -> Non
     """A ``size`` x ``size`` pyramidal TIFF, glass everywhere except ``tissue`` placed near the
     centre; written tile by tile (never the whole slide in memory)."""
     import cv2
-    import tifffile
 
     th, tw_ = tissue.shape[:2]
     oy, ox = (size - th) // 2 // 256 * 256, (size - tw_) // 2 // 256 * 256
@@ -109,6 +108,15 @@ def write_big_slide(path: str, size: int, tissue: np.ndarray, mpp: float) -> Non
                 a1, b1 = min(y0 + 256, sy + small.shape[0]), min(x0 + 256, sx + small.shape[1])
                 t[a0 - y0:a1 - y0, b0 - x0:b1 - x0] = small[a0 - sy:a1 - sy, b0 - sx:b1 - sx]
                 yield t
+
+    write_tiled_pyramid(path, size, tiles, levels, mpp)
+
+
+def write_tiled_pyramid(path: str, size: int, tiles: Any, levels: int, mpp: float) -> None:
+    """A ``size`` x ``size`` pyramidal BigTIFF (JPEG, 256 px tiles, ``levels`` levels halving
+    each time) from ``tiles(level)``, a generator of the level's 256 px tiles in row order: the
+    slide is written tile by tile, never held in memory."""
+    import tifffile
 
     kw = dict(tile=(256, 256), compression="jpeg", photometric="rgb", dtype=np.uint8)
     with tifffile.TiffWriter(path, bigtiff=True) as tw:

@@ -62,7 +62,6 @@ def write_tissue_slide(path: str, size: int, texture: np.ndarray, mpp: float) ->
     """A ``size`` x ``size`` pyramidal TIFF (JPEG, 256 px tiles) whose every tile is tissue:
     ``texture`` repeated; written tile by tile (the slide is never in memory)."""
     import cv2
-    import tifffile
 
     levels = max(1, int(np.ceil(np.log2(max(size, 1024) / 1024))) + 1)
 
@@ -78,13 +77,9 @@ def write_tissue_slide(path: str, size: int, texture: np.ndarray, mpp: float) ->
                 y0, x0 = (j * 256) % small.shape[0], (i * 256) % small.shape[1]
                 yield np.ascontiguousarray(big[y0:y0 + 256, x0:x0 + 256])
 
-    kw = dict(tile=(256, 256), compression="jpeg", photometric="rgb", dtype=np.uint8)
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        tw.write(tiles(0), shape=(size, size, 3), subifds=levels - 1,
-                 resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER", **kw)
-        for k in range(1, levels):
-            s = size // 2 ** k
-            tw.write(tiles(k), shape=(s, s, 3), subfiletype=1, **kw)
+    import bench_infer
+
+    bench_infer.write_tiled_pyramid(path, size, tiles, levels, mpp)
 
 
 def training_figures(out_dir: str, batch: int) -> Dict[str, float]:
