@@ -49,6 +49,21 @@ def _wait_for(predicate, proc, timeout=240.0):
     return False
 
 
+def _kill_when(cmd, ready, what):
+    """Start ``cmd``, SIGKILL it as soon as ``ready()`` holds, and check that the kill (not
+    the end of the run) stopped it."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(ready, proc), f"{what} ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.fixture(scope="module")
 def discs(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile_discs")
@@ -127,19 +142,9 @@ def test_kill_9_during_training_then_resume(discs, tmp_path):
                      "1", "SOLVER.CHECKPOINTS_KEPT", "2", test=val)
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG,
            *opts]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        marker = out / "last_checkpoint"
-        ok = _wait_for(lambda: marker.exists() and marker.read_text().strip()
-                       not in ("", "model_0000001.pth"), proc)
-        assert ok, "training ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    marker = out / "last_checkpoint"
+    _kill_when(cmd, lambda: marker.exists() and marker.read_text().strip()
+               not in ("", "model_0000001.pth"), "training")
     last = (out / "last_checkpoint").read_text().strip()
     start = int(last[len("model_"):-len(".pth")])
     orphan = out / ".tmp-k1ll3d-model_0000099.pth"  # what a kill inside torch.save leaves
@@ -359,18 +364,9 @@ def test_resume_after_kill_9_with_replaced_weights_restarts_the_slide(two_models
     journal = out / "CMU-1-Small-Region" / ".journal.jsonl"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "infer_tiles.py"),
            *_infer_args(str(weights), svs, out)]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        ok = _wait_for(lambda: journal.exists() and len(journal.read_text().splitlines()) >= 3,
-                       proc)
-        assert ok, "the slide run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL and journal.exists()
+    _kill_when(cmd, lambda: journal.exists() and len(journal.read_text().splitlines()) >= 3,
+               "the slide run")
+    assert journal.exists()
     shutil.copy(b, str(weights) + ".new")
     os.replace(str(weights) + ".new", weights)  # rewritten atomically, as training does
     assert infer_main(_infer_args(str(weights), svs, out, "--resume")) == 0

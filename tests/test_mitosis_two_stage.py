@@ -169,17 +169,23 @@ def test_second_stage_rescores_candidates_on_a_resampled_slide(tmp_path):
     assert len(rows) == 4  # header + the 3 dark figures
 
 
-def test_bundle_round_trip_and_cli_threshold(tmp_path, capsys):
+def _random_bundle(tmp_path, candidate_threshold, threshold, *detector_opts, info=None):
+    """A bundle of a randomly initialised small Faster R-CNN and patch classifier (phases),
+    written by the engine's checkpoint writer and write_bundle: det.pth, cls.pth, b.pth."""
     cfg = get_cfg(None, ["MODEL.META_ARCHITECTURE", "FasterRCNN", "MODEL.BACKBONE.NAME",
                          "resnet18", "MODEL.BACKBONE.OUT_CHANNELS", "32",
-                         "MODEL.RPN.POST_NMS_TOPK_TEST", "20"])
+                         "MODEL.RPN.POST_NMS_TOPK_TEST", "20", *detector_opts])
     ccfg = get_cfg(None, ["MODEL.META_ARCHITECTURE", "PatchClassifier",
                           "MODEL.CLASSIFIER.PATCH_SIZE", "32"])
     torch.manual_seed(0)
     save_checkpoint(str(tmp_path / "det.pth"), build_model(cfg, FIGURE), cfg, FIGURE, 0.5, 10)
     save_checkpoint(str(tmp_path / "cls.pth"), build_model(ccfg, PHASES), ccfg, PHASES, 0.5, 10)
     write_bundle(str(tmp_path / "det.pth"), str(tmp_path / "cls.pth"), str(tmp_path / "b.pth"),
-                 0.3, 0.77, {"note": "test"})
+                 candidate_threshold, threshold, info)
+
+
+def test_bundle_round_trip_and_cli_threshold(tmp_path, capsys):
+    _random_bundle(tmp_path, 0.3, 0.77, info={"note": "test"})
     ckpt = load_checkpoint(str(tmp_path / "b.pth"))  # weights_only
     assert "optimizer" not in ckpt and ckpt["second_stage"]["threshold"] == 0.77
     second = second_stage_from_checkpoint(ckpt)
@@ -219,17 +225,7 @@ def test_eval_only_of_a_bundle_reports_both_stages(tmp_path, capsys):
 
     from detector.cli.train_net import main as train_main
 
-    cfg = get_cfg(None, ["MODEL.META_ARCHITECTURE", "FasterRCNN", "MODEL.BACKBONE.NAME",
-                         "resnet18", "MODEL.BACKBONE.OUT_CHANNELS", "32",
-                         "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-                         "0.0"])
-    ccfg = get_cfg(None, ["MODEL.META_ARCHITECTURE", "PatchClassifier",
-                          "MODEL.CLASSIFIER.PATCH_SIZE", "32"])
-    torch.manual_seed(0)
-    save_checkpoint(str(tmp_path / "det.pth"), build_model(cfg, FIGURE), cfg, FIGURE, 0.5, 1)
-    save_checkpoint(str(tmp_path / "cls.pth"), build_model(ccfg, PHASES), ccfg, PHASES, 0.5, 1)
-    write_bundle(str(tmp_path / "det.pth"), str(tmp_path / "cls.pth"), str(tmp_path / "b.pth"),
-                 0.0, 0.4)
+    _random_bundle(tmp_path, 0.0, 0.4, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
     coco = new_coco(FIGURE, ".")
     for i in range(2):
         cv2.imwrite(str(tmp_path / f"f{i}.png"), blob_image(160, 160, dark=((80, 80),), grey=()))
