@@ -67,6 +67,15 @@ def split_negative_categories(data: Dict[str, Any], negative_names: Sequence[str
     return [c for c in cats if c["name"] not in neg], {c["id"] for c in cats if c["name"] in neg}
 
 
+def negative_sampling_weights(negative: np.ndarray, fraction: float) -> Optional[np.ndarray]:
+    """Per-item sampling probabilities that draw the ``negative`` items together ``fraction``
+    of the time and the others the rest (``DATALOADER.NEGATIVE_FRACTION``), or None (uniform)
+    when the fraction is 0 or the items are all of one kind."""
+    if fraction <= 0 or not negative.any() or negative.all():
+        return None
+    return np.where(negative, fraction / negative.sum(), (1.0 - fraction) / (~negative).sum())
+
+
 def _records(data: Dict[str, Any], path: str, negative_ids: set = frozenset()
              ) -> List[Dict[str, Any]]:
     """One record per image: its file, size, mpp, the annotations of predicted categories
@@ -246,11 +255,8 @@ class CocoInstanceDataset(Dataset):
     def sample_weights(self) -> Optional[np.ndarray]:
         """Sampling probability of every record for ``DATALOADER.NEGATIVE_FRACTION`` (negative
         images together drawn that often, the others the rest), or None for uniform sampling."""
-        frac = float(self.cfg.DATALOADER.NEGATIVE_FRACTION)
-        neg = np.array([not r["anns"] for r in self.records])
-        if frac <= 0 or not neg.any() or neg.all():
-            return None
-        return np.where(neg, frac / neg.sum(), (1.0 - frac) / (~neg).sum())
+        return negative_sampling_weights(np.array([not r["anns"] for r in self.records], bool),
+                                         float(self.cfg.DATALOADER.NEGATIVE_FRACTION))
 
     @property
     def mpp(self) -> Optional[float]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .dataset import CocoInstanceDataset, DatasetError
+from .dataset import CocoInstanceDataset, DatasetError, negative_sampling_weights
 from .transforms import build_train_transforms
 
 LOOK_ALIKE = "look-alike"
@@ -95,11 +95,8 @@ class CocoPatchDataset(Dataset):
 
     def sample_weights(self) -> Optional[np.ndarray]:
         """``DATALOADER.NEGATIVE_FRACTION`` of the samples are look-alikes (label 0)."""
-        frac = float(self.cfg.DATALOADER.NEGATIVE_FRACTION)
-        neg = self.labels() == 0
-        if frac <= 0 or not neg.any() or neg.all():
-            return None
-        return np.where(neg, frac / neg.sum(), (1.0 - frac) / (~neg).sum())
+        return negative_sampling_weights(self.labels() == 0,
+                                         float(self.cfg.DATALOADER.NEGATIVE_FRACTION))
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, Dict[str, Any]]:
         if isinstance(key, (tuple, list)):
