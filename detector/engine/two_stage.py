@@ -42,11 +42,6 @@ def _centres_xywh(anns: Sequence[Dict[str, Any]]) -> np.ndarray:
                      for a in anns], np.float64).reshape(-1, 2)
 
 
-def _box_centres(boxes: np.ndarray) -> np.ndarray:
-    return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1) \
-        if len(boxes) else np.zeros((0, 2))
-
-
 @dataclass
 class ImageCandidates:
     """The candidates of one image: detector and stage-2 scores, centres, and the truth."""
@@ -85,7 +80,7 @@ def collect_candidates(detector: torch.nn.Module, second: Optional[SecondStage],
         anns = by_image.get(im["id"], [])
         out.append(ImageCandidates(
             file=path, area_mm2=image.shape[0] * image.shape[1] * (mpp / 1000.0) ** 2,
-            radius_px=MATCH_RADIUS_UM / mpp, centres=_box_centres(inst.boxes),
+            radius_px=MATCH_RADIUS_UM / mpp, centres=inst.box_centres(),
             det_scores=det_scores, fig_scores=inst.scores.copy(), labels=inst.labels.copy(),
             gt=_centres_xywh(anns), gt_labels=np.array([a["category_id"] for a in anns],
                                                        np.int64)))

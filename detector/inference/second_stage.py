@@ -76,9 +76,8 @@ class SecondStage:
         ``px_per_inst_px`` (e.g. slide level-0 px per analysis px)."""
         if len(inst) == 0:
             return self.rescore(inst, np.zeros((0, len(self.classes) + 1), np.float32))
-        b = inst.boxes
-        centres = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1) / px_per_inst_px
-        return self.rescore(inst, self.classify(read, size_hw, centres))
+        return self.rescore(inst, self.classify(read, size_hw,
+                                                inst.box_centres() / px_per_inst_px))
 
 
 def second_stage_from_checkpoint(ckpt: Dict[str, Any], device: str = "cpu"

@@ -50,6 +50,11 @@ class Instances:
     def __len__(self) -> int:
         return len(self.boxes)
 
+    def box_centres(self) -> np.ndarray:
+        """``(N, 2)`` float64 x, y of the boxes' centres (px)."""
+        b = self.boxes.astype(np.float64)
+        return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)
+
     @property
     def has_masks(self) -> bool:
         return self.masks is not None
