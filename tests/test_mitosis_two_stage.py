@@ -73,15 +73,19 @@ def blob_image(h=600, w=800, dark=((100, 120), (400, 300), (700, 500)),
     return img
 
 
-def test_read_patch_mirrors_at_the_border():
+def test_read_patch_fills_the_border_never_mirrors():
+    # a mirrored dark nucleus at an image border looks like an anaphase: the part of a patch
+    # outside the image is filled (white by default), so no structure is doubled
     img = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
     read = lambda t, l, h, w: img[t:t + h, l:l + w]  # noqa: E731
     p = read_patch(read, 10, 12, 6.0, 5.0, 4)
     assert np.array_equal(p, img[3:7, 4:8])
-    p = read_patch(read, 10, 12, 1.0, 1.0, 6)  # near the corner: mirrored, not black
+    p = read_patch(read, 10, 12, 1.0, 1.0, 6)  # near the corner
     assert p.shape == (6, 6, 3) and np.array_equal(p[2:, 2:], img[:4, :4])
-    assert np.array_equal(p[1, 2:], img[1, :4]) and np.array_equal(p[0, 2:], img[2, :4])
-    assert np.array_equal(p[2:, 0], img[:4, 2])
+    assert (p[:2] == 255).all() and (p[:, :2] == 255).all()
+    p = read_patch(read, 10, 12, 11.0, 9.0, 6, fill=0)  # the opposite corner, black fill
+    assert np.array_equal(p[:4, :4], img[6:, 8:]) and (p[4:] == 0).all() and (p[:, 4:] == 0).all()
+    assert (read_patch(read, 10, 12, 50.0, 50.0, 4) == 255).all()  # wholly outside
 
 
 def test_classification_metrics_by_hand():
@@ -275,3 +279,47 @@ def test_patch_classifier_trains_and_answers_in_eval_mode(tmp_path):
     metrics = Trainer(cfg).train()["train"]
     assert metrics["balanced_accuracy"] > 0.9 and metrics["recall"] > 0.9
     assert metrics["precision"] > 0.9
+
+
+def test_classifier_tta_answers_the_same_for_every_flip_and_rotation():
+    """With MODEL.CLASSIFIER.TTA a patch and its flips/rotations get one answer (probabilities
+    averaged over the 8 views); without it they differ for an untrained network."""
+    cfg = get_cfg(None, ["MODEL.META_ARCHITECTURE", "PatchClassifier", "MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    model = build_model(cfg, FIGURE).eval()
+    x = torch.rand(2, 3, 64, 64)
+    views = torch.cat([x.flip(3), torch.rot90(x, 1, dims=(2, 3)), x.transpose(2, 3)])
+    with torch.no_grad():
+        p, pv = model(x), model(views)
+        assert p.shape == (2, 2) and torch.allclose(p.sum(1), torch.ones(2))
+        for k in range(3):
+            assert torch.allclose(pv[2 * k:2 * k + 2], p, atol=1e-5)
+        model.tta = False
+        assert not torch.allclose(model(x.flip(3)), model(x), atol=1e-5)
+
+
+def test_hard_negatives_get_their_share_of_the_negative_samples(tmp_path):
+    """DATALOADER.HARD_NEGATIVE_FRACTION: mined look-alikes are drawn that share of the
+    negative samples however few they are beside the random nuclei."""
+    from detector.data.patches import CocoPatchDataset
+
+    coco = new_coco(FIGURE + [{"id": 2, "name": "nucleus"}, {"id": 3, "name": "look-alike"}], str(tmp_path))
+    img = np.full((100, 100, 3), 200, np.uint8)
+    import cv2
+    cv2.imwrite(str(tmp_path / "a.png"), img)
+    coco["images"].append(image_entry(1, "a.png", 100, 100, mpp=0.25))
+    for i, cat in enumerate([1] * 4 + [2] * 30 + [3] * 3):
+        coco["annotations"].append({"image_id": 1, "category_id": cat, "iscrowd": 0,
+                                    "bbox": [i * 2, 40, 10, 10], "area": 100})
+    save_coco(coco, str(tmp_path / "t.json"))
+    opts = ["MODEL.META_ARCHITECTURE", "PatchClassifier", "DATASETS.NEGATIVE_CATEGORIES",
+            "[nucleus, look-alike]", "DATALOADER.NEGATIVE_FRACTION", "0.5"]
+    ds = CocoPatchDataset([str(tmp_path / "t.json")], get_cfg(None, opts), classes=FIGURE)
+    w = ds.sample_weights()
+    assert w[ds.hard].sum() == pytest.approx(0.5 * 3 / 33)  # in proportion to their numbers
+    ds = CocoPatchDataset([str(tmp_path / "t.json")],
+                          get_cfg(None, opts + ["DATALOADER.HARD_NEGATIVE_FRACTION", "0.6"]),
+                          classes=FIGURE)
+    w = ds.sample_weights()
+    assert ds.hard.sum() == 3 and w.sum() == pytest.approx(1.0)
+    assert w[ds.hard].sum() == pytest.approx(0.3) and w[ds.labels() > 0].sum() == pytest.approx(0.5)

@@ -119,6 +119,15 @@ class ClassifierConfig:
     # Training: the patch centre is moved by up to this many px (annotated centres are not
     # exact; detector boxes neither).
     CENTER_JITTER: int = 6
+    # Where a patch leaves the image it is filled with this grey level (255: white, like glass),
+    # never mirrored: a mirrored dark nucleus at a border looks like an anaphase.
+    BORDER_VALUE: int = 255
+    # Training: the chance that one side of a patch is replaced by a band of BORDER_VALUE (up to
+    # a quarter of the patch), so that an image border is no cue for either class.
+    BORDER_AUG_PROB: float = 0.15
+    # Test time: average the class probabilities over the 8 flips and 90-degree rotations
+    # of each patch (8x the classifier's work; candidates are few).
+    TTA: bool = True
 
 
 @dataclass
@@ -209,6 +218,11 @@ class DataloaderConfig:
     # Fraction of the training samples drawn from negative images (no object of a predicted
     # class: tissue without figures); the rest from the others. 0 = every image equally often.
     NEGATIVE_FRACTION: float = 0.0
+    # Patch classifier: the share of the negative samples drawn from hard negatives (objects
+    # of the categories "look-alike", the detector's mined false positives, and "not mitotic
+    # figure", MIDOG's imposters); the rest from the other negatives (random nuclei).
+    # 0 = every negative object equally often.
+    HARD_NEGATIVE_FRACTION: float = 0.0
 
 
 # -------------------------------------------------------------------------------------- SOLVER

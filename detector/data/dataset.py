@@ -84,11 +84,13 @@ def _records(data: Dict[str, Any], path: str, negative_ids: set = frozenset()
     for a in data["annotations"]:
         anns.setdefault(a["image_id"], []).append(a)
     root = data["_image_root"]
+    cat_names = {c["id"]: c["name"] for c in data.get("categories", [])}
     out = []
     for im in data["images"]:
         own = [a for a in anns.get(im["id"], []) if not a.get("iscrowd", 0)]
+        neg_anns = [a for a in own if a["category_id"] in negative_ids]
         negatives = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                      a["bbox"][1] + a["bbox"][3]] for a in own if a["category_id"] in negative_ids]
+                      a["bbox"][1] + a["bbox"][3]] for a in neg_anns]
         out.append({
             "file": os.path.join(root, im["file_name"]),
             "image_id": int(im["id"]),
@@ -97,6 +99,7 @@ def _records(data: Dict[str, Any], path: str, negative_ids: set = frozenset()
             "mpp": im.get("mpp"),
             "anns": [a for a in own if a["category_id"] not in negative_ids],
             "negatives": np.asarray(negatives, np.float32).reshape(-1, 4),
+            "negative_categories": [cat_names.get(a["category_id"], "") for a in neg_anns],
             "source": path,
         })
     return out

@@ -4,8 +4,10 @@ Every object of the COCO files gives one item: a square patch centred on its box
 labelled with its category (1..K), or 0 ("look-alike") for objects of
 ``DATASETS.NEGATIVE_CATEGORIES`` (nuclei of tissue without figures, the detector's mined false
 positives, MIDOG's "not mitotic figure"). Patches are cut at the training resolution, with
-centre jitter and scale jitter in training, and mirrored (not zero-padded) where they leave the
-image, so that a patch at a crop border does not look different from one inside a slide.
+centre jitter and scale jitter in training, and filled with white where they leave the image:
+not mirrored, since a mirrored dark nucleus at a border looks like an anaphase (the detector's
+most confident look-alikes on 1000-px tiles were such mirror images). In training one side of a
+patch is sometimes replaced by the same fill, so that a border is no cue for either class.
 """
 from __future__ import annotations
 
@@ -21,22 +23,42 @@ from .dataset import CocoInstanceDataset, DatasetError, negative_sampling_weight
 from .transforms import build_train_transforms
 
 LOOK_ALIKE = "look-alike"
+#: Negative categories drawn DATALOADER.HARD_NEGATIVE_FRACTION of the negative samples.
+HARD_NEGATIVE_CATEGORIES = frozenset({LOOK_ALIKE, "not mitotic figure"})
 
 
 def read_patch(read: Callable[[int, int, int, int], np.ndarray], height: int, width: int,
-               cx: float, cy: float, size: int) -> np.ndarray:
+               cx: float, cy: float, size: int, fill: int = 255) -> np.ndarray:
     """The ``size x size x 3`` uint8 patch centred on ``(cx, cy)`` of an image of ``(height,
-    width)`` px, read with ``read(top, left, h, w)`` (a rectangle inside the image) and mirrored
-    where it leaves the image."""
+    width)`` px, read with ``read(top, left, h, w)`` (a rectangle inside the image) and filled
+    with ``fill`` where it leaves the image (``MODEL.CLASSIFIER.BORDER_VALUE``)."""
     top, left = int(round(cy - size / 2)), int(round(cx - size / 2))
-    y0, x0 = min(max(top, 0), height - 1), min(max(left, 0), width - 1)
-    y1, x1 = max(min(top + size, height), y0 + 1), max(min(left + size, width), x0 + 1)
-    part = read(y0, x0, y1 - y0, x1 - x0)
-    pad = ((y0 - top, top + size - y1), (x0 - left, left + size - x1), (0, 0))
-    if any(p for pair in pad[:2] for p in pair):
-        mode = "reflect" if min(part.shape[:2]) > max(max(pad[0]), max(pad[1])) else "edge"
-        part = np.pad(part, pad, mode=mode)
-    return np.ascontiguousarray(part[:size, :size])
+    out = np.full((size, size, 3), fill, np.uint8)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + size, height), min(left + size, width)
+    if y1 > y0 and x1 > x0:
+        part = read(y0, x0, y1 - y0, x1 - x0)
+        out[y0 - top:y1 - top, x0 - left:x1 - left] = part[:y1 - y0, :x1 - x0, :3]
+    return out
+
+
+def border_band(patch: torch.Tensor, fill: int, u: torch.Tensor) -> torch.Tensor:
+    """Training augmentation: one side of a ``[3, P, P]`` uint8 patch replaced by a band of
+    ``fill`` up to P/4 wide (side and width from the 2 uniform numbers ``u``), as a patch at an
+    image border has it."""
+    side, frac = int(u[0] * 4) % 4, float(u[1])
+    p = patch.shape[-1]
+    width = 1 + int(frac * (p // 4 - 1))
+    patch = patch.clone()
+    if side == 0:
+        patch[:, :width, :] = fill
+    elif side == 1:
+        patch[:, -width:, :] = fill
+    elif side == 2:
+        patch[:, :, :width] = fill
+    else:
+        patch[:, :, -width:] = fill
+    return patch
 
 
 def patch_tensor(patch: np.ndarray, size: int) -> torch.Tensor:
@@ -66,12 +88,16 @@ class CocoPatchDataset(Dataset):
         self.patch_size = int(cfg.MODEL.CLASSIFIER.PATCH_SIZE)
         cat_to_label = self.source.cat_to_label
         self.items: List[Tuple[int, float, float, int]] = []
+        hard: List[bool] = []  # per item: a hard negative (mined look-alike, MIDOG imposter)
         for i, r in enumerate(self.records):
             for a in r["anns"]:
                 x, y, w, h = a["bbox"]
                 self.items.append((i, x + w / 2, y + h / 2, cat_to_label[a["category_id"]]))
-            for b in r["negatives"]:
+                hard.append(False)
+            for b, name in zip(r["negatives"], r["negative_categories"]):
                 self.items.append((i, float(b[0] + b[2]) / 2, float(b[1] + b[3]) / 2, 0))
+                hard.append(name in HARD_NEGATIVE_CATEGORIES)
+        self.hard = np.asarray(hard, bool)
         if not self.items:
             raise DatasetError(f"{', '.join(self.paths)}: no objects to cut patches around")
         if train and not any(it[3] > 0 for it in self.items):
@@ -94,9 +120,18 @@ class CocoPatchDataset(Dataset):
         return np.array([it[3] for it in self.items], np.int64)
 
     def sample_weights(self) -> Optional[np.ndarray]:
-        """``DATALOADER.NEGATIVE_FRACTION`` of the samples are look-alikes (label 0)."""
-        return negative_sampling_weights(self.labels() == 0,
-                                         float(self.cfg.DATALOADER.NEGATIVE_FRACTION))
+        """``DATALOADER.NEGATIVE_FRACTION`` of the samples are look-alikes (label 0), and of
+        those ``DATALOADER.HARD_NEGATIVE_FRACTION`` hard negatives (mined look-alikes)."""
+        neg = self.labels() == 0
+        w = negative_sampling_weights(neg, float(self.cfg.DATALOADER.NEGATIVE_FRACTION))
+        hard_frac = float(self.cfg.DATALOADER.HARD_NEGATIVE_FRACTION)
+        if w is None or hard_frac <= 0:
+            return w
+        within = negative_sampling_weights(self.hard[neg], hard_frac)
+        if within is not None:  # both kinds present: split the negatives' mass between them
+            w = w.copy()
+            w[neg] = w[neg].sum() * within
+        return w
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, Dict[str, Any]]:
         if isinstance(key, (tuple, list)):
@@ -119,9 +154,12 @@ class CocoPatchDataset(Dataset):
             cx, cy = cx + dx, cy + dy
         cache = self.source.window_cache()
         h, w = cache.size(rec["file"])
+        fill = int(self.cfg.MODEL.CLASSIFIER.BORDER_VALUE)
         patch = read_patch(lambda t, l, hh, ww: cache.read(rec["file"], t, l, hh, ww), h, w,
-                           cx, cy, win)
+                           cx, cy, win, fill)
         image = torch.from_numpy(patch).permute(2, 0, 1)
+        if self.train and float(torch.rand(())) < float(self.cfg.MODEL.CLASSIFIER.BORDER_AUG_PROB):
+            image = border_band(image, fill, torch.rand(2))
         if win != size:
             image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
                                   align_corners=False, antialias=True)[0].round().clamp(0, 255) \

@@ -56,8 +56,9 @@ class SecondStage:
         out = np.zeros((n, len(self.classes) + 1), np.float32)
         h, w = size_hw
         for start in range(0, n, self.batch_size):
+            fill = int(getattr(self.model, "border_value", 255))
             batch = torch.stack([patch_tensor(read_patch(read, h, w, float(cx), float(cy),
-                                                         self.patch_size), self.patch_size)
+                                                         self.patch_size, fill), self.patch_size)
                                  for cx, cy in centres[start:start + self.batch_size]])
             out[start:start + len(batch)] = self.model(batch.to(self.device)).float().cpu().numpy()
         return out

@@ -9,7 +9,8 @@ phases prophase-prometaphase / metaphase / anaphase-telophase / atypical, or nor
 
 Input: patches ``[N, 3, P, P]`` float in 0..1 (P = ``MODEL.CLASSIFIER.PATCH_SIZE``), as a tensor
 or a list of ``[3, P, P]`` tensors. Training (``targets`` given, each ``{"labels": int64 []}``):
-returns ``{"loss_cls": cross-entropy}``. Eval: returns ``[N, K + 1]`` class probabilities.
+returns ``{"loss_cls": cross-entropy}``. Eval: returns ``[N, K + 1]`` class probabilities,
+averaged over the 8 flips and 90-degree rotations of each patch with ``MODEL.CLASSIFIER.TTA``.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class PatchClassifier(nn.Module):
         super().__init__()
         self.classes = [dict(c) for c in classes]
         self.patch_size = int(cfg.MODEL.CLASSIFIER.PATCH_SIZE)
+        self.tta = bool(cfg.MODEL.CLASSIFIER.TTA)
+        self.border_value = int(cfg.MODEL.CLASSIFIER.BORDER_VALUE)
         name = str(cfg.MODEL.CLASSIFIER.NAME)
         if name not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(f"MODEL.CLASSIFIER.NAME {name!r} is not a torchvision classification "
@@ -57,6 +60,11 @@ class PatchClassifier(nn.Module):
                 targets: Optional[List[Dict[str, Any]]] = None) -> Any:
         x = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
         x = (x - self.pixel_mean) / self.pixel_std
+        if not self.training and self.tta:
+            # the 8 flips and 90-degree rotations of each patch, probabilities averaged
+            views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
+            logits = self.net(torch.cat(views).contiguous(memory_format=torch.channels_last))
+            return logits.float().softmax(dim=1).view(8, x.shape[0], -1).mean(0)
         logits = self.net(x.contiguous(memory_format=torch.channels_last))
         if self.training:
             if targets is None:
