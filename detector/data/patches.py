@@ -104,6 +104,11 @@ class CocoPatchDataset(Dataset):
             raise DatasetError(f"{', '.join(self.paths)}: no object of a predicted category; "
                                "the classifier needs positives")
         self.transforms = build_train_transforms(cfg, crop=False) if train else None
+        # read once: config attribute lookups cost as much as reading a patch
+        self.scale_range = tuple(float(v) for v in cfg.INPUT.AUG.SCALE_RANGE)
+        self.jitter = float(cfg.MODEL.CLASSIFIER.CENTER_JITTER)
+        self.fill = int(cfg.MODEL.CLASSIFIER.BORDER_VALUE)
+        self.border_prob = float(cfg.MODEL.CLASSIFIER.BORDER_AUG_PROB)
 
     @property
     def label_names(self) -> List[str]:
@@ -146,20 +151,18 @@ class CocoPatchDataset(Dataset):
         size = self.patch_size
         win = size
         if self.train:
-            lo, hi = (float(v) for v in self.cfg.INPUT.AUG.SCALE_RANGE)
+            lo, hi = self.scale_range
             s = lo + float(torch.rand(())) * (hi - lo)
             win = max(8, int(round(size / s)))
-            j = float(self.cfg.MODEL.CLASSIFIER.CENTER_JITTER)
-            dx, dy = ((torch.rand(2) * 2 - 1) * j).tolist()
+            dx, dy = ((torch.rand(2) * 2 - 1) * self.jitter).tolist()
             cx, cy = cx + dx, cy + dy
         cache = self.source.window_cache()
         h, w = cache.size(rec["file"])
-        fill = int(self.cfg.MODEL.CLASSIFIER.BORDER_VALUE)
         patch = read_patch(lambda t, l, hh, ww: cache.read(rec["file"], t, l, hh, ww), h, w,
-                           cx, cy, win, fill)
+                           cx, cy, win, self.fill)
         image = torch.from_numpy(patch).permute(2, 0, 1)
-        if self.train and float(torch.rand(())) < float(self.cfg.MODEL.CLASSIFIER.BORDER_AUG_PROB):
-            image = border_band(image, fill, torch.rand(2))
+        if self.train and float(torch.rand(())) < self.border_prob:
+            image = border_band(image, self.fill, torch.rand(2))
         if win != size:
             image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
                                   align_corners=False, antialias=True)[0].round().clamp(0, 255) \
