@@ -31,6 +31,7 @@ from .device import resolve_device
 from .engine.trainer import Trainer, evaluate_only
 from .errors import DetectorError
 from .inference.runner import InferenceOptions, infer_slide, predict_batch
+from .inference.size import model_nucleus_diameter, predict_normalised
 from .modeling.build import load_model
 from .structures.instances import Instances
 
@@ -57,7 +58,8 @@ class Detector:
         """Detections of one ``(H, W, 3)`` uint8 RGB image (or ``(H, W)`` grey) in its pixels:
         boxes XYXY, scores, labels (the checkpoint's category ids), masks
         (:class:`~detector.structures.masks.CropMask`, or None for box-only models). The
-        image is used as it is: resample it to :attr:`mpp` first when its scale differs."""
+        image is used as it is: resample it to :attr:`mpp` first when its scale differs; a
+        size-normalised model (``INPUT.NUCLEUS_DIAMETER`` > 0) finds the scale itself."""
         arr = np.asarray(image)
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=2)
@@ -65,7 +67,11 @@ class Detector:
             raise DetectorError(f"predict: expected an (H, W, 3) uint8 RGB image, got "
                                 f"{arr.dtype} {arr.shape}")
         x = torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1)
-        inst = predict_batch(self.model, [x])[0]
+        canonical = model_nucleus_diameter(self.model)
+        if canonical > 0:  # size normalisation: the scale found from a first pass
+            inst, _ = predict_normalised(lambda t: predict_batch(self.model, [t])[0], x, canonical)
+        else:
+            inst = predict_batch(self.model, [x])[0]
         return inst[inst.scores >= score_thresh] if score_thresh > 0 else inst
 
     def predict_slide(self, slide: str, output_dir: str, **options: Any) -> Dict[str, Any]:

@@ -192,6 +192,11 @@ class InputConfig:
     SCALE: float = 1.0
     # Microns per pixel the model is trained at; null = taken from the data when known.
     MPP: Optional[float] = None
+    # Size normalisation (nuclei models of many experiments): > 0 resamples every training
+    # image so that its median nucleus (equivalent diameter of the annotated areas) is this
+    # many px across, and at inference finds each image's (or slide's) scale from a first
+    # pass of the model itself (detector/inference/size.py). 0 = images at their own scale.
+    NUCLEUS_DIAMETER: float = 0.0
     AUG: AugmentationConfig = field(default_factory=AugmentationConfig)
 
 

@@ -22,6 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..errors import DetectorError
+from ..structures.instances import median_diameter
 from .coco import CocoFormatError, annotation_to_mask, load_coco
 from .image_io import WindowCache, tissue_fraction
 
@@ -226,6 +227,11 @@ class CocoInstanceDataset(Dataset):
         self.cat_to_label = {c["id"]: i + 1 for i, c in enumerate(self.classes)}
         self.train = train
         self.cfg = cfg
+        self.nucleus_diameter = float(cfg.INPUT.NUCLEUS_DIAMETER)
+        if self.nucleus_diameter < 0:
+            raise DatasetError(f"INPUT.NUCLEUS_DIAMETER {self.nucleus_diameter}: must be >= 0 "
+                               "(0 = no size normalisation)")
+        self._set_size_scales()
         arch = cfg.MODEL.META_ARCHITECTURE
         if train and arch == "MaskRCNN" and not self.has_masks:
             raise DatasetError(f"{', '.join(paths)}: some annotations have no segmentation "
@@ -238,6 +244,24 @@ class CocoInstanceDataset(Dataset):
         if target_fn is None and arch == "UNet":
             target_fn = UNetTargets(cfg)
         self.target_fn = target_fn
+
+    def _set_size_scales(self) -> None:
+        """``size_scale`` of every record: the factor that brings its median annotated
+        nucleus to ``INPUT.NUCLEUS_DIAMETER`` px (1 without size normalisation; images
+        without objects get the median factor of the others)."""
+        for r in self.records:
+            r["size_scale"] = 1.0
+            if self.nucleus_diameter > 0 and r["anns"]:
+                d = median_diameter([a.get("area") or a["bbox"][2] * a["bbox"][3]
+                                     for a in r["anns"]])
+                if d > 0:
+                    r["size_scale"] = float(np.clip(self.nucleus_diameter / d, 0.25, 4.0))
+        if self.nucleus_diameter > 0:
+            known = [r["size_scale"] for r in self.records if r["anns"]]
+            fill = float(np.median(known)) if known else 1.0
+            for r in self.records:
+                if not r["anns"]:
+                    r["size_scale"] = fill
 
     # ------------------------------------------------------------------------------ info
     def __len__(self) -> int:
@@ -309,7 +333,8 @@ class CocoInstanceDataset(Dataset):
                                    dtype=torch.int64),
             "image_id": rec["image_id"],
         }
-        if rec["mpp"] is not None:  # UNetTargets scales its px sizes to the image's mpp
+        if rec["mpp"] is not None and rec["size_scale"] == 1.0:
+            # UNetTargets scales its px sizes to the image's mpp (not to size-normalised crops)
             target["mpp"] = float(rec["mpp"])
         if self.with_masks:
             masks = np.zeros((len(anns), ch, cw), np.uint8)
@@ -384,7 +409,7 @@ class CocoInstanceDataset(Dataset):
         then centred on an object (``INPUT.CROP_OBJECT_FRACTION``) or redrawn until it holds
         tissue (``INPUT.CROP_MIN_TISSUE``). Random numbers come from torch's RNG, which the
         sample's seed fixes."""
-        p = crop.make_params(canvas)
+        p = self._sized(rec, crop.make_params(canvas))
         inp = self.cfg.INPUT
         frac, min_tissue = float(inp.CROP_OBJECT_FRACTION), float(inp.CROP_MIN_TISSUE)
         if frac <= 0 and min_tissue <= 0:
@@ -406,8 +431,25 @@ class CocoInstanceDataset(Dataset):
                 w = p["win"]
                 if tissue_fraction(cache.read(rec["file"], p["top"], p["left"], w, w)) >= min_tissue:
                     break
-                p = crop.make_params(canvas)
+                p = self._sized(rec, crop.make_params(canvas))
         return p
+
+    @staticmethod
+    def _sized(rec: Dict[str, Any], p: Dict[str, int]) -> Dict[str, int]:
+        """The crop window ``p`` resized about its centre by the record's ``size_scale``
+        (``INPUT.NUCLEUS_DIAMETER``): a window ``1 / size_scale`` times as wide, resized to the
+        crop side, shows the image's nuclei at the canonical size."""
+        f = float(rec.get("size_scale", 1.0))
+        if f == 1.0:
+            return p
+        win = max(1, int(round(p["win"] / f)))
+        h, w = int(rec["height"]), int(rec["width"])
+        # the same relative place in the image, the window kept inside it where it fits
+        top = p["top"] + (p["win"] - win) // 2
+        left = p["left"] + (p["win"] - win) // 2
+        top = min(max(top, 0), h - win) if h >= win else -((win - h) // 2)
+        left = min(max(left, 0), w - win) if w >= win else -((win - w) // 2)
+        return {"top": int(top), "left": int(left), "win": win}
 
 
 def _crop_pad(arr: np.ndarray, top: int, left: int, size: int) -> np.ndarray:

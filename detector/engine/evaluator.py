@@ -21,6 +21,7 @@ from ..data.image_io import read_image
 from ..data.patches import CocoPatchDataset
 from ..evaluation.classification import classification_metrics
 from ..inference.second_stage import SecondStage, predict_two_stage
+from ..inference.size import model_nucleus_diameter, predict_normalised
 from ..structures.instances import Instances
 from ..evaluation import evaluate_coco
 
@@ -61,13 +62,17 @@ def predict_dataset(model: nn.Module, dataset: CocoInstanceDataset, device: torc
     was_training = model.training
     model.eval()
     results: List[Dict[str, Any]] = []
+    canonical = model_nucleus_diameter(model)  # size normalisation: a scale per image
     try:
         for rec in tqdm(dataset.records, desc=f"eval {dataset_name(dataset.paths[0])}",
                         disable=not progress, leave=False):
             img = torch.from_numpy(read_image(rec["file"]).copy()).permute(2, 0, 1)
             img = img.to(device, non_blocking=True).float().div_(255.0)
             with (autocast() if autocast is not None else contextlib.nullcontext()):
-                inst = model([img])[0]
+                if canonical > 0:
+                    inst, _ = predict_normalised(lambda x: model([x])[0], img, canonical)
+                else:
+                    inst = model([img])[0]
             results.extend(inst.to_coco_results(rec["image_id"]))
     finally:
         model.train(was_training)

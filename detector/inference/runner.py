@@ -48,6 +48,7 @@ from . import counting, export, predictor
 from .journal import JOURNAL_NAME, WEIGHTS_KEY, Journal, finished_weights, weights_identity
 from .merge import drop_cut, merge_detections, tile_to_slide
 from .second_stage import SecondStage
+from .size import equivalent_mpp, model_nucleus_diameter, slide_scale
 from .slide import SlideReadError, SlideReader, choose_level, open_slide
 from .tiling import (Tile, bounded_tile_size, check_tile_memory, grid_shape, interior_edges,
                      region_size, tile_cores, tile_grid, tiles_in_mask)
@@ -339,7 +340,7 @@ CandidateStage = Callable[[Candidates, AnalysisGrid], Candidates]
 
 
 def analysis_grid(slide_path: str, model_mpp: Optional[float], opts: InferenceOptions,
-                  gpu_free: Optional[int] = None) -> AnalysisGrid:
+                  gpu_free: Optional[int] = None, size_normalised: bool = False) -> AnalysisGrid:
     """Stage 1: open the slide, choose the level and resampling for the model's mpp, lay the
     tile grid (tiles no larger than the region analysed; their memory checked against the free
     host memory, and ``gpu_free`` bytes of a GPU model, before any tile is read), find tissue
@@ -357,7 +358,7 @@ def analysis_grid(slide_path: str, model_mpp: Optional[float], opts: InferenceOp
                              "--mpp (e.g. --mpp 0.25 for a 40x scan, 0.5 for 20x)")
         W0, H0 = reader.dimensions
         geom = slide_geometry(reader, slide_mpp, model_mpp)
-        if model_mpp is None:
+        if model_mpp is None and not size_normalised:
             log.warning("%s: the checkpoint has no training mpp; analysing level 0 as is",
                         slide_path)
         ah, aw = geom.size
@@ -385,6 +386,48 @@ def analysis_grid(slide_path: str, model_mpp: Optional[float], opts: InferenceOp
                         overlap, tiles,
                         shape, selected, thumb, level0_per_thumb, region, roi_polys,
                         tissue_area_mm2)
+
+
+#: Tiles of the slide read for the size estimate (evenly spread over the tissue).
+SIZE_SAMPLE_TILES = 4
+
+
+def size_normalised_grid(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOptions,
+                         gpu_free: Optional[int] = None
+                         ) -> Tuple[AnalysisGrid, Dict[str, Any]]:
+    """Stage 1b, for a size-normalised model without a training mpp (``INPUT.NUCLEUS_DIAMETER``
+    > 0; :mod:`.size`): the median nucleus diameter from a first pass of the model over a few
+    tissue tiles at the slide's own px, and the grid laid again at the scale that brings it to
+    the canonical diameter. Returns the grid and what was found (for ``summary.json``)."""
+    canonical = model_nucleus_diameter(model)
+    sel = grid.selected_indices or list(range(len(grid.tiles)))
+    picks = [sel[int(i)] for i in np.unique(np.linspace(0, len(sel) - 1, SIZE_SAMPLE_TILES)
+                                             .round().astype(int))] if sel else []
+    predictor.prepare_model(model)
+    try:
+        reader = open_slide(grid.slide_path)
+    except SlideReadError as e:
+        raise SlideError(str(e)) from None
+    with reader:
+        images = [torch.from_numpy(np.ascontiguousarray(read_tile(reader, grid.geometry,
+                                                                  grid.tiles[i])))
+                  .permute(2, 0, 1) for i in picks]
+    scale, diameter = slide_scale(
+        lambda im: predict_batch(model, [im], opts.amp)[0], images, canonical)
+    info = {"canonical_diameter_px": canonical, "tiles_sampled": len(images),
+            "nucleus_diameter_px": None if diameter is None else round(diameter, 2),
+            "scale": round(scale, 4)}
+    if diameter is None:
+        log.warning("%s: too few nuclei in %d sample tiles to estimate their size; analysing "
+                    "at the slide's own scale", grid.slide_path, len(images))
+        return grid, info
+    log.info("%s: median nucleus %.1f px -> analysed at x%.3f (canonical %.0f px)",
+             grid.slide_path, diameter, scale, canonical)
+    if scale == 1.0:
+        return grid, info
+    regrid = analysis_grid(grid.slide_path, equivalent_mpp(grid.level_mpp, scale), opts,
+                           gpu_free, True)
+    return regrid, info
 
 
 def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOptions,
@@ -608,7 +651,11 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
     """
     t_start = time.time()
     out_dir = os.path.join(output_dir, folder or slide_stem(slide_path))
-    grid = analysis_grid(slide_path, model_mpp, opts, _gpu_free(model))
+    sized = model_mpp is None and model_nucleus_diameter(model) > 0
+    grid = analysis_grid(slide_path, model_mpp, opts, _gpu_free(model), sized)
+    sizing = None
+    if sized:
+        grid, sizing = size_normalised_grid(model, grid, opts, _gpu_free(model))
     weights_id = weights_id or weights_identity(model, classes, model_mpp)
     os.makedirs(out_dir, exist_ok=True)
     tile_opts = opts if second_stage is None else \
@@ -627,6 +674,8 @@ def infer_slide(model: torch.nn.Module, classes: List[Dict[str, Any]], model_mpp
         opts = dataclasses.replace(opts, mitotic_classes=",".join(str(c["id"]) for c in classes))
     summary = summarize_slide(dets, grid, classes, opts, preds, weights_name,
                               time.time() - t_start, weights_id)
+    if sizing is not None:
+        summary["size_normalisation"] = sizing
     if stage2 is not None:
         stage2["mitotic_figures_before"] = stage2["candidates"]
         stage2["mitotic_figures_after"] = summary["mitotic_figures"]["total"]

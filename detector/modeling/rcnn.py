@@ -209,6 +209,8 @@ class RCNN(nn.Module):
             raise ValueError("RCNN needs at least one class")
         self.with_masks = cfg.MODEL.META_ARCHITECTURE == "MaskRCNN"
         self.mask_threshold = float(cfg.MODEL.ROI_HEADS.MASK_THRESHOLD)
+        # INPUT.NUCLEUS_DIAMETER: the size normalisation of detector/inference/size.py
+        self.nucleus_diameter = float(cfg.INPUT.NUCLEUS_DIAMETER)
         self.model = build_torchvision_rcnn(cfg, len(self.classes) + 1)
         # convolutions in channels-last layout (oneDNN's faster path on CPU): set_inference
         self.channels_last = False

@@ -230,6 +230,8 @@ class UNetModel(nn.Module):
         self.tile_batch = 4
         # INPUT.SCALE: images are resized by this factor inside the model (as for R-CNN)
         self.scale = float(cfg.INPUT.SCALE)
+        # INPUT.NUCLEUS_DIAMETER: the size normalisation of detector/inference/size.py
+        self.nucleus_diameter = float(cfg.INPUT.NUCLEUS_DIAMETER)
         if self.scale <= 0:
             raise ValueError(f"INPUT.SCALE must be > 0, got {cfg.INPUT.SCALE}")
         self.targets_fn = UNetTargets(cfg)

@@ -15,6 +15,14 @@ import numpy as np
 from .masks import CropMask, mask_areas, rle_to_json
 
 
+def median_diameter(areas: Sequence[float]) -> float:
+    """Median equivalent diameter ``sqrt(4 A / pi)`` (px) of objects of ``areas`` (px²), the
+    typical nucleus size of size normalisation (``INPUT.NUCLEUS_DIAMETER``); 0 for none."""
+    a = np.asarray(areas, np.float64)
+    a = a[np.isfinite(a) & (a > 0)]
+    return float(np.sqrt(4.0 * np.median(a) / np.pi)) if len(a) else 0.0
+
+
 @dataclass
 class Instances:
     """Detections of one image or slide.
