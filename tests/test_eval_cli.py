@@ -195,3 +195,55 @@ def test_mitosis_threshold_tuned_on_val_and_applied_to_test(tmp_path, capsys):
     assert cv2.imread(str(out / "counts.png")) is not None
     overlays = [p for p in os.listdir(out / "overlays") if p.endswith(".png")]
     assert overlays
+
+
+def test_metrics_per_modality_with_confidence_intervals(tmp_path, capsys):
+    """Real DSB2018 images of three modalities (modality detected as convert_to_coco.py
+    --experiments does): each modality's F1 / DSB / AJI / PQ equals that of an evaluation of
+    its images alone, inside its own bootstrap interval, in the table, metrics.json and the
+    report."""
+    from detector.data.experiments import annotate_images
+    from detector.evaluation.evaluator import evaluate
+
+    ids = ["00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552",
+           "003cee89357d9fe13516167fd67b609a164651b21934585648c740d2c3d86dc1",
+           "1e488c42eb1a54a3e8412b1f12cde530f950f238d71078f2ede6a85a02168e1f",
+           "08275a5b1c2dfcd739e8c4888a5ee2d29f83eccfa75185404ced1dc0866ea992"]
+    gt_path = build_dsb_subset(str(tmp_path / "gt.json"), ids)
+    gt = load_coco(gt_path)
+    annotate_images(gt, modality="auto", workers=1, progress=False)
+    assert [im["modality"] for im in gt["images"]] == ["fluorescence", "fluorescence", "he",
+                                                        "brightfield"]
+    save_coco(gt, gt_path)
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps(_perturbed_predictions(load_coco(gt_path), seed=3)))
+    out = tmp_path / "eval"
+    rc = main(["--gt", gt_path, "--pred", str(pred), "--out", str(out), "--bootstrap", "200"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "per modality" in printed
+    for mod in ("fluorescence", "he", "brightfield"):
+        assert any(line.split()[1:2] == [mod] for line in printed.splitlines()), mod
+    rec = json.loads((out / "metrics.json").read_text())["models"][0]
+    by = rec["by_modality"]
+    assert sorted(by) == ["brightfield", "fluorescence", "he"]
+    assert by["fluorescence"]["n_images"] == 2 and by["he"]["n_images"] == 1
+    full = load_coco(gt_path)
+    results = json.loads(pred.read_text())
+    for mod, r in by.items():
+        keep = {im["id"] for im in full["images"] if im["modality"] == mod}
+        sub = dict(full, images=[im for im in full["images"] if im["id"] in keep],
+                   annotations=[a for a in full["annotations"] if a["image_id"] in keep])
+        alone = evaluate(sub, [p for p in results if p["image_id"] in keep]).summary
+        assert r["n_gt"] == len(sub["annotations"])
+        for key in ("f1", "dsb_score", "AJI", "PQ"):
+            assert r[key] == pytest.approx(alone[key]), (mod, key)
+            lo, hi = r["ci95"][key]
+            assert lo - 1e-9 <= r[key] <= hi + 1e-9, (mod, key)
+        if r["n_images"] > 1:  # one image: the resamples are all that image
+            assert r["ci95"]["f1"][0] < r["ci95"]["f1"][1]
+    md = (out / "report.md").read_text()
+    assert "## Per modality" in md and "| fluorescence |" in md
+    # off without the field
+    rc = main(["--gt", gt_path, "--pred", str(pred), "--bootstrap", "0", "--group-by", ""])
+    assert rc == 0 and "per modality" not in capsys.readouterr().out

@@ -5,6 +5,8 @@ Examples::
 
     python tools/convert_to_coco.py --format dsb --input ../shared/data/dsb2018/stage1_train \\
         --output output/data/dsb.json --split train=0.8,val=0.1,test=0.1 --seed 0
+    python tools/convert_to_coco.py --format dsb --input ../shared/data/dsb2018/stage1_train \\
+        --output output/data/dsb.json --split train=0.8,val=0.1,test=0.1 --experiments auto
     python tools/convert_to_coco.py --format xml --input ../shared/data/monuseg \\
         --output output/data/monuseg.json
     python tools/convert_to_coco.py --format amibr --input ../shared/data/amibr \\
@@ -29,6 +31,7 @@ from ..data.converters.common import (Conversion, ConversionError, copy_images,
                                       parse_category_spec, to_rle_format)
 from ..errors import DetectorError, report
 from ..data.splits import image_groups, kfold_groups, parse_fractions, split_coco, split_groups
+from ..data.experiments import DEFAULT_DISTANCE, MODALITIES, annotate_images
 from ..data.converters.amibr import convert_amibr
 from ..data.converters.coco_files import convert_coco
 from ..data.converters.dsb import convert_dsb
@@ -70,11 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "the lowest ids")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--split", metavar="NAME=FRAC,...",
-                   help="e.g. train=0.8,val=0.1,test=0.1; grouped by slide/patient (by image "
-                        "when the format knows none)")
+                   help="e.g. train=0.8,val=0.1,test=0.1; grouped by experiment "
+                        "(--experiments), else slide/patient (by image when the format knows "
+                        "none)")
     g.add_argument("--folds", type=int, metavar="K",
                    help="K-fold cross-validation files, grouped like --split")
     p.add_argument("--seed", type=int, default=0, help="seed of --split/--folds (default 0)")
+    p.add_argument("--experiments", metavar="auto|GROUPS.csv",
+                   help="group images by experiment (stored as each image's 'group', used by "
+                        "--split/--folds instead of slide/image): 'auto' clusters them by "
+                        "modality, size and colour statistics; or a CSV image,group[,modality] "
+                        "(image: file name, base name, stem or DSB sample id). Also sets "
+                        "each image's 'modality'")
+    p.add_argument("--experiment-distance", type=float, default=DEFAULT_DISTANCE,
+                   metavar="D", help="--experiments auto: cut of the colour-statistics "
+                                     "clustering; larger merges more (default %(default)s)")
+    p.add_argument("--modality", choices=("auto",) + MODALITIES,
+                   help="store each image's imaging modality (fluorescence, brightfield, he) "
+                        "for per-modality evaluation: detected ('auto', the default with "
+                        "--experiments) or the one given for every image")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip corrupt/unreadable images and annotation files, list them at the "
                         "end (exit non-zero only if nothing was converted)")
@@ -208,6 +225,27 @@ def convert(args: argparse.Namespace) -> Tuple[Conversion, List[Tuple[str, Dict[
         dest_rel = f"{stem}_images"
         copy_images(coco, os.path.join(os.path.dirname(os.path.abspath(args.output)), dest_rel),
                     dest_rel)
+
+    if args.experiments or args.modality:
+        from ..data.converters.common import default_workers
+
+        per_group = annotate_images(
+            coco, args.experiments, args.modality, args.experiment_distance,
+            default_workers() if args.workers is None else args.workers, not args.quiet)
+        mods: Dict[str, int] = {}
+        for im in coco["images"]:
+            mods[im["modality"]] = mods.get(im["modality"], 0) + 1
+        conv.notes.append("modality: " + ", ".join(f"{n} {m}" for m, n in sorted(mods.items())))
+        if per_group:
+            sizes = sorted(per_group.values())
+            conv.notes.append(f"{len(per_group)} experiment groups ("
+                              + ("clustered, " if args.experiments == "auto" else
+                                 f"from {args.experiments}, ")
+                              + f"{sizes[0]} to {sizes[-1]} images each); splits keep each "
+                              "group whole")
+        info["experiments"] = args.experiments
+        if args.experiments == "auto":
+            info["experiment_distance"] = args.experiment_distance
 
     outputs: List[Tuple[str, Dict[str, Any]]] = []
     groups = image_groups(coco)

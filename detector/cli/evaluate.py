@@ -15,6 +15,10 @@ PRED is a COCO results list (``Instances.to_coco_results``), the ``detections.js
 ``infer_tiles.py`` (a string image_id is matched to the GT image's file name, stem or slide;
 results without image_id go to the GT's only image), or a COCO instance file.
 
+When the GT images carry ``modality`` (``convert_to_coco.py --experiments`` / ``--modality``),
+F1@0.5, DSB score, AJI and PQ are also reported per modality with bootstrap CIs
+(``--group-by`` another image field, e.g. ``group``: per experiment).
+
 Writes into ``--out``: ``metrics.json``, ``per_image.csv``, ``report.md``, ``report.html`` and
 the pictures (curves, overlays of TP/FP/FN on the worst and best images). Without ``--out``
 only the table is printed.
@@ -34,9 +38,9 @@ from ..evaluation.evaluator import DEFAULTS, Evaluation, evaluate
 from ..evaluation.inputs import (MODES, EvaluationInputError, choose_mode, load_gt,
                                  load_predictions)
 from ..evaluation.points import MIDOG_RADIUS_UM
-from ..evaluation.report import (PER_CLASS_HEADER, bootstrap_ci, comparison_table,
-                                 model_record, per_class_rows, text_table, write_metrics_json,
-                                 write_per_image_csv, write_report)
+from ..evaluation.report import (PER_CLASS_HEADER, bootstrap_ci, comparison_table, group_table,
+                                 metrics_by, model_record, per_class_rows, text_table,
+                                 write_metrics_json, write_per_image_csv, write_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap resamples of the images for 95%% CIs (0: none)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--group-by", default="modality", metavar="FIELD",
+                   help="also report F1, DSB score, AJI and PQ (with bootstrap CIs) per value of "
+                        "this field of the GT images: 'modality' (default; written by "
+                        "convert_to_coco.py --experiments/--modality), 'group' (the "
+                        "experiment), 'slide'...; skipped when no image has it; '' = off")
     p.add_argument("--examples", type=int, default=2, metavar="K",
                    help="overlays of the K worst and K best images per model")
     p.add_argument("--no-report", action="store_true",
@@ -161,6 +170,13 @@ def run(args: argparse.Namespace) -> int:
           f"{evs[0].mode}" + (f", 95% bootstrap CI over images ({args.bootstrap} resamples)"
                               if args.bootstrap > 0 else ""))
     print(text_table(header, rows))
+    by_group = [metrics_by(ev, args.group_by, args.bootstrap, args.seed) for ev in evs] \
+        if args.group_by else []
+    if any(by_group):
+        print()
+        print(f"per {args.group_by}" + (" (95% bootstrap CI over the group's images)"
+                                         if args.bootstrap > 0 else "") + ":")
+        print(text_table(*group_table(names, by_group, args.group_by, evs[0].mode)))
     if len(evs[0].per_class) > 1:
         print()
         print(text_table(PER_CLASS_HEADER, per_class_rows(names, evs)))
@@ -173,12 +189,16 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(args.out, exist_ok=True)
         records = [model_record(n, p, ev, ci, {"threshold_tuning": t} if t else None)
                    for n, p, ev, ci, t in zip(names, preds, evs, cis, tuning)]
+        for rec, by in zip(records, by_group):
+            if by:
+                rec[f"by_{args.group_by}"] = by
         write_metrics_json(os.path.join(args.out, "metrics.json"), args.gt, records)
         write_per_image_csv(os.path.join(args.out, "per_image.csv"), names, evs)
         if not args.no_report:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                write_report(args.out, args.gt, names, evs, cis, args.examples, tuning)
+                write_report(args.out, args.gt, names, evs, cis, args.examples, tuning,
+                             by_group, args.group_by)
             _print_warnings(caught)
         print(f"wrote {os.path.join(args.out, 'metrics.json')}, per_image.csv"
               + ("" if args.no_report else ", report.md, report.html"))

@@ -1,6 +1,7 @@
-"""Train/val/test splits and k-fold cross-validation grouped by slide or patient.
+"""Train/val/test splits and k-fold cross-validation grouped by experiment, slide or patient.
 
-Images of one group (one slide, one patient, or one image when nothing better is known) always
+Images of one group (one experiment, one slide, one patient, or one image when nothing better
+is known) always
 land in the same split, or tissue seen in training leaks into the test set. Groups are shuffled
 with a seeded generator and then assigned greedily so that every split gets close to its share
 of *images* (groups differ in size: one slide may hold 3 crops, another 40).
@@ -110,8 +111,9 @@ def kfold_groups(group_ids: Sequence[Hashable], k: int,
 
 
 def image_groups(coco: Mapping[str, Any]) -> List[Hashable]:
-    """The group id of every image of a COCO dict: its ``slide`` when present, else its id."""
-    return [im.get("slide", f"image:{im['id']}") for im in coco["images"]]
+    """The group id of every image of a COCO dict: its ``group`` (the experiment, see
+    :mod:`detector.data.experiments`) when present, else its ``slide``, else its id."""
+    return [im.get("group", im.get("slide", f"image:{im['id']}")) for im in coco["images"]]
 
 
 def split_coco(coco: Mapping[str, Any], groups: Sequence[Hashable]) -> Dict[str, Any]:

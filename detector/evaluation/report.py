@@ -10,6 +10,7 @@ percentile.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import json
 import os
@@ -21,6 +22,7 @@ import numpy as np
 
 from .coco_eval import APResampler
 from .evaluator import Evaluation
+from .metrics import summarize_counts, summarize_instances
 from .points import count_correlation
 import cv2
 from collections import defaultdict
@@ -70,6 +72,60 @@ def bootstrap_ci(ev: Evaluation, n_boot: int = 1000, seed: int = 0,
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi)))
             for k, v in samples.items()}
+
+
+# ----------------------------------------------------------------------------- per group
+#: Metrics reported per modality (or other image field): (key in summary, label).
+GROUP_ROWS = [("f1", "F1 @0.5"), ("dsb_score", "DSB2018 score"), ("AJI", "AJI"), ("PQ", "PQ")]
+GROUP_POINT_ROWS = [("f1", "F1 (MIDOG)"), ("precision", "Precision"), ("recall", "Recall")]
+
+
+def metrics_by(ev: Evaluation, field: str = "modality", n_boot: int = 1000, seed: int = 0
+               ) -> Dict[str, Dict[str, Any]]:
+    """Metrics of the images grouped by a field of the GT image entries (``modality``:
+    fluorescence / brightfield / he, see :mod:`detector.data.experiments`; or ``group``, the
+    experiment), each with its bootstrap interval over that group's images
+    (:func:`bootstrap_ci`, no AP).
+
+    Returns ``{value: {"n_images", "n_gt", "n_pred", <GROUP_ROWS keys>, "ci95": {key: [lo,
+    hi]}}}`` sorted by value; images without the field form the group ``"(none)"``; ``{}``
+    when no image has it.
+    """
+    if not any(im.get(field) is not None for im in ev.images):
+        return {}
+    index: Dict[str, List[int]] = defaultdict(list)
+    for k, im in enumerate(ev.images):
+        v = im.get(field)
+        index["(none)" if v is None else str(v)].append(k)
+    rows = GROUP_POINT_ROWS if ev.mode == "points" else GROUP_ROWS
+    out: Dict[str, Dict[str, Any]] = {}
+    for value, idx in sorted(index.items()):
+        evals = [ev.image_evals[i] for i in idx]
+        summ = summarize_counts(evals) if ev.mode == "points" else summarize_instances(evals)
+        sub = dataclasses.replace(ev, images=[ev.images[i] for i in idx], image_evals=evals,
+                                  per_image=[ev.per_image[i] for i in idx], cocoeval=None)
+        ci = bootstrap_ci(sub, n_boot, seed)
+        rec: Dict[str, Any] = {"n_images": len(idx), "n_gt": int(summ["n_gt"]),
+                               "n_pred": int(summ["n_pred"])}
+        rec.update({k: float(summ[k]) for k, _ in rows})
+        rec["ci95"] = {k: [float(ci[k][0]), float(ci[k][1])] for k, _ in rows if k in ci}
+        out[value] = rec
+    return out
+
+
+def group_table(names: Sequence[str], groups: Sequence[Dict[str, Dict[str, Any]]],
+                field: str = "modality", mode: str = "masks"
+                ) -> Tuple[List[str], List[List[str]]]:
+    """Header and rows (model x group value) of the per-group table of :func:`metrics_by`."""
+    rows_spec = GROUP_POINT_ROWS if mode == "points" else GROUP_ROWS
+    header = ["model", field, "images", "objects"] + [label for _, label in rows_spec]
+    rows = []
+    for name, by in zip(names, groups):
+        for value, r in by.items():
+            rows.append([name, value, str(r["n_images"]), str(r["n_gt"])]
+                        + [format_value(r[k], tuple(r["ci95"][k]) if k in r["ci95"] else None)
+                           for k, _ in rows_spec])
+    return header, rows
 
 
 # ----------------------------------------------------------------------------- tables
@@ -449,9 +505,11 @@ class _Doc:
 
 def write_report(out_dir: str, gt_path: str, names: Sequence[str], evs: Sequence[Evaluation],
                  cis: Sequence[Dict[str, Tuple[float, float]]], n_examples: int = 2,
-                 tuning: Optional[Sequence[Optional[Dict[str, Any]]]] = None) -> Dict[str, str]:
+                 tuning: Optional[Sequence[Optional[Dict[str, Any]]]] = None,
+                 by_group: Optional[Sequence[Dict[str, Dict[str, Any]]]] = None,
+                 group_field: str = "modality") -> Dict[str, str]:
     """Write ``report.md``, ``report.html`` and their pictures into ``out_dir``; returns the
-    paths written by kind."""
+    paths written by kind. ``by_group``: :func:`metrics_by` per model, shown as a table."""
     os.makedirs(out_dir, exist_ok=True)
     written: Dict[str, str] = {}
     ev0 = evs[0]
@@ -482,6 +540,11 @@ def write_report(out_dir: str, gt_path: str, names: Sequence[str], evs: Sequence
               f"{ev0.params['max_dets']} over all predictions.")
     if cis and any(cis):
         doc.p("Brackets: 95% bootstrap confidence intervals over images.")
+    if by_group and any(by_group):
+        doc.h(2, f"Per {group_field}")
+        doc.table(*group_table(names, by_group, group_field, ev0.mode))
+        doc.p(f"Images grouped by the ground truth's `{group_field}` field; brackets: 95% "
+              "bootstrap confidence intervals over that group's images.")
     if tuning and any(tuning):
         doc.h(2, "Score threshold chosen on the validation split")
         doc.table(["model", "threshold", "validation F1"],
