@@ -154,3 +154,17 @@ def test_filter_empty_drops_negatives_only_when_asked(tmp_path):
     path = make_disc_coco(str(tmp_path), n_images=2, empty_images=2)
     assert len(CocoInstanceDataset([path], small_cfg())) == 4
     assert len(CocoInstanceDataset([path], small_cfg("DATALOADER.FILTER_EMPTY", "true"))) == 2
+
+
+def test_train_weights_draw_a_small_file_as_often_as_asked(tmp_path):
+    """DATASETS.TRAIN_WEIGHTS: 2 images of a small file weighted 10x beside 8 of a large one
+    are drawn 20/28 of the time; a wrong number of weights is a clear error."""
+    big = make_disc_coco(str(tmp_path), n_images=8, name="big.json")
+    small = make_disc_coco(str(tmp_path), n_images=2, name="small.json", seed=1)
+    ds = CocoInstanceDataset([big, small], small_cfg("DATASETS.TRAIN_WEIGHTS", "[1, 10]"))
+    w = ds.sample_weights()
+    assert w.sum() == pytest.approx(1.0)
+    assert w[[r["source"] == small for r in ds.records]].sum() == pytest.approx(20 / 28)
+    assert CocoInstanceDataset([big, small], small_cfg()).sample_weights() is None
+    with pytest.raises(DatasetError, match="one weight > 0 per"):
+        CocoInstanceDataset([big, small], small_cfg("DATASETS.TRAIN_WEIGHTS", "[1]")).sample_weights()

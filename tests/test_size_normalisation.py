@@ -141,3 +141,24 @@ def test_a_slide_is_analysed_at_the_scale_of_its_nuclei(tmp_path):
     plain = Threshold(nucleus_diameter=0.0)
     s0 = infer_slide(plain, NUCLEUS, None, path, str(tmp_path / "out0"), opts)
     assert "size_normalisation" not in s0 and s0["total_detections"] == len(centres)
+
+
+def test_bright_background_images_are_inverted_before_both_models():
+    """INPUT.INVERT_BRIGHT_BACKGROUND: brightfield/H&E look like fluorescence (bright nuclei
+    on dark) to the R-CNN and the U-Net; fluorescence is left as it is."""
+    from detector.modeling.build import build_model
+    from detector.modeling.modality import invert_bright_background
+
+    bright = torch.full((3, 32, 32), 0.8)
+    bright[:, 8:16, 8:16] = 0.2  # a dark nucleus
+    dark = 1.0 - bright
+    assert torch.allclose(invert_bright_background(bright), dark)
+    assert invert_bright_background(dark) is dark
+    for arch in ("MaskRCNN", "UNet"):
+        opts = ["MODEL.META_ARCHITECTURE", arch, "MODEL.BACKBONE.NAME", "resnet18"]
+        on = build_model(get_cfg(None, opts + ["INPUT.INVERT_BRIGHT_BACKGROUND", "true"]), NUCLEUS)
+        off = build_model(get_cfg(None, opts), NUCLEUS)
+        norm = (lambda m, x: m.model.transform.normalize(x)) if arch == "MaskRCNN" else \
+            (lambda m, x: m._normalize(x))
+        assert torch.allclose(norm(on, bright), norm(off, dark))
+        assert torch.allclose(norm(on, dark), norm(off, dark))

@@ -197,6 +197,10 @@ class InputConfig:
     # many px across, and at inference finds each image's (or slide's) scale from a first
     # pass of the model itself (detector/inference/size.py). 0 = images at their own scale.
     NUCLEUS_DIAMETER: float = 0.0
+    # Modality normalisation: invert images with a bright background (brightfield, H&E) so
+    # that nuclei are bright on dark in every modality, as in fluorescence
+    # (detector/modeling/modality.py).
+    INVERT_BRIGHT_BACKGROUND: bool = False
     AUG: AugmentationConfig = field(default_factory=AugmentationConfig)
 
 
@@ -206,6 +210,10 @@ class DatasetsConfig:
     # COCO instance files (each names its image root in info.image_root).
     TRAIN: List[str] = field(default_factory=list)
     TEST: List[str] = field(default_factory=list)
+    # Relative sampling weight of each TRAIN file's images (one number per file; empty = all
+    # 1): e.g. [1, 20] draws an image of the second file 20x as often as one of the first,
+    # for a small set (13 H&E tiles) beside a large one (500 DSB2018 images).
+    TRAIN_WEIGHTS: List[float] = field(default_factory=list)
     # Categories whose objects are never predicted: they centre negative training crops (hard
     # negatives such as MIDOG's "not mitotic figure", or nuclei in tissue without figures) and
     # are the "look-alike" class of the patch classifier. A file whose annotations are all of

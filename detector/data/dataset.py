@@ -281,9 +281,19 @@ class CocoInstanceDataset(Dataset):
 
     def sample_weights(self) -> Optional[np.ndarray]:
         """Sampling probability of every record for ``DATALOADER.NEGATIVE_FRACTION`` (negative
-        images together drawn that often, the others the rest), or None for uniform sampling."""
-        return negative_sampling_weights(np.array([not r["anns"] for r in self.records], bool),
-                                         float(self.cfg.DATALOADER.NEGATIVE_FRACTION))
+        images together drawn that often, the others the rest) and ``DATASETS.TRAIN_WEIGHTS``
+        (per file), or None for uniform sampling."""
+        w = negative_sampling_weights(np.array([not r["anns"] for r in self.records], bool),
+                                      float(self.cfg.DATALOADER.NEGATIVE_FRACTION))
+        per_file = [float(v) for v in self.cfg.DATASETS.TRAIN_WEIGHTS]
+        if not per_file or not self.train:
+            return w
+        if len(per_file) != len(self.paths) or min(per_file) <= 0:
+            raise DatasetError(f"DATASETS.TRAIN_WEIGHTS {per_file}: give one weight > 0 per "
+                               f"DATASETS.TRAIN file ({len(self.paths)})")
+        src = np.array([per_file[self.paths.index(r["source"])] for r in self.records])
+        w = (np.full(len(self.records), 1.0 / len(self.records)) if w is None else w) * src
+        return w / w.sum()
 
     @property
     def mpp(self) -> Optional[float]:

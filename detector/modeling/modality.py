@@ -1,0 +1,23 @@
+"""Modality normalisation: one appearance for fluorescence, brightfield and H&E.
+
+With ``INPUT.INVERT_BRIGHT_BACKGROUND`` an image whose grey median is above
+:data:`BRIGHT_MEDIAN` (a bright background: brightfield, H&E) is inverted, so that nuclei
+are brighter than their surroundings in every modality, as in fluorescence (what several
+DSB2018 solutions did before training one model on all three). Both the R-CNN and the U-Net
+apply it to each image (or tile) before their pixel normalisation, in training and inference.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+#: Grey median (0..1) above which an image counts as bright-background. Fluorescence fields
+#: have medians near 0.05-0.15; brightfield and H&E tissue about 0.5-0.9.
+BRIGHT_MEDIAN = 0.35
+
+
+def invert_bright_background(image: Tensor) -> Tensor:
+    """``[3, H, W]`` float image in 0..1, inverted when its background is bright."""
+    grey = image.float().mean(0)
+    if grey.numel() and float(grey.median()) > BRIGHT_MEDIAN:
+        return 1.0 - image
+    return image
