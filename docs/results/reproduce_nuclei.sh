@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Reproduce the README's nuclei results: models for experiments they have not seen, on 2 CPU cores.
+#
+#   bash docs/results/reproduce_nuclei.sh [OUT]        (default OUT=output/nuclei)
+#
+# Steps (each skipped when its output exists, so a killed run goes on where it stopped):
+#   1. data: DSB2018 stage1_train split by experiment (--experiments auto: groups from modality,
+#      image size and colour; train/val/test 0.8/0.1/0.1, seed 0); the 13 labelled MoNuSeg
+#      training tiles (H&E) for training; the 4 ../shared/data/monuseg tiles only for the test.
+#   2. training, 45 min cap per model, both at once (one torch thread each):
+#      configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml and configs/nuclei/unet_mixed_cpu.yaml
+#      -> OUT/maskrcnn.pth, OUT/unet.pth (what infer_tiles.py --weights takes).
+#   3. predictions of every model (and of the classical baseline, when its config exists) on
+#      the validation split, the test split and the 4 MoNuSeg tiles (train_net.py --eval-only:
+#      each image at the scale its nuclei give, from a first pass).
+#   4. tools/evaluate.py: F1@0.5, DSB score, AJI, PQ per modality with 95% bootstrap CIs, at the
+#      score threshold of best validation F1 -> OUT/results/{test,monuseg}/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:-output/nuclei}
+SHARED=${SHARED:-../shared/data}
+PY=${PYTHON:-.venv/bin/python}
+D=$OUT/data
+mkdir -p "$D" "$OUT/results"
+start=$(date +%s)
+say() { echo "[$(date +%H:%M:%S)] $*"; }
+
+say "1. data -> $D"
+conv() { "$PY" tools/convert_to_coco.py --quiet "$@" | grep -E "^wrote|^skipped|groups" || true; }
+[ -f "$D/dsb_test.json" ] || conv --format dsb --input "$SHARED/dsb2018/stage1_train" \
+    --output "$D/dsb.json" --split train=0.8,val=0.1,test=0.1 --experiments auto --seed 0
+[ -f "$D/monuseg_train.json" ] || conv --format xml --input "$SHARED/monuseg_train/labelled" \
+    --categories nucleus --modality he --output "$D/monuseg_train.json"
+[ -f "$D/monuseg_test.json" ] || conv --format xml --input "$SHARED/monuseg" \
+    --categories nucleus --modality he --output "$D/monuseg_test.json"
+
+say "2. training (45 min cap each, in parallel)"
+train() {  # name config
+    local name=$1 cfg=$2
+    [ -f "$OUT/$name/model_final.pth" ] || OMP_NUM_THREADS=1 "$PY" tools/train_net.py --resume \
+        --config-file "$cfg" DATASETS.TRAIN "[$D/dsb_train.json, $D/monuseg_train.json]" \
+        DATASETS.TEST "[$D/dsb_val.json]" OUTPUT_DIR "$OUT/$name" > "$OUT/$name.train.log" 2>&1
+    cp "$OUT/$name/model_final.pth" "$OUT/$name.pth"
+}
+train maskrcnn configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml &
+p1=$!
+train unet configs/nuclei/unet_mixed_cpu.yaml &
+p2=$!
+wait $p1 $p2
+t_train=$(( $(date +%s) - start ))
+
+say "3. predictions"
+models=(maskrcnn unet)
+cfgs=(configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml configs/nuclei/unet_mixed_cpu.yaml)
+if [ -f configs/nuclei/classical.yaml ]; then
+    models+=(classical); cfgs+=(configs/nuclei/classical.yaml)
+    [ -f "$OUT/classical.pth" ] || "$PY" tools/train_net.py --config-file configs/nuclei/classical.yaml \
+        OUTPUT_DIR "$OUT/classical" DATASETS.TRAIN "[$D/dsb_train.json]" DATASETS.TEST "[$D/dsb_val.json]" \
+        > "$OUT/classical.train.log" 2>&1 && cp "$OUT/classical/model_final.pth" "$OUT/classical.pth"
+fi
+for i in "${!models[@]}"; do
+    m=${models[$i]}
+    [ -f "$OUT/pred/$m/predictions_monuseg_test.json" ] || OMP_NUM_THREADS=2 "$PY" tools/train_net.py \
+        --config-file "${cfgs[$i]}" --eval-only MODEL.WEIGHTS "$OUT/$m.pth" \
+        DATASETS.TEST "[$D/dsb_val.json, $D/dsb_test.json, $D/monuseg_test.json]" \
+        OUTPUT_DIR "$OUT/pred/$m" > "$OUT/pred.$m.log" 2>&1
+done
+
+say "4. evaluation -> $OUT/results"
+preds() { for m in "${models[@]}"; do echo "$OUT/pred/$m/predictions_$1.json"; done; }
+"$PY" tools/evaluate.py --gt "$D/dsb_test.json" --pred $(preds dsb_test) --names "${models[@]}" \
+    --val-gt "$D/dsb_val.json" --val-pred $(preds dsb_val) --bootstrap 1000 --group-by modality \
+    --out "$OUT/results/test" | tee "$OUT/results/test.txt"
+"$PY" tools/evaluate.py --gt "$D/monuseg_test.json" --pred $(preds monuseg_test) --names "${models[@]}" \
+    --val-gt "$D/dsb_val.json" --val-pred $(preds dsb_val) --bootstrap 1000 \
+    --out "$OUT/results/monuseg" | tee "$OUT/results/monuseg.txt"
+"$PY" tools/evaluate.py --gt "$D/dsb_val.json" --pred $(preds dsb_val) --names "${models[@]}" \
+    --bootstrap 1000 --group-by modality --out "$OUT/results/val" | tee "$OUT/results/val.txt"
+say "done in $(( ($(date +%s) - start) / 60 )) min (training $(( t_train / 60 )) min); results in $OUT/results/"
