@@ -227,3 +227,25 @@ def test_sampler_stream_is_a_function_of_seed_and_position():
     r0, r1 = iter(TrainingSampler(5, 3, 0, 0, 2)), iter(TrainingSampler(5, 3, 0, 1, 2))
     assert [next(r0) for _ in range(3)] == stream[0:6:2]
     assert [next(r1) for _ in range(3)] == stream[1:6:2]
+
+
+def test_schedule_by_time_anneals_within_the_time_budget(data, tmp_path):
+    """SOLVER.SCHEDULE_BY_TIME: a run stopped by its time limit long before MAX_ITER has still
+    brought the cosine LR down to about 0, and its checkpoint records the training time."""
+    cfg = get_cfg(None, ["SOLVER.WARMUP_ITERS", "0", "SOLVER.MAX_ITER", "1000"])
+    assert lr_factor(cfg, 10, time_progress=0.5) == pytest.approx(0.5)   # time is further
+    assert lr_factor(cfg, 900, time_progress=0.5) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.9)))                              # iterations are
+    assert lr_factor(cfg, 10, time_progress=3.0) == pytest.approx(0.0)
+    out = tmp_path / "run"
+    assert main(["--config-file", CONFIG, *tiny_opts(
+        data["train"], out, "SOLVER.MAX_ITER", "100000", "SOLVER.TIME_LIMIT_MINUTES", "0.15",
+        "SOLVER.SCHEDULE_BY_TIME", "true")]) == 0
+    ckpt = load_checkpoint(str(out / "model_final.pth"))
+    assert 1 < ckpt["iteration"] < 100000
+    with open(out / "metrics.json") as f:
+        lrs = [json.loads(line)["lr"] for line in f if '"lr"' in line]
+    base = 0.0006  # the config's BASE_LR
+    assert max(lrs) > 0.5 * base and lrs[-1] < 0.1 * base
+    periodic = load_checkpoint(str(out / f"model_{ckpt['iteration']:07d}.pth"))
+    assert periodic["extra"]["train_seconds"] == pytest.approx(9.0, abs=3.0)

@@ -284,9 +284,15 @@ class SolverConfig:
     # Log losses to console, metrics.json and TensorBoard every LOG_PERIOD iterations.
     LOG_PERIOD: int = 20
     # Stop training after this many minutes (then save model_<iter>.pth and model_final.pth at
-    # the iteration reached and evaluate); 0 = no limit. The LR schedule still runs to MAX_ITER, and
-    # --resume continues from there. For fixed compute budgets (e.g. a 30-minute CPU run).
+    # the iteration reached and evaluate); 0 = no limit. The LR schedule still runs to MAX_ITER
+    # (unless SCHEDULE_BY_TIME), and --resume continues from there. For fixed compute budgets
+    # (e.g. a 30-minute CPU run).
     TIME_LIMIT_MINUTES: float = 0.0
+    # With TIME_LIMIT_MINUTES and the cosine schedule: the schedule's progress is the larger of
+    # iteration / MAX_ITER and training time / TIME_LIMIT_MINUTES (time summed over resumed
+    # runs), so the learning rate reaches 0 within the budget on however fast a machine. The
+    # LR then depends on the machine's speed: a run is reproducible only up to timing.
+    SCHEDULE_BY_TIME: bool = False
 
 
 # ---------------------------------------------------------------------------------------- TEST

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, List
+from typing import Any, Callable, List, Optional
 
 import torch
 from torch import nn
@@ -27,15 +27,18 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"SOLVER.OPTIMIZER must be SGD or AdamW, got {s.OPTIMIZER!r}")
 
 
-def lr_factor(cfg: Any, it: int) -> float:
+def lr_factor(cfg: Any, it: int, time_progress: float = 0.0) -> float:
     """Multiplier of ``SOLVER.BASE_LR`` at iteration ``it`` (0-based): linear warm-up from
     ``WARMUP_FACTOR`` over ``WARMUP_ITERS``, times the step (``GAMMA`` at each of ``STEPS``) or
-    half-cosine (to 0 at ``MAX_ITER``) schedule."""
+    half-cosine (to 0 at ``MAX_ITER``, or when ``time_progress``, the fraction of
+    ``TIME_LIMIT_MINUTES`` spent, reaches 1: ``SOLVER.SCHEDULE_BY_TIME``) schedule."""
     s = cfg.SOLVER
     if s.LR_SCHEDULER == "step":
         f = float(s.GAMMA) ** sum(1 for step in s.STEPS if it >= int(step))
     elif s.LR_SCHEDULER == "cosine":
-        f = 0.5 * (1.0 + math.cos(math.pi * min(it, int(s.MAX_ITER)) / max(1, int(s.MAX_ITER))))
+        progress = max(min(it, int(s.MAX_ITER)) / max(1, int(s.MAX_ITER)),
+                       min(max(float(time_progress), 0.0), 1.0))
+        f = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
         raise ValueError(f"SOLVER.LR_SCHEDULER must be step or cosine, got {s.LR_SCHEDULER!r}")
     warm = int(s.WARMUP_ITERS)
@@ -45,7 +48,13 @@ def lr_factor(cfg: Any, it: int) -> float:
     return f
 
 
-def build_lr_scheduler(cfg: Any, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepped once per iteration with :func:`lr_factor`."""
+def build_lr_scheduler(cfg: Any, optimizer: torch.optim.Optimizer,
+                       time_progress: Optional[Callable[[], float]] = None
+                       ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` stepped once per iteration with :func:`lr_factor`; ``time_progress``
+    (the fraction of the time budget spent) is consulted with ``SOLVER.SCHEDULE_BY_TIME``."""
+    by_time = (time_progress is not None and bool(cfg.SOLVER.SCHEDULE_BY_TIME)
+               and float(cfg.SOLVER.TIME_LIMIT_MINUTES) > 0)
     # a plain function (not a callable object), so that the state dict holds only plain types
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda it: lr_factor(cfg, it))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda=lambda it: lr_factor(cfg, it, time_progress() if by_time else 0.0))

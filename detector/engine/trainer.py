@@ -175,7 +175,12 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model_without_ddp = model
         self.optimizer = build_optimizer(cfg, model)
-        self.scheduler = build_lr_scheduler(cfg, self.optimizer)
+        # SOLVER.SCHEDULE_BY_TIME: training seconds of earlier runs (from the checkpoint) plus
+        # this run's, as a fraction of the time budget
+        self.train_seconds_before = 0.0
+        self._t_train: Optional[float] = None
+        self._elapsed: Optional[float] = None
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer, self.time_progress)
         amp = cfg.SOLVER.AMP
         self.amp_dtype = None
         if amp.ENABLED and self.device.type == "cuda":
@@ -196,6 +201,7 @@ class Trainer:
             self._rng_to_restore = (ranks[self.rank] if ranks and len(ranks) == self.world_size
                                     else ckpt.get("rng"))
             self.best = (ckpt.get("extra") or {}).get("best")
+            self.train_seconds_before = float((ckpt.get("extra") or {}).get("train_seconds") or 0)
         else:
             self.best = None
         if self.world_size > 1:
@@ -264,6 +270,19 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def train_seconds(self) -> float:
+        """Training time so far, over this run and the runs it resumed (this run's part as all
+        ranks last agreed on it, when there is a time limit)."""
+        if self._elapsed is not None:
+            return self.train_seconds_before + self._elapsed
+        now = 0.0 if self._t_train is None else time.perf_counter() - self._t_train
+        return self.train_seconds_before + now
+
+    def time_progress(self) -> float:
+        """The fraction of ``SOLVER.TIME_LIMIT_MINUTES`` spent (0 without a limit)."""
+        limit = float(self.cfg.SOLVER.TIME_LIMIT_MINUTES) * 60.0
+        return self.train_seconds() / limit if limit > 0 else 0.0
+
     def save(self, name: str, iteration: int) -> None:
         """Checkpoint (rank 0 writes; every rank contributes its RNG state)."""
         self._saved_iter = iteration
@@ -275,7 +294,8 @@ class Trainer:
         if self.rank == 0:
             save_checkpoint(os.path.join(self.output_dir, name), self.model_without_ddp, self.cfg,
                             self.classes, self.mpp, iteration, self.optimizer, self.scheduler,
-                            self.scaler, extra={"rng_ranks": ranks, "best": self.best})
+                            self.scaler, extra={"rng_ranks": ranks, "best": self.best,
+                                                "train_seconds": self.train_seconds()})
             write_last_checkpoint(self.output_dir, name)
             for path in prune_checkpoints(self.output_dir, int(self.cfg.SOLVER.CHECKPOINTS_KEPT)):
                 logger.info("removed %s (SOLVER.CHECKPOINTS_KEPT %d)", os.path.basename(path),
@@ -343,7 +363,7 @@ class Trainer:
         eval_period = int(cfg.TEST.EVAL_PERIOD)
         pbar = tqdm(total=max_iter, initial=self.start_iter, disable=not main, desc="train",
                     dynamic_ncols=True)
-        t_start = time.perf_counter()
+        t_start = self._t_train = time.perf_counter()
         limit_s = float(s.TIME_LIMIT_MINUTES) * 60.0
         window: List[float] = []
         done = self.start_iter
@@ -402,10 +422,13 @@ class Trainer:
                     self.evaluate(iteration, writer)
                     self.model.train()
                 if limit_s > 0 and iteration < max_iter:
-                    over = torch.tensor(float(time.perf_counter() - t_start >= limit_s))
-                    if self.world_size > 1:  # every rank stops at the same iteration
-                        torch.distributed.all_reduce(over)
-                    if over.item() > 0:
+                    # every rank sees the slowest rank's time: they stop at the same iteration
+                    # and follow one time-based LR schedule
+                    elapsed = torch.tensor(time.perf_counter() - t_start, dtype=torch.float64)
+                    if self.world_size > 1:
+                        torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+                    self._elapsed = float(elapsed)
+                    if self._elapsed >= limit_s:
                         logger.info("SOLVER.TIME_LIMIT_MINUTES %.1f reached at iteration %d of %d; "
                                     "stopping (continue with --resume)", limit_s / 60, iteration,
                                     max_iter)
