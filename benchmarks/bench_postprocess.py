@@ -111,9 +111,9 @@ def run_new(outputs, tiles, shape, size, out_dir, mpp, opts_kw):
     th, tw = int(round(H / thumb_ratio)), int(round(W / thumb_ratio))
     selected = np.ones(len(tiles), bool)
     grid = AnalysisGrid("virtual.tif", (H, W), mpp, "file", mpp, mpp,
-                        SlideGeometry(0, 1.0, 1.0, (H, W)), list(tiles), shape, selected,
-                        np.full((th, tw, 3), 230, np.uint8), thumb_ratio, np.ones((th, tw), bool),
-                        None, H * W * (mpp / 1000.0) ** 2)
+                        SlideGeometry(0, 1.0, 1.0, (H, W)), opts.tile_size, opts.overlap,
+                        list(tiles), shape, selected, np.full((th, tw, 3), 230, np.uint8),
+                        thumb_ratio, np.ones((th, tw), bool), None, H * W * (mpp / 1000.0) ** 2)
     t0 = time.perf_counter()
     parts = []
     for idx, (inst, tile) in enumerate(zip(outputs, tiles)):
