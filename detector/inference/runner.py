@@ -44,6 +44,7 @@ from ..device import get_rank, get_world_size
 from ..errors import DetectorError
 from ..modeling.unet import mirror_indices
 from ..structures.instances import Instances
+from ..structures.masks import mask_outlines
 from . import counting, export, predictor
 from .journal import JOURNAL_NAME, WEIGHTS_KEY, Journal, finished_weights, weights_identity
 from .merge import drop_cut, merge_detections, tile_to_slide
@@ -552,13 +553,15 @@ def export_slide(out_dir: str, dets: Detections, grid: AnalysisGrid,
     H0, W0 = grid.slide_size
     mitotic_ids = counting.resolve_class_ids(opts.mitotic_classes, classes)
     hs = summary["mitotic_figures"]["hotspot"]
+    # every mask traced once, for the GeoJSON and the overlay
+    outlines = mask_outlines(merged.masks) if merged.masks is not None else None
     export.write_geojson(os.path.join(out_dir, "detections.geojson"), merged, classes, mpp,
-                         areas, mitotic_ids)
+                         areas, mitotic_ids, outlines)
     export.write_coco_results(os.path.join(out_dir, "detections.json"), merged)
     export.write_csv(os.path.join(out_dir, "detections.csv"), merged, classes, mpp,
                      centroids, areas)
     export.write_overlay(os.path.join(out_dir, "overlay.png"), thumb, t, merged, classes,
-                         mitotic_ids, hs, grid.roi, grid.region)
+                         mitotic_ids, hs, grid.roi, grid.region, outlines)
     is_mit = np.isin(merged.labels, np.asarray(mitotic_ids, np.int64))
     cell_px = math.sqrt(opts.hpf_area) * 1000.0 / mpp  # one HPF per cell
     if mitotic_ids:
