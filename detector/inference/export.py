@@ -271,7 +271,8 @@ def write_overlay(path: str, thumb: np.ndarray, scale: float, inst: Instances,
     dy, dx = _dot_offsets()
     h, w = img.shape[:2]
     cut = np.flatnonzero((kind[1:] != kind[:-1]) | (labels[1:] != labels[:-1])) + 1
-    for a, e in zip(np.r_[0, cut].tolist(), np.r_[cut, len(order)].tolist()):
+    runs = zip(np.r_[0, cut].tolist(), np.r_[cut, len(order)].tolist()) if len(order) else ()
+    for a, e in runs:
         col = colours.get(int(labels[a]), (127, 127, 127))
         k = int(kind[a])
         if k == 1:
@@ -409,6 +410,11 @@ def write_density(path: str, density: np.ndarray, cell_px: float, slide_size: Tu
     ax.set_xlabel("x (level-0 px)")
     ax.set_ylabel("y (level-0 px)")
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
+    # the pixels savefig writes, drawn once (savefig draws a second time to lay out) and
+    # encoded by OpenCV
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
     plt.close(fig)
+    with atomic_write(path, "wb") as f:
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+        f.write(buf.tobytes())
