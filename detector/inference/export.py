@@ -7,6 +7,7 @@ never leaves a half-written output that looks finished.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -215,13 +216,23 @@ def write_csv(path: str, inst: Instances, classes: Sequence[Dict[str, Any]], mpp
         w = csv.writer(f)
         w.writerow(["id", "class", "score", "x_px", "y_px", "x_um", "y_um", "area_px", "area_um2",
                     "box_x0", "box_y0", "box_x1", "box_y1"])
-        for i in range(len(inst)):
-            x, y = centroids[i]
-            b = inst.boxes[i]
-            w.writerow([i + 1, names.get(int(inst.labels[i]), int(inst.labels[i])),
-                        f"{inst.scores[i]:.5f}", f"{x:.2f}", f"{y:.2f}", f"{x * mpp:.3f}",
-                        f"{y * mpp:.3f}", f"{areas_px[i]:.0f}", f"{areas_px[i] * mpp * mpp:.3f}",
-                        f"{b[0]:.1f}", f"{b[1]:.1f}", f"{b[2]:.1f}", f"{b[3]:.1f}"])
+        # each class name as csv quotes it; rows formatted as the f-strings of one row did
+        cell = io.StringIO()
+        quoted = {}
+        for lab in set(inst.labels.tolist()):
+            cell.seek(0)
+            cell.truncate()
+            csv.writer(cell, lineterminator="").writerow([names.get(lab, lab)])
+            quoted[lab] = cell.getvalue().replace("%", "%%")
+        c = np.asarray(centroids, np.float64).reshape(-1, 2)
+        a = np.asarray(areas_px, np.float64).reshape(-1)
+        cols = zip(range(1, len(inst) + 1), inst.labels.tolist(), inst.scores.tolist(),
+                   c[:, 0].tolist(), c[:, 1].tolist(), (c[:, 0] * mpp).tolist(),
+                   (c[:, 1] * mpp).tolist(), a.tolist(), (a * mpp * mpp).tolist(),
+                   *inst.boxes.reshape(-1, 4).T.tolist())
+        tail = ",%.5f,%.2f,%.2f,%.3f,%.3f,%.0f,%.3f,%.1f,%.1f,%.1f,%.1f\r\n"
+        fmt = {lab: "%d," + q + tail for lab, q in quoted.items()}
+        f.write("".join([fmt[r[1]] % (r[0], *r[2:]) for r in cols]))
 
 
 def _dot_offsets() -> Tuple[np.ndarray, np.ndarray]:
