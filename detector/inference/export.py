@@ -281,29 +281,33 @@ def write_overlay(path: str, thumb: np.ndarray, scale: float, inst: Instances,
         obj_rings = outlines.poly_start[outlines.mask_start]  # rings of mask i: [i]:[i + 1]
     dy, dx = _dot_offsets()
     h, w = img.shape[:2]
-    cut = np.flatnonzero((kind[1:] != kind[:-1]) | (labels[1:] != labels[:-1])) + 1
+    # within a run of one colour the order of outlines, boxes and dots does not change a pixel;
+    # antialiased mitotic circles are drawn one by one, in order
+    col_key = np.asarray([colours.get(v, (127, 127, 127)) for v in labels.tolist()],
+                         np.int64).reshape(-1, 3) @ np.array([1 << 16, 1 << 8, 1])
+    cut = np.flatnonzero((col_key[1:] != col_key[:-1]) | (mit[1:] != mit[:-1])) + 1
     runs = zip(np.r_[0, cut].tolist(), np.r_[cut, len(order)].tolist()) if len(order) else ()
     for a, e in runs:
         col = colours.get(int(labels[a]), (127, 127, 127))
-        k = int(kind[a])
-        if k == 1:
-            idx = order[a:e]
-            cv2.polylines(img, [rings[r] for i in idx.tolist()
+        k = kind[a:e]
+        if mit[a]:
+            for j in range(a, e):
+                r = int(np.clip(span[j] / 2 + 3, 4, 40))
+                cv2.circle(img, (int(cxs[j]), int(cys[j])), r, col, 2, cv2.LINE_AA)
+            continue
+        if (k == 1).any():
+            cv2.polylines(img, [rings[r] for i in order[a:e][k == 1].tolist()
                                 for r in range(int(obj_rings[i]), int(obj_rings[i + 1]))],
                           True, col, 1)
-        elif k == 0:
-            ys = (cys[a:e, None] + dy[None, :]).reshape(-1)
-            xs = (cxs[a:e, None] + dx[None, :]).reshape(-1)
+        for j in (a + np.flatnonzero(k == 2)).tolist():
+            bj = b[j]
+            cv2.rectangle(img, (int(bj[0]), int(bj[1])), (int(bj[2]), int(bj[3])), col, 1)
+        dots = a + np.flatnonzero(k == 0)
+        if len(dots):
+            ys = (cys[dots, None] + dy[None, :]).reshape(-1)
+            xs = (cxs[dots, None] + dx[None, :]).reshape(-1)
             ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
             img[ys[ok], xs[ok]] = col
-        else:
-            for j in range(a, e):
-                bj = b[j]
-                if k == 3:
-                    r = int(np.clip(span[j] / 2 + 3, 4, 40))
-                    cv2.circle(img, (int(cxs[j]), int(cys[j])), r, col, 2, cv2.LINE_AA)
-                else:
-                    cv2.rectangle(img, (int(bj[0]), int(bj[1])), (int(bj[2]), int(bj[3])), col, 1)
     if roi is not None:
         for p in roi:
             pts = np.round(np.asarray(p) / scale).astype(np.int32).reshape(-1, 1, 2)

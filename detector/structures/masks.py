@@ -14,6 +14,7 @@ edges; polygons run along pixel corners. Sizes are ``(height, width)``.
 """
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import cv2
@@ -321,11 +322,12 @@ class _Runs(NamedTuple):
 
 def _crop_runs(masks: Sequence[CropMask]) -> _Runs:
     n = len(masks)
-    lens = np.fromiter((len(m.counts) for m in masks), np.int64, n)
+    counts = [m.counts for m in masks]
+    lens = np.fromiter(map(len, counts), np.int64, n)
     if n == 0 or lens.sum() == 0:
         z = np.zeros(0, np.int64)
         return _Runs(z, z, z, z)
-    c = np.concatenate([m.counts for m in masks]).astype(np.int64, copy=False)
+    c = np.concatenate(counts).astype(np.int64, copy=False)
     seg = np.repeat(np.arange(n), lens)
     first = np.cumsum(lens) - lens
     cum = np.cumsum(c)
@@ -336,7 +338,7 @@ def _crop_runs(masks: Sequence[CropMask]) -> _Runs:
     length = c[fg]
     s = e - length
     obj = seg[fg]
-    h = np.fromiter((m.crop_size[0] for m in masks), np.int64, n)[obj]
+    h = _ints_pair(masks)[0][obj]
     c0, c1 = s // h, (e - 1) // h
     if np.array_equal(c0, c1):
         return _Runs(obj, c0, s - c0 * h, length)
@@ -349,16 +351,17 @@ def _crop_runs(masks: Sequence[CropMask]) -> _Runs:
 
 
 def _ints(masks: Sequence[CropMask], attr: str) -> np.ndarray:
-    return np.fromiter((getattr(m, attr) for m in masks), np.int64, len(masks))
+    return np.fromiter(map(attrgetter(attr), masks), np.int64, len(masks))
 
 
 def mask_areas(masks: Sequence[CropMask]) -> np.ndarray:
     """``(N,)`` float64 pixel areas."""
     n = len(masks)
-    lens = np.fromiter((len(m.counts) for m in masks), np.int64, n)
+    counts = [m.counts for m in masks]
+    lens = np.fromiter(map(len, counts), np.int64, n)
     if n == 0 or lens.sum() == 0:
         return np.zeros(n, np.float64)
-    c = np.concatenate([m.counts for m in masks]).astype(np.int64, copy=False)
+    c = np.concatenate(counts).astype(np.int64, copy=False)
     seg = np.repeat(np.arange(n), lens)
     odd = (np.arange(len(c)) - (np.cumsum(lens) - lens)[seg]) % 2 == 1
     return np.bincount(seg[odd], weights=c[odd], minlength=n).astype(np.float64)
@@ -427,8 +430,8 @@ def coco_counts_strings(masks: Sequence[CropMask]) -> List[bytes]:
     if n == 0:
         return []
     r = _crop_runs(masks)
-    H = np.fromiter((m.image_size[0] for m in masks), np.int64, n)
-    W = np.fromiter((m.image_size[1] for m in masks), np.int64, n)
+    HW = np.asarray([m.image_size for m in masks], np.int64)
+    H, W = HW[:, 0], HW[:, 1]
     starts = (_ints(masks, "x0")[r.obj] + r.col) * H[r.obj] + _ints(masks, "y0")[r.obj] + r.row
     ends = starts + r.length
     obj = r.obj
@@ -533,6 +536,7 @@ class Outlines:
 
 
 _CANVAS_PX = 1 << 22  # pixels of one tracing canvas (x 4 upsampled): ~4M, 16 MB of labels
+_SHELF = 1024  # px along one shelf of crops on a canvas
 
 
 def mask_outlines(masks: Sequence[CropMask]) -> Outlines:
@@ -580,26 +584,36 @@ def _trace_entries(entries: Sequence[CropMask], obj: np.ndarray, rank: np.ndarra
     runs = _crop_runs(entries)
     hs, ws = _ints_pair(entries)
     x0s, y0s = _ints(entries, "x0"), _ints(entries, "y0")
+    # shelf layout, tallest first: crops side by side along shelves of _SHELF px (the last
+    # crop of a shelf may run past it), shelves one under the other, canvases of ~_CANVAS_PX
     cx = np.zeros(n, np.int64)
     cy = np.zeros(n, np.int64)
     chunk = np.zeros(n, np.int64)
-    width = int(max(1024, int(ws.max(initial=0)) + 2))
+    width = _SHELF + int(ws.max(initial=0)) + 2
     max_h = max(int(_CANVAS_PX // width), int(hs.max(initial=0)) + 2)
-    x, y, row_h, k = 1, 1, 0, 0
+    by_h = np.argsort(-hs, kind="stable")
+    by_h = by_h[hs[by_h] > 0]  # empty masks have no pixels
+    step = ws[by_h] + 1
+    at = np.cumsum(step) - step
+    shelf = at // _SHELF
+    cx[by_h] = 1 + at - shelf * _SHELF
+    first = np.r_[True, shelf[1:] != shelf[:-1]] if len(by_h) else np.zeros(0, bool)
+    shelf_h = (hs[by_h][first] + 1).tolist()  # each shelf's tallest crop and a gap
     heights: List[int] = []
-    for e, h, w in zip(np.argsort(-hs, kind="stable").tolist(), (-np.sort(-hs)).tolist(),
-                       ws[np.argsort(-hs, kind="stable")].tolist()):
-        if h == 0:
-            continue  # empty
-        if x + w + 1 > width:  # next shelf
-            x, y, row_h = 1, y + row_h + 1, 0
-        if y + h + 1 > max_h:  # next canvas
-            heights.append(y + row_h + 1 if row_h else y)
-            x, y, row_h, k = 1, 1, 0, k + 1
-        cx[e], cy[e], chunk[e] = x, y, k
-        x += w + 1
-        row_h = max(row_h, h)
-    heights.append(y + row_h + 1)
+    shelf_y, shelf_k = [], []
+    y, k = 1, 0
+    for sh in shelf_h:
+        if y + sh > max_h:  # next canvas
+            heights.append(y)
+            y, k = 1, k + 1
+        shelf_y.append(y)
+        shelf_k.append(k)
+        y += sh
+    heights.append(y)
+    if len(by_h):
+        row = np.cumsum(first) - 1  # shelves in order (a crop wider than a shelf skips one)
+        cy[by_h] = np.asarray(shelf_y, np.int64)[row]
+        chunk[by_h] = np.asarray(shelf_k, np.int64)[row]
     out: Dict[str, List[np.ndarray]] = {key: [] for key in
                                         ("ring_obj", "ring_rank", "ring_id", "ring_parent",
                                          "ring_len", "points")}
@@ -650,9 +664,9 @@ def _trace_entries(entries: Sequence[CropMask], obj: np.ndarray, rank: np.ndarra
 
 
 def _ints_pair(masks: Sequence[CropMask]) -> Tuple[np.ndarray, np.ndarray]:
-    n = len(masks)
-    return (np.fromiter((m.crop_size[0] for m in masks), np.int64, n),
-            np.fromiter((m.crop_size[1] for m in masks), np.int64, n))
+    """``(N,)`` crop heights and widths."""
+    hw = np.asarray([m.crop_size for m in masks], np.int64).reshape(-1, 2)
+    return hw[:, 0], hw[:, 1]
 
 
 def _cyclic_prev_next(lens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
