@@ -151,13 +151,14 @@ def write_geojson(path: str, inst: Instances, classes: Sequence[Dict[str, Any]],
     colours = class_colours(classes, mitotic_ids)
     if areas_px is None:
         areas_px = np.array([0.0] * len(inst))
+    geoms: List[Optional[str]]
     if inst.masks is None:
         geoms = [json.dumps(instance_geometry(inst, i), separators=(",", ":"))
                  for i in range(len(inst))]
     else:
         if outlines is None:
             outlines = mask_outlines(inst.masks)
-        geoms = geometry_texts(outlines)  # type: ignore[assignment]
+        geoms = geometry_texts(outlines)
     labels = inst.labels.tolist()
     classification = {lab: json.dumps({"name": names.get(lab, str(lab)),
                                        "color": list(colours.get(lab, (127, 127, 127)))},
@@ -428,7 +429,7 @@ def write_density(path: str, density: np.ndarray, cell_px: float, slide_size: Tu
     # the pixels savefig writes, drawn once (savefig draws a second time to lay out) and
     # encoded by OpenCV
     fig.canvas.draw()
-    rgba = np.asarray(fig.canvas.buffer_rgba())
+    rgba = np.asarray(fig.canvas.buffer_rgba())  # type: ignore[attr-defined]  # Agg
     plt.close(fig)
     with atomic_write(path, "wb") as f:
         ok, buf = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))

@@ -122,10 +122,11 @@ def merge_detections(inst: Instances, iou_thresh: float = 0.5, mask_iou_thresh: 
                 keep[sup[best < 0]] = True
                 pair_s.append(sup[best >= 0])
                 pair_k.append(kk[best[best >= 0]])
-    if pair_s:
+    if pair_s and inst.masks is not None:
+        masks = inst.masks
         s_idx, k_idx = np.concatenate(pair_s), np.concatenate(pair_k)
-        ious = mask_pair_ious([inst.masks[i] for i in s_idx.tolist()],
-                              [inst.masks[i] for i in k_idx.tolist()])
+        ious = mask_pair_ious([masks[i] for i in s_idx.tolist()],
+                              [masks[i] for i in k_idx.tolist()])
         keep[s_idx[ious < mask_iou_thresh]] = True  # boxes overlap but the masks do not: two objects
     idx = np.flatnonzero(keep)
     idx = idx[np.argsort(-inst.scores[idx], kind="stable")]
