@@ -12,7 +12,8 @@ import shapely.geometry as sg
 from detector.data.image_io import read_array
 from detector.inference.export import write_geojson
 from detector.structures import CropMask, Instances
-from detector.structures.masks import counts_from_string, counts_to_string, mask_areas, trace_polygons
+from detector.structures.masks import (counts_from_string, counts_to_string, mask_areas, mask_boxes,
+                                       trace_polygons)
 from tests.conftest import shared_path
 
 
@@ -138,3 +139,52 @@ def test_geojson_of_real_dsb_masks_is_valid_with_holes_and_exact_areas(tmp_path)
         polys = g.geoms if g.geom_type == "MultiPolygon" else [g]
         holes += sum(len(p.interiors) for p in polys)
     assert holes >= 1  # DSB has nuclei with holes: kept as interior rings
+
+
+def test_many_masks_at_once_equal_pycocotools_and_shapely(tmp_path):
+    """The slide export handles all masks in one pass (COCO RLE strings, polygons traced on
+    shared canvases, centroids, areas, IoUs): each mask's result must be what pycocotools and
+    shapely say for that mask alone, holes and corner-only touches included."""
+    from detector.inference.export import write_coco_results
+    from detector.structures.masks import (mask_centroids_and_areas, mask_outlines,
+                                           mask_pair_ious)
+
+    rng = np.random.default_rng(3)
+    H, W = 60, 70
+    fulls = [_random_full(rng, 40) for _ in range(150)]
+    fulls = [np.pad(f, ((0, H - f.shape[0]), (0, W - f.shape[1]))) for f in fulls]
+    special = np.zeros((H, W), np.uint8)
+    special[10:15, 10:15] = 1
+    special[12, 12] = 0  # a hole
+    special[15, 15] = 1  # touching the ring only at a corner
+    special[20:23, 0] = 1  # a run that goes on into the next column
+    special[0:H, 1] = 1
+    fulls += [special, np.zeros((H, W), np.uint8), np.ones((H, W), np.uint8)]
+    masks = [CropMask.from_full(f) for f in fulls]
+    inst = Instances((H, W), mask_boxes(masks).astype(np.float32), rng.random(len(masks)).astype(np.float32),
+                     np.ones(len(masks), np.int64), masks)
+    path = tmp_path / "d.json"
+    write_coco_results(str(path), inst)
+    assert path.read_text() == json.dumps(inst.to_coco_results(1))
+    for r, f in zip(json.loads(path.read_text()), fulls):
+        ref = mask_utils.encode(np.asfortranarray(f))
+        assert r["segmentation"]["counts"] == ref["counts"].decode()
+    outlines = mask_outlines(masks)
+    for i, (m, f) in enumerate(zip(masks, fulls)):
+        polys = outlines.polygons(i)
+        assert polys == m.polygons()
+        g = sg.MultiPolygon([sg.Polygon(p[0], p[1:]) for p in polys])
+        assert g.is_valid and g.area == f.sum()
+    assert len(outlines.polygons(len(fulls) - 3)) == 3  # ring with its hole, corner pixel, line
+    assert any(len(p) == 2 for p in outlines.polygons(len(fulls) - 3))
+    cents, areas = mask_centroids_and_areas(masks)
+    for c, a, f in zip(cents, areas, fulls):
+        ys, xs = np.nonzero(f)
+        assert a == f.sum()
+        assert (np.isnan(c).all() if a == 0 else
+                c.tolist() == pytest.approx([xs.mean() + 0.5, ys.mean() + 0.5]))
+    pairs = rng.integers(0, len(masks), (300, 2))
+    ious = mask_pair_ious([masks[i] for i in pairs[:, 0]], [masks[j] for j in pairs[:, 1]])
+    for (i, j), iou in zip(pairs, ious):
+        ra, rb = (mask_utils.encode(np.asfortranarray(fulls[k])) for k in (i, j))
+        assert iou == pytest.approx(float(mask_utils.iou([ra], [rb], [0])[0, 0]), abs=1e-12)

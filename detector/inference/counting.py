@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..structures.instances import Instances
+from ..structures.masks import mask_centroids_and_areas
 
 #: The HPF area used by the WHO / Elston-Ellis grading tables for a 0.55 mm field diameter.
 DEFAULT_HPF_AREA_MM2 = 0.237
@@ -59,13 +60,10 @@ def centroids_and_areas(inst: Instances) -> Tuple[np.ndarray, np.ndarray]:
     if inst.masks is None:
         return inst.centroids().astype(np.float64).reshape(n, 2), inst.areas()
     cents = inst.centroids().astype(np.float64).reshape(n, 2)  # box centres of empty masks
-    areas = np.zeros(n, np.float64)
-    for i, m in enumerate(inst.masks):
-        c = m.centroid()
-        if c is not None:
-            cents[i] = c
-            areas[i] = m.area
-    return cents, areas
+    mc, areas = mask_centroids_and_areas(inst.masks)
+    has = ~np.isnan(mc[:, 0])
+    cents[has] = mc[has]
+    return cents, np.where(has, areas, 0.0)
 
 
 #: Window shapes of the hotspot search (``--hotspot-shape``).

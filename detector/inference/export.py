@@ -7,8 +7,10 @@ never leaves a half-written output that looks finished.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
@@ -16,6 +18,7 @@ import numpy as np
 
 from ..fileio import atomic_write
 from ..structures.instances import Instances
+from ..structures.masks import Outlines, coco_counts_strings, mask_outlines
 
 log = logging.getLogger(__name__)
 
@@ -72,40 +75,111 @@ def instance_geometry(inst: Instances, i: int) -> Optional[Dict[str, Any]]:
     return {"type": "MultiPolygon", "coordinates": polys}
 
 
+def _float_text(values: np.ndarray) -> List[str]:
+    """How ``json`` writes each float of ``values`` (``repr``; NaN/Infinity as json does)."""
+    vals = np.asarray(values, np.float64).tolist()
+    if all(math.isfinite(v) for v in vals):
+        return [repr(v) for v in vals]
+    return [json.dumps(v) for v in vals]
+
+
+def _points_text(pts: np.ndarray) -> Tuple[bytes, np.ndarray]:
+    """``[x,y],`` for every row of the int ``(P, 2)`` ``pts``, as one ASCII buffer, and where each
+    point's text starts (``P + 1`` offsets): json's compact text of integer points, written by
+    numpy for all points at once."""
+    v = np.asarray(pts, np.int64).reshape(-1)
+    neg = v < 0
+    a = np.abs(v)
+    nd = np.ones(len(v), np.int64)
+    for k in range(1, 19):
+        big = a >= 10 ** k
+        if not big.any():
+            break
+        nd += big
+    lens = nd + neg
+    lx, ly = lens[0::2], lens[1::2]
+    plen = lx + ly + 4  # "[" x "," y "],"
+    start = np.cumsum(plen) - plen
+    out = np.empty(int(plen.sum()), np.uint8)
+    out[start] = ord("[")
+    out[start + 1 + lx] = ord(",")
+    out[start + 2 + lx + ly] = ord("]")
+    out[start + 3 + lx + ly] = ord(",")
+    first = np.empty(len(v), np.int64)  # where each number's text starts
+    first[0::2], first[1::2] = start + 1, start + 2 + lx
+    out[first[neg]] = ord("-")
+    last = first + lens - 1  # its last digit
+    for k in range(int(nd.max(initial=1))):
+        sel = nd > k
+        out[last[sel] - k] = 48 + (a[sel] // 10 ** k) % 10
+    return out.tobytes(), np.r_[start, len(out)]
+
+
+def geometry_texts(outlines: Outlines) -> List[Optional[str]]:
+    """Each mask's GeoJSON geometry as compact JSON text (what ``json.dumps`` with
+    ``separators=(",", ":")`` writes for :func:`instance_geometry`), None for an empty mask,
+    from the outlines of all masks at once."""
+    pts, rstart = outlines.closed_points()
+    buf, off = _points_text(pts)
+    text = buf.decode("ascii")
+    poff = off[rstart].tolist()
+    rings = ["[" + text[a:b - 1] + "]" for a, b in zip(poff[:-1], poff[1:])]
+    ps = outlines.poly_start.tolist()
+    polys = ["[" + ",".join(rings[a:b]) + "]" for a, b in zip(ps[:-1], ps[1:])]
+    out: List[Optional[str]] = []
+    ms = outlines.mask_start.tolist()
+    for a, b in zip(ms[:-1], ms[1:]):
+        if b == a:
+            out.append(None)
+        elif b == a + 1:
+            out.append('{"type":"Polygon","coordinates":' + polys[a] + "}")
+        else:
+            out.append('{"type":"MultiPolygon","coordinates":[' + ",".join(polys[a:b]) + "]}")
+    return out
+
+
 def write_geojson(path: str, inst: Instances, classes: Sequence[Dict[str, Any]], mpp: float,
-                  areas_px: Optional[np.ndarray] = None, mitotic_ids: Sequence[int] = ()) -> None:
+                  areas_px: Optional[np.ndarray] = None, mitotic_ids: Sequence[int] = (),
+                  outlines: Optional[Outlines] = None) -> None:
     """``detections.geojson``: a FeatureCollection QuPath imports as detections (File > Import
     objects): a Polygon per mask with its holes as interior rings (MultiPolygon when the mask has
     several parts) or per box, with ``classification`` {name, color} and ``measurements``
     {score, area_um2}. Every geometry is valid (shapely ``is_valid``); a detection with an empty
-    mask has no feature (the slide run drops such detections before counting)."""
+    mask has no feature (the slide run drops such detections before counting). ``outlines``:
+    :func:`mask_outlines` of ``inst.masks`` when the caller has them already."""
     names = {int(c["id"]): str(c["name"]) for c in classes}
     colours = class_colours(classes, mitotic_ids)
     if areas_px is None:
         areas_px = np.array([0.0] * len(inst))
+    geoms: List[Optional[str]]
+    if inst.masks is None:
+        geoms = [json.dumps(instance_geometry(inst, i), separators=(",", ":"))
+                 for i in range(len(inst))]
+    else:
+        if outlines is None:
+            outlines = mask_outlines(inst.masks)
+        geoms = geometry_texts(outlines)
+    labels = inst.labels.tolist()
+    classification = {lab: json.dumps({"name": names.get(lab, str(lab)),
+                                       "color": list(colours.get(lab, (127, 127, 127)))},
+                                      separators=(",", ":")) for lab in set(labels)}
+    scores = _float_text(np.asarray([round(v, 5) for v in inst.scores.astype(np.float64).tolist()]))
+    areas = _float_text(np.asarray([round(v, 3) for v in
+                                    (np.asarray(areas_px, np.float64) * mpp * mpp).tolist()]))
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write('{"type": "FeatureCollection", "features": [\n')
         first, skipped = True, 0
-        for i in range(len(inst)):
-            geom = instance_geometry(inst, i)
+        lines = []
+        for i, geom in enumerate(geoms):
             if geom is None:  # an empty mask: nothing to draw, no feature
                 skipped += 1
                 continue
-            lab = int(inst.labels[i])
-            feat = {
-                "type": "Feature",
-                "id": f"det-{i + 1}",
-                "geometry": geom,
-                "properties": {
-                    "objectType": "detection",
-                    "classification": {"name": names.get(lab, str(lab)),
-                                       "color": list(colours.get(lab, (127, 127, 127)))},
-                    "measurements": {"score": round(float(inst.scores[i]), 5),
-                                     "area_um2": round(float(areas_px[i]) * mpp * mpp, 3)},
-                },
-            }
-            f.write(("" if first else ",") + json.dumps(feat, separators=(",", ":")) + "\n")
+            lines.append(('' if first else ',') + '{"type":"Feature","id":"det-' + str(i + 1)
+                         + '","geometry":' + geom + ',"properties":{"objectType":"detection",'
+                         '"classification":' + classification[labels[i]] + ',"measurements":'
+                         '{"score":' + scores[i] + ',"area_um2":' + areas[i] + '}}}\n')
             first = False
+        f.write("".join(lines))
         f.write("]}\n")
     if skipped:
         log.warning("%s: %d detections with an empty mask left out", path, skipped)
@@ -113,9 +187,26 @@ def write_geojson(path: str, inst: Instances, classes: Sequence[Dict[str, Any]],
 
 def write_coco_results(path: str, inst: Instances, image_id: int = 1) -> None:
     """``detections.json``: COCO results (bbox XYWH, score, category_id, segmentation RLE of
-    the level-0 slide size) for ``image_id``."""
+    the level-0 slide size) for ``image_id``: the text ``json.dump`` writes for
+    :meth:`Instances.to_coco_results`, written from arrays of all detections at once."""
+    b = inst.boxes.astype(np.float64).reshape(-1, 4)
+    x0, y0 = _float_text(b[:, 0]), _float_text(b[:, 1])
+    w, h = _float_text(b[:, 2] - b[:, 0]), _float_text(b[:, 3] - b[:, 1])
+    scores = _float_text(inst.scores.astype(np.float64))
+    labels = inst.labels.tolist()
+    head = '{"image_id": ' + str(int(image_id)) + ', "category_id": '
+    if inst.masks is not None:
+        sizes = {m.image_size: '"size": [' + str(m.image_size[0]) + ", " + str(m.image_size[1])
+                 + "]" for m in inst.masks}
+        segs = [', "segmentation": {' + sizes[m.image_size] + ', "counts": '
+                + json.dumps(c.decode("ascii")) + "}}"
+                for m, c in zip(inst.masks, coco_counts_strings(inst.masks))]
+    else:
+        segs = ["}"] * len(inst)
+    items = [head + str(int(labels[i])) + ', "bbox": [' + x0[i] + ", " + y0[i] + ", " + w[i]
+             + ", " + h[i] + '], "score": ' + scores[i] + segs[i] for i in range(len(inst))]
     with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(inst.to_coco_results(image_id), f)
+        f.write("[" + ", ".join(items) + "]")
 
 
 def write_csv(path: str, inst: Instances, classes: Sequence[Dict[str, Any]], mpp: float,
@@ -126,23 +217,44 @@ def write_csv(path: str, inst: Instances, classes: Sequence[Dict[str, Any]], mpp
         w = csv.writer(f)
         w.writerow(["id", "class", "score", "x_px", "y_px", "x_um", "y_um", "area_px", "area_um2",
                     "box_x0", "box_y0", "box_x1", "box_y1"])
-        for i in range(len(inst)):
-            x, y = centroids[i]
-            b = inst.boxes[i]
-            w.writerow([i + 1, names.get(int(inst.labels[i]), int(inst.labels[i])),
-                        f"{inst.scores[i]:.5f}", f"{x:.2f}", f"{y:.2f}", f"{x * mpp:.3f}",
-                        f"{y * mpp:.3f}", f"{areas_px[i]:.0f}", f"{areas_px[i] * mpp * mpp:.3f}",
-                        f"{b[0]:.1f}", f"{b[1]:.1f}", f"{b[2]:.1f}", f"{b[3]:.1f}"])
+        # each class name as csv quotes it; rows formatted as the f-strings of one row did
+        cell = io.StringIO()
+        quoted = {}
+        for lab in set(inst.labels.tolist()):
+            cell.seek(0)
+            cell.truncate()
+            csv.writer(cell, lineterminator="").writerow([names.get(lab, lab)])
+            quoted[lab] = cell.getvalue().replace("%", "%%")
+        c = np.asarray(centroids, np.float64).reshape(-1, 2)
+        a = np.asarray(areas_px, np.float64).reshape(-1)
+        cols = zip(range(1, len(inst) + 1), inst.labels.tolist(), inst.scores.tolist(),
+                   c[:, 0].tolist(), c[:, 1].tolist(), (c[:, 0] * mpp).tolist(),
+                   (c[:, 1] * mpp).tolist(), a.tolist(), (a * mpp * mpp).tolist(),
+                   *inst.boxes.reshape(-1, 4).T.tolist())
+        tail = ",%.5f,%.2f,%.2f,%.3f,%.3f,%.0f,%.3f,%.1f,%.1f,%.1f,%.1f\r\n"
+        fmt = {lab: "%d," + q + tail for lab, q in quoted.items()}
+        f.write("".join([fmt[r[1]] % (r[0], *r[2:]) for r in cols]))
+
+
+def _dot_offsets() -> Tuple[np.ndarray, np.ndarray]:
+    """The pixels ``cv2.circle(img, centre, 1, colour, -1)`` fills, relative to the centre."""
+    probe = np.zeros((7, 7), np.uint8)
+    cv2.circle(probe, (3, 3), 1, 255, -1)
+    dy, dx = np.nonzero(probe)
+    return dy - 3, dx - 3
 
 
 def write_overlay(path: str, thumb: np.ndarray, scale: float, inst: Instances,
                   classes: Sequence[Dict[str, Any]], mitotic_ids: Sequence[int] = (),
                   hotspot: Optional[Dict[str, Any]] = None,
                   roi: Optional[Sequence[np.ndarray]] = None,
-                  tissue: Optional[np.ndarray] = None) -> None:
+                  tissue: Optional[np.ndarray] = None,
+                  outlines: Optional[Outlines] = None) -> None:
     """``overlay.png``: the thumbnail (one px = ``scale`` level-0 px) with every detection
     drawn in its class colour (outline when it is at least 4 thumbnail px across, else a dot),
-    mitotic figures as circles on top, the tissue outline, the ROI and the hotspot rectangle."""
+    mitotic figures as circles on top, the tissue outline, the ROI and the hotspot rectangle.
+    ``outlines``: :func:`mask_outlines` of ``inst.masks`` when the caller has them already.
+    Detections are drawn in that order, consecutive ones of one kind and colour in one call."""
     img = np.ascontiguousarray(thumb[..., :3].copy())
     colours = class_colours(classes, mitotic_ids)
     if tissue is not None and tissue.any():
@@ -150,22 +262,53 @@ def write_overlay(path: str, thumb: np.ndarray, scale: float, inst: Instances,
         cv2.drawContours(img, cs, -1, (0, 170, 0), 1)
     is_mit = np.isin(inst.labels, np.asarray(list(mitotic_ids), np.int64))
     order = np.concatenate([np.flatnonzero(~is_mit), np.flatnonzero(is_mit)])
-    for i in order:
-        col = colours.get(int(inst.labels[i]), (127, 127, 127))
-        b = inst.boxes[i] / scale
-        big = max(b[2] - b[0], b[3] - b[1]) >= 4
-        cx, cy = int(round((b[0] + b[2]) / 2)), int(round((b[1] + b[3]) / 2))
-        if is_mit[i]:
-            r = int(np.clip(max(b[2] - b[0], b[3] - b[1]) / 2 + 3, 4, 40))
-            cv2.circle(img, (cx, cy), r, col, 2, cv2.LINE_AA)
-        elif big and inst.masks is not None:
-            for ring in instance_polygons(inst, int(i)):
-                pts = np.round(np.asarray(ring) / scale).astype(np.int32).reshape(-1, 1, 2)
-                cv2.polylines(img, [pts], True, col, 1)
-        elif big:
-            cv2.rectangle(img, (int(b[0]), int(b[1])), (int(b[2]), int(b[3])), col, 1)
-        else:
-            cv2.circle(img, (cx, cy), 1, col, -1)
+    b = inst.boxes[order] / scale
+    span = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+    big = span >= 4
+    cxs = np.rint((b[:, 0] + b[:, 2]) / 2).astype(np.int64)
+    cys = np.rint((b[:, 1] + b[:, 3]) / 2).astype(np.int64)
+    mit = is_mit[order]
+    # 0 dot, 1 outline, 2 box, 3 mitotic circle
+    kind = np.where(mit, 3, np.where(big, 1 if inst.masks is not None else 2, 0))
+    labels = inst.labels[order]
+    rings: List[np.ndarray] = []
+    obj_rings = np.zeros(len(inst) + 1, np.int64)
+    if inst.masks is not None and (kind == 1).any():
+        if outlines is None:
+            outlines = mask_outlines(inst.masks)
+        pts, rstart = outlines.closed_points()
+        thumb_pts = np.round(pts / scale).astype(np.int32)
+        rings = np.split(thumb_pts.reshape(-1, 1, 2), rstart[1:-1])
+        obj_rings = outlines.poly_start[outlines.mask_start]  # rings of mask i: [i]:[i + 1]
+    dy, dx = _dot_offsets()
+    h, w = img.shape[:2]
+    # within a run of one colour the order of outlines, boxes and dots does not change a pixel;
+    # antialiased mitotic circles are drawn one by one, in order
+    col_key = np.asarray([colours.get(v, (127, 127, 127)) for v in labels.tolist()],
+                         np.int64).reshape(-1, 3) @ np.array([1 << 16, 1 << 8, 1])
+    cut = np.flatnonzero((col_key[1:] != col_key[:-1]) | (mit[1:] != mit[:-1])) + 1
+    runs = zip(np.r_[0, cut].tolist(), np.r_[cut, len(order)].tolist()) if len(order) else ()
+    for a, e in runs:
+        col = colours.get(int(labels[a]), (127, 127, 127))
+        k = kind[a:e]
+        if mit[a]:
+            for j in range(a, e):
+                r = int(np.clip(span[j] / 2 + 3, 4, 40))
+                cv2.circle(img, (int(cxs[j]), int(cys[j])), r, col, 2, cv2.LINE_AA)
+            continue
+        if (k == 1).any():
+            cv2.polylines(img, [rings[r] for i in order[a:e][k == 1].tolist()
+                                for r in range(int(obj_rings[i]), int(obj_rings[i + 1]))],
+                          True, col, 1)
+        for j in (a + np.flatnonzero(k == 2)).tolist():
+            bj = b[j]
+            cv2.rectangle(img, (int(bj[0]), int(bj[1])), (int(bj[2]), int(bj[3])), col, 1)
+        dots = a + np.flatnonzero(k == 0)
+        if len(dots):
+            ys = (cys[dots, None] + dy[None, :]).reshape(-1)
+            xs = (cxs[dots, None] + dx[None, :]).reshape(-1)
+            ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+            img[ys[ok], xs[ok]] = col
     if roi is not None:
         for p in roi:
             pts = np.round(np.asarray(p) / scale).astype(np.int32).reshape(-1, 1, 2)
@@ -283,6 +426,11 @@ def write_density(path: str, density: np.ndarray, cell_px: float, slide_size: Tu
     ax.set_xlabel("x (level-0 px)")
     ax.set_ylabel("y (level-0 px)")
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
+    # the pixels savefig writes, drawn once (savefig draws a second time to lay out) and
+    # encoded by OpenCV
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())  # type: ignore[attr-defined]  # Agg
     plt.close(fig)
+    with atomic_write(path, "wb") as f:
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+        f.write(buf.tobytes())

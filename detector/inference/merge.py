@@ -17,9 +17,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import batched_nms
 
 from ..structures.instances import Instances
+from ..structures.masks import mask_pair_ious
 from .tiling import touches_edges
 
 
@@ -96,6 +97,8 @@ def merge_detections(inst: Instances, iou_thresh: float = 0.5, mask_iou_thresh: 
     tl = torch.from_numpy(inst.labels)
     keep = np.zeros(n, bool)
     order = np.lexsort((ci, cj))
+    b32 = boxes.astype(np.float32)
+    pair_s, pair_k = [], []  # suppressed detection, the kept one whose mask must confirm it
     # group detections by home cell
     keys = cj[order] * (ci.max() + 2) + ci[order]
     splits = np.flatnonzero(np.diff(keys)) + 1
@@ -111,19 +114,55 @@ def merge_detections(inst: Instances, iou_thresh: float = 0.5, mask_iou_thresh: 
         home = np.isin(ext, group)
         keep[ext[kept_ext & home]] = True
         if inst.masks is not None:
-            sup = np.flatnonzero(home & ~kept_ext)
-            kk = np.flatnonzero(kept_ext)
+            sup, kk = ext[home & ~kept_ext], ext[kept_ext]
             if len(sup) and len(kk):
-                ious = box_iou(tb[ext[sup]], tb[ext[kk]]).numpy()
-                same = inst.labels[ext[sup]][:, None] == inst.labels[ext[kk]][None, :]
-                ious = np.where(same, ious, -1.0)
-                for a, s in enumerate(sup):
-                    b = int(np.argmax(ious[a]))
-                    if ious[a, b] <= 0:
-                        keep[ext[s]] = True
-                        continue
-                    if inst.masks[ext[s]].iou(inst.masks[ext[kk[b]]]) < mask_iou_thresh:
-                        keep[ext[s]] = True  # boxes overlap but the masks do not: two objects
+                # each suppressed detection's kept detection of its class with the highest box
+                # IoU (the first on ties); none (IoU 0): it stays
+                best = _best_overlap(b32, inst.labels, sup, kk)
+                keep[sup[best < 0]] = True
+                pair_s.append(sup[best >= 0])
+                pair_k.append(kk[best[best >= 0]])
+    if pair_s and inst.masks is not None:
+        masks = inst.masks
+        s_idx, k_idx = np.concatenate(pair_s), np.concatenate(pair_k)
+        ious = mask_pair_ious([masks[i] for i in s_idx.tolist()],
+                              [masks[i] for i in k_idx.tolist()])
+        keep[s_idx[ious < mask_iou_thresh]] = True  # boxes overlap but the masks do not: two objects
     idx = np.flatnonzero(keep)
     idx = idx[np.argsort(-inst.scores[idx], kind="stable")]
     return inst[idx]
+
+
+def _best_overlap(boxes: np.ndarray, labels: np.ndarray, sup: np.ndarray, kk: np.ndarray
+                  ) -> np.ndarray:
+    """For each detection ``sup[a]``: the position in ``kk`` of the detection of the same label
+    whose box has the highest IoU with it (``torchvision.ops.box_iou``'s float32 arithmetic;
+    the first in ``kk`` on ties), -1 when no such box overlaps it. Only pairs whose boxes
+    overlap in x are formed (sorted by x0, within the widest box)."""
+    xs = boxes[kk, 0]
+    by_x = np.argsort(xs, kind="stable")
+    xs = xs[by_x]
+    wmax = float((boxes[kk, 2] - boxes[kk, 0]).max())
+    sb = boxes[sup]
+    lo = np.searchsorted(xs, sb[:, 0] - (wmax + 1.0), "left")  # a margin for rounding
+    hi = np.searchsorted(xs, sb[:, 2], "left")
+    cnt = np.maximum(hi - lo, 0)
+    a = np.repeat(np.arange(len(sup)), cnt)
+    b = by_x[np.repeat(lo - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))]
+    same = labels[sup[a]] == labels[kk[b]]
+    a, b = a[same], b[same]
+    b1, b2 = boxes[sup[a]], boxes[kk[b]]
+    area1 = (b1[:, 2] - b1[:, 0]) * (b1[:, 3] - b1[:, 1])
+    area2 = (b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1])
+    w = np.clip(np.minimum(b1[:, 2], b2[:, 2]) - np.maximum(b1[:, 0], b2[:, 0]), 0, None)
+    h = np.clip(np.minimum(b1[:, 3], b2[:, 3]) - np.maximum(b1[:, 1], b2[:, 1]), 0, None)
+    inter = w * h
+    iou = inter / (area1 + area2 - inter)
+    pos = iou > 0
+    a, b, iou = a[pos], b[pos], iou[pos]
+    best = np.full(len(sup), -1, np.int64)
+    if len(a):
+        o = np.lexsort((b, -iou, a))
+        first = o[np.r_[True, a[o][1:] != a[o][:-1]]]
+        best[a[first]] = b[first]
+    return best

@@ -14,7 +14,8 @@ edges; polygons run along pixel corners. Sizes are ``(height, width)``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from operator import attrgetter
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -31,24 +32,9 @@ _EMPTY_RLE: Dict[str, Any] = {"size": [0, 0], "counts": b""}
 # ------------------------------------------------------------------ COCO counts-string codec
 def counts_to_string(counts: Sequence[int]) -> bytes:
     """pycocotools' ``rleToString`` for run lengths of any size (pycocotools' own is 32-bit and
-    only reachable through ``frPyObjects``, used instead when the image fits it)."""
-    c = np.asarray(counts, np.int64)
-    if len(c) == 0:
-        return b""
-    x = c.copy()
-    x[3:] -= c[1:-2]
-    # emit 5-bit groups until the rest is the sign extension of the last group
-    out: List[int] = []
-    for v in x.tolist():
-        more = True
-        while more:
-            ch = v & 0x1F
-            v >>= 5
-            more = (v != -1) if (ch & 0x10) else (v != 0)
-            if more:
-                ch |= 0x20
-            out.append(ch + 48)
-    return bytes(out)
+    only reachable through ``frPyObjects``); :func:`_encode_counts` with one sequence."""
+    c = np.asarray(counts, np.int64).reshape(-1)
+    return _encode_counts(c, np.asarray([len(c)], np.int64))[0]
 
 
 def counts_from_string(s: bytes | str) -> np.ndarray:
@@ -231,50 +217,18 @@ class CropMask:
         h, w = self.crop_size
         return float(self.x0), float(self.y0), float(self.x0 + w), float(self.y0 + h)
 
-    def _column_runs(self) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """``(column, first row, length)`` of each object run of the crop when no run goes on
-        into the next column (then None)."""
-        h = self.crop_size[0]
-        cum = np.cumsum(self.counts)
-        starts, ends = cum[0:len(cum) - 1:2], cum[1::2]
-        col = starts // h
-        if len(starts) and not np.array_equal(col, (ends - 1) // h):
-            return None
-        return col, starts - col * h, ends - starts
-
     def centroid(self) -> Optional[Tuple[float, float]]:
         """``(x, y)`` mean of the pixel centres (pixel-edge coordinates, like boxes), or None
-        when empty."""
+        when empty (:func:`mask_centroids`)."""
         if self.is_empty:
             return None
-        n = float(self.area)
-        runs = self._column_runs()
-        if runs is not None:  # from the runs: no decoding
-            col, row, length = runs
-            cx = float(col @ length) / n
-            cy = float(((2 * row + length - 1) * length).sum()) / (2 * n)
-        else:
-            h, w = self.crop_size
-            m = self.crop()
-            cy = float(m.sum(1) @ np.arange(h)) / n
-            cx = float(m.sum(0) @ np.arange(w)) / n
-        return self.x0 + cx + 0.5, self.y0 + cy + 0.5
+        x, y = mask_centroids([self])[0].tolist()
+        return x, y
 
     def iou(self, other: "CropMask") -> float:
-        """Intersection over union with ``other`` (same image), from the overlap of the two
-        crops only."""
-        if self.is_empty or other.is_empty:
-            return 0.0
-        (ah, aw), (bh, bw) = self.crop_size, other.crop_size
-        ix0, iy0 = max(self.x0, other.x0), max(self.y0, other.y0)
-        ix1, iy1 = min(self.x0 + aw, other.x0 + bw), min(self.y0 + ah, other.y0 + bh)
-        if ix1 <= ix0 or iy1 <= iy0:
-            return 0.0
-        a = self.crop()[iy0 - self.y0:iy1 - self.y0, ix0 - self.x0:ix1 - self.x0]
-        b = other.crop()[iy0 - other.y0:iy1 - other.y0, ix0 - other.x0:ix1 - other.x0]
-        inter = int(np.count_nonzero(a & b))
-        union = self.area + other.area - inter
-        return inter / union if union else 0.0
+        """Intersection over union with ``other`` (same image), from the two crops' runs
+        (:func:`mask_pair_ious`)."""
+        return float(mask_pair_ious([self], [other])[0])
 
     # -- moving
     def translate(self, dx: int, dy: int, image_size: Optional[Sequence[int]] = None
@@ -309,40 +263,9 @@ class CropMask:
     # -- COCO and JSON
     def to_coco_rle(self) -> Dict[str, Any]:
         """The full-image COCO RLE (``counts`` bytes; ``.decode()`` it for JSON), built from the
-        crop's runs without an image-sized raster."""
+        crop's runs without an image-sized raster (:func:`coco_counts_strings`)."""
         H, W = self.image_size
-        if self.is_empty:
-            return _full_rle(np.asarray([H * W], np.int64), H, W)
-        runs = self._column_runs()
-        if runs is not None:  # each crop run lies in one column: offset it into the image
-            col, row, length = runs
-            starts = (self.x0 + col) * H + self.y0 + row
-            ends = starts + length
-        else:
-            starts, ends = self._image_runs_decoded()
-        join = np.flatnonzero(ends[:-1] == starts[1:])  # a run continues into the next column
-        if len(join):
-            starts = np.delete(starts, join + 1)
-            ends = np.delete(ends, join)
-        edges = np.empty(2 * len(starts), np.int64)
-        edges[0::2], edges[1::2] = starts, ends
-        counts = np.diff(np.concatenate([[0], edges, [H * W]]))
-        if counts[-1] == 0:
-            counts = counts[:-1]
-        return _full_rle(counts, H, W)
-
-    def _image_runs_decoded(self) -> Tuple[np.ndarray, np.ndarray]:
-        H = self.image_size[0]
-        h, w = self.crop_size
-        crop = self.crop()
-        padded = np.zeros((w, h + 2), np.int8)  # column-major runs: one row per column
-        padded[:, 1:-1] = crop.T
-        d = np.diff(padded, axis=1)
-        sc, sr = np.nonzero(d == 1)
-        ec, er = np.nonzero(d == -1)
-        starts = (self.x0 + sc).astype(np.int64) * H + self.y0 + sr
-        ends = (self.x0 + ec).astype(np.int64) * H + self.y0 + er
-        return starts, ends
+        return {"size": [H, W], "counts": coco_counts_strings([self])[0]}
 
     def to_json(self) -> Dict[str, Any]:
         """JSON-ready dict: ``{"x0", "y0", "image_size": [H, W], "size": [h, w], "counts"}``
@@ -364,7 +287,7 @@ class CropMask:
         area equals :attr:`area`. Empty mask: ``[]``."""
         if self.is_empty:
             return []
-        return trace_polygons(self.crop(), (self.x0, self.y0))
+        return mask_outlines([self]).polygons(0)
 
     # -- python
     def __eq__(self, other: object) -> bool:
@@ -382,85 +305,431 @@ class CropMask:
 _ALTERNATING = np.arange(1 << 16) % 2 == 1  # runs alternate background, object, ...
 
 
-def trace_polygons(mask: np.ndarray, offset: Tuple[int, int] = (0, 0)) -> List[Polygon]:
-    """Pixel-corner outlines of a binary ``(h, w)`` mask (see :meth:`CropMask.polygons`), in
-    the mask's pixels plus ``offset`` ``(x, y)``.
-
-    Own code because no library traces pixel-*edge* outlines (OpenCV traces pixel centres,
-    which shaves half a pixel off every side): the mask is upsampled 2x so that
-    ``cv2.findContours`` (8-connected foreground, 4-connected holes) runs along the doubled
-    pixels, and an upsampled boundary pixel ``u`` maps onto the corner ``ceil(u / 2)``, exact
-    for outer boundaries and holes alike. Where two pixels touch only at a corner (and are not
-    otherwise connected) each 4-connected part is traced alone, which keeps every ring simple
-    (a ring never passes a corner twice), so the polygons are valid.
-    """
-    m = np.ascontiguousarray(mask, dtype=np.uint8)
-    if not m.any():
-        return []
-    a, b, c, d = m[:-1, :-1], m[:-1, 1:], m[1:, :-1], m[1:, 1:]
-    diagonal = ((a & d & ~(b | c)) | (b & c & ~(a | d))).any()
-    if not diagonal:  # 8-connected parts are 4-connected: trace them all at once
-        return _trace(m, offset)
-    n, parts = cv2.connectedComponents(m, connectivity=4)
-    out: List[Polygon] = []
-    for k in range(1, n):
-        ys, xs = np.nonzero(parts == k)
-        y0, x0 = int(ys.min()), int(xs.min())
-        sub = (parts[y0:int(ys.max()) + 1, x0:int(xs.max()) + 1] == k).astype(np.uint8)
-        out += _trace(sub, (offset[0] + x0, offset[1] + y0))
-    return out
-
-
-def _trace(m: np.ndarray, offset: Tuple[int, int]) -> List[Polygon]:
-    """Polygons of a 0/1 uint8 mask whose 8-connected parts are 4-connected."""
-    h, w = m.shape
-    up = cv2.copyMakeBorder(cv2.resize(m, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST),
-                            1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-    contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    polys: Dict[int, Polygon] = {}
-    holes: List[Tuple[int, Ring]] = []
-    shift = np.array([offset[0] * 2, offset[1] * 2], np.int64)
-    for k, (cnt, hier) in enumerate(zip(contours, hierarchy[0])):
-        # corner = ceil((u - 1) / 2) = u // 2 (u: padded upsampled px), plus the offset
-        pts = (cnt.reshape(-1, 2).astype(np.int64) + shift) // 2
-        ring = _clean_ring(pts)
-        if ring is None:
-            continue
-        if hier[3] < 0:  # no parent: an outer boundary
-            polys[k] = [ring]
-        else:
-            holes.append((int(hier[3]), ring))
-    for parent, ring in holes:
-        if parent in polys:
-            polys[parent].append(ring)
-    return list(polys.values())
-
-
-def _clean_ring(pts: np.ndarray) -> Optional[Ring]:
-    """Closed ring without repeated or collinear vertices, or None when degenerate."""
-    prev = np.concatenate((pts[-1:], pts[:-1]))
-    pts = pts[(pts != prev).any(axis=1)]
-    if len(pts) < 3:
-        return None
-    prev = np.concatenate((pts[-1:], pts[:-1]))
-    nxt = np.concatenate((pts[1:], pts[:1]))
-    cross = (pts[:, 0] - prev[:, 0]) * (nxt[:, 1] - pts[:, 1]) - \
-        (pts[:, 1] - prev[:, 1]) * (nxt[:, 0] - pts[:, 0])
-    pts = pts[cross != 0]
-    if len(pts) < 3:
-        return None
-    ring = pts.tolist()  # integer pixel corners
-    ring.append(ring[0])
-    return ring
-
-
 # ------------------------------------------------------------------------ many masks at once
+# Every per-object quantity of a slide's masks (areas, centroids, full-image COCO RLE strings,
+# polygons) is computed for all masks at once from their concatenated run lengths, so that a
+# slide's 10^6 nuclei cost numpy passes, not 10^6 Python calls; the methods of one CropMask
+# call the same functions with one mask.
+class _Runs(NamedTuple):
+    """The object runs of many crops, each cut at its crop's column ends (one vertical segment
+    per entry): mask index, crop column, first crop row, length."""
+
+    obj: np.ndarray
+    col: np.ndarray
+    row: np.ndarray
+    length: np.ndarray
+
+
+def _crop_runs(masks: Sequence[CropMask]) -> _Runs:
+    n = len(masks)
+    counts = [m.counts for m in masks]
+    lens = np.fromiter(map(len, counts), np.int64, n)
+    if n == 0 or lens.sum() == 0:
+        z = np.zeros(0, np.int64)
+        return _Runs(z, z, z, z)
+    c = np.concatenate(counts).astype(np.int64, copy=False)
+    seg = np.repeat(np.arange(n), lens)
+    first = np.cumsum(lens) - lens
+    cum = np.cumsum(c)
+    base = np.concatenate(([0], cum))[first]  # run-length total before each mask
+    local = np.arange(len(c)) - first[seg]
+    fg = (local % 2 == 1) & (c > 0)  # runs alternate background, object, ...
+    e = cum[fg] - base[seg[fg]]
+    length = c[fg]
+    s = e - length
+    obj = seg[fg]
+    h = _ints_pair(masks)[0][obj]
+    c0, c1 = s // h, (e - 1) // h
+    if np.array_equal(c0, c1):
+        return _Runs(obj, c0, s - c0 * h, length)
+    pieces = c1 - c0 + 1  # a run that goes on into the next column(s): one piece per column
+    rep = np.repeat(np.arange(len(s)), pieces)
+    col = c0[rep] + np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    hr = h[rep]
+    ps, pe = np.maximum(s[rep], col * hr), np.minimum(e[rep], (col + 1) * hr)
+    return _Runs(obj[rep], col, ps - col * hr, pe - ps)
+
+
+def _ints(masks: Sequence[CropMask], attr: str) -> np.ndarray:
+    return np.fromiter(map(attrgetter(attr), masks), np.int64, len(masks))
+
+
 def mask_areas(masks: Sequence[CropMask]) -> np.ndarray:
     """``(N,)`` float64 pixel areas."""
-    return np.asarray([m.area for m in masks], np.float64).reshape(-1)
+    n = len(masks)
+    counts = [m.counts for m in masks]
+    lens = np.fromiter(map(len, counts), np.int64, n)
+    if n == 0 or lens.sum() == 0:
+        return np.zeros(n, np.float64)
+    c = np.concatenate(counts).astype(np.int64, copy=False)
+    seg = np.repeat(np.arange(n), lens)
+    odd = (np.arange(len(c)) - (np.cumsum(lens) - lens)[seg]) % 2 == 1
+    return np.bincount(seg[odd], weights=c[odd], minlength=n).astype(np.float64)
 
 
 def mask_boxes(masks: Sequence[CropMask]) -> np.ndarray:
     """``(N, 4)`` float64 XYXY boxes (pixel edges; zeros for empty masks)."""
     return np.asarray([m.bbox for m in masks], np.float64).reshape(-1, 4)
 
+
+def mask_centroids(masks: Sequence[CropMask]) -> np.ndarray:
+    """``(N, 2)`` float64 ``(x, y)`` means of the pixel centres (pixel-edge coordinates, like
+    boxes; :meth:`CropMask.centroid`), NaN for empty masks; from the runs, no decoding."""
+    return mask_centroids_and_areas(masks)[0]
+
+
+def mask_centroids_and_areas(masks: Sequence[CropMask]) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`mask_centroids` and :func:`mask_areas` in one pass over the runs."""
+    n = len(masks)
+    r = _crop_runs(masks)
+    area = np.bincount(r.obj, weights=r.length, minlength=n)
+    sx = np.bincount(r.obj, weights=r.col * r.length, minlength=n)
+    sy = np.bincount(r.obj, weights=(2 * r.row + r.length - 1) * r.length, minlength=n)
+    out = np.full((n, 2), np.nan)
+    ok = area > 0
+    out[ok, 0] = (_ints(masks, "x0")[ok] + sx[ok] / area[ok]) + 0.5
+    out[ok, 1] = (_ints(masks, "y0")[ok] + sy[ok] / (2 * area[ok])) + 0.5
+    return out, area
+
+
+def mask_pair_ious(a: Sequence[CropMask], b: Sequence[CropMask]) -> np.ndarray:
+    """``(P,)`` float64 intersection over union of ``a[p]`` and ``b[p]`` (same image) for every
+    pair ``p``, from the two masks' column runs only (no rasters); 0 where a mask is empty."""
+    n = len(a)
+    if n == 0:
+        return np.zeros(0, np.float64)
+    ra, rb = _crop_runs(a), _crop_runs(b)
+    ax, bx = _ints(a, "x0")[ra.obj] + ra.col, _ints(b, "x0")[rb.obj] + rb.col
+    ay, by = _ints(a, "y0")[ra.obj] + ra.row, _ints(b, "y0")[rb.obj] + rb.row
+    area_a = np.bincount(ra.obj, weights=ra.length, minlength=n)
+    area_b = np.bincount(rb.obj, weights=rb.length, minlength=n)
+    # the runs of b[p] in the same image column as each run of a[p]
+    span = int(max(ax.max(initial=0), bx.max(initial=0))) + 1
+    kb = rb.obj * span + bx
+    order = np.argsort(kb, kind="stable")
+    kb = kb[order]
+    ka = ra.obj * span + ax
+    lo, hi = np.searchsorted(kb, ka, "left"), np.searchsorted(kb, ka, "right")
+    cnt = hi - lo
+    ia = np.repeat(np.arange(len(ka)), cnt)
+    ib = order[np.repeat(lo - (np.cumsum(cnt) - cnt), cnt) + np.arange(int(cnt.sum()))]
+    overlap = np.minimum(ay[ia] + ra.length[ia], by[ib] + rb.length[ib]) - np.maximum(ay[ia], by[ib])
+    inter = np.bincount(ra.obj[ia], weights=np.maximum(overlap, 0), minlength=n)
+    union = area_a + area_b - inter
+    out = np.zeros(n, np.float64)
+    ok = union > 0
+    out[ok] = inter[ok] / union[ok]
+    return out
+
+
+def coco_counts_strings(masks: Sequence[CropMask]) -> List[bytes]:
+    """The compressed ``counts`` of each mask's full-image COCO RLE (what pycocotools'
+    ``encode`` gives for the image-sized raster, also beyond its 32-bit run counts), from the
+    crops' runs: no raster, one numpy pass over all masks."""
+    n = len(masks)
+    if n == 0:
+        return []
+    r = _crop_runs(masks)
+    HW = np.asarray([m.image_size for m in masks], np.int64)
+    H, W = HW[:, 0], HW[:, 1]
+    starts = (_ints(masks, "x0")[r.obj] + r.col) * H[r.obj] + _ints(masks, "y0")[r.obj] + r.row
+    ends = starts + r.length
+    obj = r.obj
+    # a run that goes on into the next image column is one run of the image
+    join = (ends[:-1] == starts[1:]) & (obj[:-1] == obj[1:])
+    if join.any():
+        starts, obj = starts[np.r_[True, ~join]], obj[np.r_[True, ~join]]
+        ends = ends[np.r_[~join, True]]
+    nr = np.bincount(obj, minlength=n)
+    prev = np.r_[0, ends[:-1]]
+    prev[np.r_[True, obj[1:] != obj[:-1]]] = 0  # each mask's first run starts after 0
+    last = np.cumsum(nr)
+    counts = np.empty(2 * len(starts) + n, np.int64)
+    bg = 2 * np.arange(len(starts)) + obj
+    counts[bg], counts[bg + 1] = starts - prev, ends - starts
+    tail_at = 2 * last + np.arange(n)
+    ends_ext = np.r_[0, ends]
+    tail = H * W - np.where(nr > 0, ends_ext[last], 0)
+    counts[tail_at] = tail
+    drop = (tail == 0) & (nr > 0)  # no background after the last run
+    lengths = 2 * nr + 1 - drop
+    if drop.any():
+        counts = np.delete(counts, tail_at[drop])
+    return _encode_counts(counts, lengths)
+
+
+def _encode_counts(counts: np.ndarray, lengths: np.ndarray) -> List[bytes]:
+    """pycocotools' ``rleToString`` (deltas against the run two before, 5-bit groups with a
+    continuation bit, +48) of consecutive count sequences of ``lengths``, vectorised, for run
+    lengths of any size."""
+    c = np.asarray(counts, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    first = np.cumsum(lengths) - lengths
+    x = c.copy()
+    if len(c):
+        local = np.arange(len(c)) - np.repeat(first, lengths)
+        d = np.flatnonzero(local > 2)
+        x[d] -= c[d - 2]
+    groups: List[np.ndarray] = []
+    nchar = np.ones(len(x), np.int64)
+    active = np.ones(len(x), bool)
+    v = x
+    while True:
+        ch = v & 0x1F
+        v = v >> 5
+        groups.append(ch)
+        more = np.where((ch & 0x10) != 0, v != -1, v != 0) & active
+        if not more.any():
+            break
+        nchar += more
+        active = more
+    pos = np.cumsum(nchar) - nchar
+    out = np.empty(int(nchar.sum()), np.uint8)
+    for k, ch in enumerate(groups):
+        sel = np.flatnonzero(nchar > k)
+        out[pos[sel] + k] = (ch[sel] | np.where(nchar[sel] > k + 1, 0x20, 0)) + 48
+    buf = out.tobytes()
+    bounds = np.r_[0, np.cumsum(nchar)][np.r_[first, len(c)]].tolist()
+    return [buf[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# ------------------------------------------------------------------------------- polygons
+class Outlines:
+    """The pixel-corner polygons of many masks (:func:`mask_outlines`) as flat arrays:
+    ``points`` ``(P, 2)`` int64 ring vertices in image px (each ring open: its first vertex is
+    not repeated), rings ``ring_start[r]:ring_start[r + 1]`` of ``points``, polygons
+    ``poly_start[q]:poly_start[q + 1]`` of the rings (exterior first, then holes), masks
+    ``mask_start[i]:mask_start[i + 1]`` of the polygons."""
+
+    def __init__(self, points: np.ndarray, ring_start: np.ndarray, poly_start: np.ndarray,
+                 mask_start: np.ndarray):
+        self.points = points
+        self.ring_start = ring_start
+        self.poly_start = poly_start
+        self.mask_start = mask_start
+
+    def __len__(self) -> int:
+        return len(self.mask_start) - 1
+
+    def polygons(self, i: int) -> List[Polygon]:
+        """Mask ``i``'s polygons as closed ``[[x, y], ...]`` rings (:meth:`CropMask.polygons`)."""
+        out: List[Polygon] = []
+        for q in range(int(self.mask_start[i]), int(self.mask_start[i + 1])):
+            poly = []
+            for r in range(int(self.poly_start[q]), int(self.poly_start[q + 1])):
+                ring = self.points[self.ring_start[r]:self.ring_start[r + 1]].tolist()
+                ring.append(ring[0])
+                poly.append(ring)
+            out.append(poly)
+        return out
+
+    def closed_points(self) -> Tuple[np.ndarray, np.ndarray]:
+        """``points`` with every ring closed (its first vertex repeated at its end) and the
+        rings' starts in that array (``R + 1``)."""
+        lens = np.diff(self.ring_start)
+        idx = np.arange(len(self.points) + len(lens))
+        start = self.ring_start[:-1] + np.arange(len(lens))
+        last = start + lens  # where the first vertex is repeated
+        src = idx - np.repeat(np.arange(len(lens)), lens + 1)
+        src[last] = self.ring_start[:-1]
+        return self.points[src], np.r_[start, len(idx)]
+
+
+_CANVAS_PX = 1 << 22  # pixels of one tracing canvas (x 4 upsampled): ~4M, 16 MB of labels
+_SHELF = 1024  # px along one shelf of crops on a canvas
+
+
+def mask_outlines(masks: Sequence[CropMask]) -> Outlines:
+    """The polygons of every mask (:meth:`CropMask.polygons`), traced together.
+
+    Own code because no library traces pixel-*edge* outlines (OpenCV traces pixel centres,
+    which shaves half a pixel off every side): the crops are laid out side by side, one zero
+    pixel apart, on a few large canvases; each canvas is upsampled 2x so that
+    ``cv2.findContours`` (8-connected foreground, 4-connected holes, ``RETR_CCOMP``) runs along
+    the doubled pixels, and an upsampled boundary pixel ``u`` maps onto the corner
+    ``ceil(u / 2)`` of its crop, exact for outer boundaries and holes alike. A mask with two
+    pixels that touch only at a corner (and are not otherwise connected) is traced again one
+    4-connected part at a time, which keeps every ring simple (a ring never passes a corner
+    twice), so the polygons are valid. Rings lose repeated and collinear vertices; a ring left
+    with fewer than three is dropped (with its holes)."""
+    n = len(masks)
+    t = _trace_entries(masks, np.arange(n), np.zeros(n, np.int64), find_diagonal=True)
+    diagonal = t.pop("diagonal")
+    if diagonal.any():  # trace those masks' 4-connected parts alone
+        keep = ~diagonal[t["ring_obj"]]
+        pts_keep = np.repeat(keep, t["ring_len"])
+        t = {k: (v[pts_keep] if k == "points" else v[keep]) for k, v in t.items()}
+        parts: List[CropMask] = []
+        pobj, prank = [], []
+        for i in np.flatnonzero(diagonal).tolist():
+            m = masks[i]
+            k_n, lab = cv2.connectedComponents(m.crop().astype(np.uint8), connectivity=4)
+            for k in range(1, k_n):
+                parts.append(CropMask.from_crop(lab == k, m.x0, m.y0, m.image_size))
+                pobj.append(i)
+                prank.append(k)
+        t2 = _trace_entries(parts, np.asarray(pobj, np.int64), np.asarray(prank, np.int64),
+                            find_diagonal=False, first_id=int(t["ring_id"].max(initial=-1)) + 1)
+        t2.pop("diagonal")
+        t = {k: np.concatenate([t[k], t2[k]]) for k in t}
+    return _assemble(t, n)
+
+
+def _trace_entries(entries: Sequence[CropMask], obj: np.ndarray, rank: np.ndarray,
+                   find_diagonal: bool, first_id: int = 0) -> Dict[str, np.ndarray]:
+    """Raw contours of ``entries`` (see :func:`mask_outlines`): per ring its mask ``obj``,
+    ``rank``, contour id and parent id (-1 for an outer boundary), length and corner points
+    (image px); ``diagonal``: the masks with a corner-only touch (when ``find_diagonal``)."""
+    n = len(entries)
+    runs = _crop_runs(entries)
+    hs, ws = _ints_pair(entries)
+    x0s, y0s = _ints(entries, "x0"), _ints(entries, "y0")
+    # shelf layout, tallest first: crops side by side along shelves of _SHELF px (the last
+    # crop of a shelf may run past it), shelves one under the other, canvases of ~_CANVAS_PX
+    cx = np.zeros(n, np.int64)
+    cy = np.zeros(n, np.int64)
+    chunk = np.zeros(n, np.int64)
+    width = _SHELF + int(ws.max(initial=0)) + 2
+    max_h = max(int(_CANVAS_PX // width), int(hs.max(initial=0)) + 2)
+    by_h = np.argsort(-hs, kind="stable")
+    by_h = by_h[hs[by_h] > 0]  # empty masks have no pixels
+    step = ws[by_h] + 1
+    at = np.cumsum(step) - step
+    shelf = at // _SHELF
+    cx[by_h] = 1 + at - shelf * _SHELF
+    first = np.r_[True, shelf[1:] != shelf[:-1]] if len(by_h) else np.zeros(0, bool)
+    shelf_h = (hs[by_h][first] + 1).tolist()  # each shelf's tallest crop and a gap
+    heights: List[int] = []
+    shelf_y, shelf_k = [], []
+    y, k = 1, 0
+    for sh in shelf_h:
+        if y + sh > max_h:  # next canvas
+            heights.append(y)
+            y, k = 1, k + 1
+        shelf_y.append(y)
+        shelf_k.append(k)
+        y += sh
+    heights.append(y)
+    if len(by_h):
+        row = np.cumsum(first) - 1  # shelves in order (a crop wider than a shelf skips one)
+        cy[by_h] = np.asarray(shelf_y, np.int64)[row]
+        chunk[by_h] = np.asarray(shelf_k, np.int64)[row]
+    out: Dict[str, List[np.ndarray]] = {key: [] for key in
+                                        ("ring_obj", "ring_rank", "ring_id", "ring_parent",
+                                         "ring_len", "points")}
+    diagonal = np.zeros(len(obj) and int(obj.max()) + 1, bool)
+    next_id = first_id
+    piece_chunk = chunk[runs.obj]
+    for k, ch in enumerate(heights):
+        sel = piece_chunk == k
+        if not sel.any():
+            continue
+        e = runs.obj[sel]
+        # paint entry ids along the column-major canvas: +id at each run's start, -id after
+        start = (cx[e] + runs.col[sel]) * ch + cy[e] + runs.row[sel]
+        d = np.zeros(width * ch + 1, np.int32)
+        d[start] = e + 1
+        d[start + runs.length[sel]] = -(e + 1)
+        lab = np.cumsum(d[:-1], dtype=np.int32).reshape(width, ch).T  # (ch, width) view
+        binary = np.ascontiguousarray(lab != 0).view(np.uint8)
+        if find_diagonal:
+            a, b, c, dd = binary[:-1, :-1], binary[:-1, 1:], binary[1:, :-1], binary[1:, 1:]
+            ys, xs = np.nonzero((a & dd & ~(b | c)) | (b & c & ~(a | dd)))
+            if len(ys):
+                ids = np.maximum(lab[ys, xs], lab[ys, xs + 1]) - 1
+                diagonal[obj[np.unique(ids)]] = True
+        up = cv2.resize(binary, (2 * width, 2 * ch), interpolation=cv2.INTER_NEAREST)
+        contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        if not contours:
+            continue
+        lens = np.fromiter((len(cn) for cn in contours), np.int64, len(contours))
+        pts = np.concatenate(contours).reshape(-1, 2).astype(np.int64)
+        firsts = pts[np.cumsum(lens) - lens]
+        ent = lab[firsts[:, 1] // 2, firsts[:, 0] // 2].astype(np.int64) - 1
+        pe = np.repeat(ent, lens)
+        # corner = ceil(u / 2) of the crop's upsampled px = (u + 1) // 2 - canvas origin
+        pts = (pts + 1) // 2 - np.stack([cx[pe], cy[pe]], 1) + np.stack([x0s[pe], y0s[pe]], 1)
+        parent = hierarchy[0][:, 3].astype(np.int64)
+        out["ring_obj"].append(obj[ent])
+        out["ring_rank"].append(rank[ent])
+        out["ring_id"].append(next_id + np.arange(len(contours)))
+        out["ring_parent"].append(np.where(parent >= 0, parent + next_id, -1))
+        out["ring_len"].append(lens)
+        out["points"].append(pts)
+        next_id += len(contours)
+    res = {key: (np.concatenate(v) if v else
+                 np.zeros((0, 2) if key == "points" else 0, np.int64)) for key, v in out.items()}
+    res["diagonal"] = diagonal
+    return res
+
+
+def _ints_pair(masks: Sequence[CropMask]) -> Tuple[np.ndarray, np.ndarray]:
+    """``(N,)`` crop heights and widths."""
+    hw = np.asarray([m.crop_size for m in masks], np.int64).reshape(-1, 2)
+    return hw[:, 0], hw[:, 1]
+
+
+def _cyclic_prev_next(lens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Index of each point's predecessor and successor within its ring (rings of ``lens``
+    points, one after another)."""
+    total = int(lens.sum())
+    idx = np.arange(total)
+    start = np.cumsum(lens) - lens
+    nz = lens > 0
+    prev, nxt = idx - 1, idx + 1
+    prev[start[nz]] = (start + lens - 1)[nz]
+    nxt[(start + lens - 1)[nz]] = start[nz]
+    return prev, nxt
+
+
+def _assemble(t: Dict[str, np.ndarray], n: int) -> Outlines:
+    """Clean the rings (no repeated or collinear vertices, at least 3 left), attach holes to
+    their exteriors and order them: masks, then parts, then polygons in contour order."""
+    pts, lens = t["points"], t["ring_len"]
+    R = len(lens)
+    rid = np.repeat(np.arange(R), lens)
+    prev, _ = _cyclic_prev_next(lens)
+    keep = (pts != pts[prev]).any(1)
+    pts, rid = pts[keep], rid[keep]
+    lens = np.bincount(rid, minlength=R)
+    prev, nxt = _cyclic_prev_next(lens)
+    p, q = pts[prev], pts[nxt]
+    cross = (pts[:, 0] - p[:, 0]) * (q[:, 1] - pts[:, 1]) - (pts[:, 1] - p[:, 1]) * (q[:, 0] - pts[:, 0])
+    keep = (cross != 0) & (lens >= 3)[rid]
+    pts, rid = pts[keep], rid[keep]
+    lens = np.bincount(rid, minlength=R)
+    valid = lens >= 3
+    parent = t["ring_parent"]
+    ids = t["ring_id"]
+    # a hole belongs to its exterior's polygon, when that exterior survived
+    pos = np.full(int(ids.max(initial=-1)) + 2, -1, np.int64)
+    pos[ids] = np.arange(R)
+    outer = parent < 0
+    par_row = np.where(outer, -1, pos[np.maximum(parent, 0)])
+    valid &= outer | ((par_row >= 0) & valid[np.maximum(par_row, 0)] & outer[np.maximum(par_row, 0)])
+    poly_key = np.where(outer, ids, parent)
+    rings = np.flatnonzero(valid)
+    order = rings[np.lexsort((ids[rings], ~outer[rings], poly_key[rings], t["ring_rank"][rings],
+                              t["ring_obj"][rings]))]
+    # the points of the rings in that order
+    pstart = np.cumsum(lens) - lens
+    olens = lens[order]
+    src = np.repeat(pstart[order] - (np.cumsum(olens) - olens), olens) + np.arange(int(olens.sum()))
+    robj, rkey, rrank = t["ring_obj"][order], poly_key[order], t["ring_rank"][order]
+    new_poly = np.r_[True, (robj[1:] != robj[:-1]) | (rkey[1:] != rkey[:-1])
+                     | (rrank[1:] != rrank[:-1])] if len(order) else np.zeros(0, bool)
+    poly_first = np.flatnonzero(new_poly)
+    mask_count = np.bincount(robj[poly_first], minlength=n)
+    return Outlines(pts[src], np.r_[0, np.cumsum(olens)], np.r_[poly_first, len(order)],
+                    np.r_[0, np.cumsum(mask_count)])
+
+
+def trace_polygons(mask: np.ndarray, offset: Tuple[int, int] = (0, 0)) -> List[Polygon]:
+    """Pixel-corner polygons of a binary ``(h, w)`` mask (:func:`mask_outlines`), in the mask's
+    pixels plus ``offset`` ``(x, y)``."""
+    m = np.asarray(mask)
+    polys = CropMask.from_crop(m != 0, 0, 0, m.shape[:2]).polygons()
+    ox, oy = int(offset[0]), int(offset[1])
+    if ox or oy:
+        polys = [[[[x + ox, y + oy] for x, y in ring] for ring in poly] for poly in polys]
+    return polys
