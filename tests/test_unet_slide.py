@@ -149,3 +149,54 @@ def test_unet_slide_run_tiled_equals_one_piece_on_real_images(unet, image, tmp_p
     best = iou.argmax(1)
     same = (iou[np.arange(len(tiled)), best] == 1.0) & (np.abs(s_tiled - s_whole[best]) < 1e-4)
     assert same.mean() >= 0.98, f"{int((~same).sum())} of {len(tiled)} instances differ"
+
+
+def test_tta_tile_probabilities_equal_one_piece_tta(unet):
+    """Test-time augmentation on slide tiles read with real context: each of the 8 views of a
+    tile is predicted on the pooling grid of one global frame, so the tiles' averaged
+    probabilities equal those of the whole image's views averaged (the image's sides, 696 and
+    520 px, are multiples of the 8 px pooling grid)."""
+    from detector.inference.predictor import (_tile_view_origin, transform_image,
+                                              untransform_image)
+
+    image = read_image(dsb_path())
+    h, w = image.shape[:2]
+    x_whole = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    ks = range(8)
+    whole = sum(untransform_image(unet.predict_probabilities(transform_image(x_whole, k)), k)
+                for k in ks) / 8
+    plain = unet.predict_probabilities(x_whole)
+    assert float((whole - plain).abs().max()) > 1e-3  # the views do differ
+    context = unet.slide_context
+    geom = SlideGeometry(0, 1.0, 1.0, (h, w))
+    tiles = tile_grid(w, h, 200, 50)
+    with open_slide(dsb_path()) as reader:
+        for tile in (tiles[0], tiles[len(tiles) // 2], tiles[-1]):  # corner, inside, far corner
+            x0, y0, x1, y1 = tile
+            rgb = read_tile_with_context(reader, geom, tile, context)
+            x = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+            p = sum(untransform_image(unet.predict_tile_probabilities(
+                transform_image(x, k), _tile_view_origin(k, (x0, y0), (y1 - y0, x1 - x0)),
+                context), k) for k in ks) / 8
+            assert float((p - whole[:, y0:y1, x0:x1]).abs().max()) < 1e-4, tile
+
+
+def test_tta_instances_match_plain_prediction_on_a_real_image(unet):
+    """8-view TTA of the (learned, not rotation-equivariant) U-Net on the real DSB image: its
+    instances match the plain prediction's at F1@0.5 >= 0.85 without being the same."""
+    from detector.inference.predictor import predict_tta
+
+    x = torch.from_numpy(read_image(dsb_path())).permute(2, 0, 1).float() / 255
+    plain = unet.predict_instances(x)
+    tta = predict_tta(unet, [x], 8)[0]
+    assert len(plain) > 100 and len(tta) > 100
+    a = [m.to_coco_rle() for m in tta.masks]
+    b = [m.to_coco_rle() for m in plain.masks]
+    iou = mask_utils.iou(a, b, [0] * len(b))
+    matched = int(((iou > 0.5).sum(1) > 0).sum())
+    f1 = 2 * matched / (len(a) + len(b))
+    assert 0.85 <= f1 < 1.0 or len(a) != len(b), f1
+    same = sum(1 for m in tta.masks if any(m == p for p in plain.masks))
+    assert same < len(tta.masks)  # not the plain prediction again
+    print(f"U-Net TTA vs plain: {len(a)} vs {len(b)} instances, F1@0.5 {f1:.3f}, "
+          f"{same} identical masks")

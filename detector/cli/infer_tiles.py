@@ -4,7 +4,7 @@
                    [--tile-size 512 --overlap 96 --batch-size 4 --mpp 0.25 --device cuda
                     --resume --roi 1000,2000,9000,8000 --hpf-area 0.237 --hotspot-area 2
                     --mitotic-classes "mitotic figure" --score-thresh 0.5 --num-workers 2
-                    --nuclei-weights nuclei.pth]
+                    --nuclei-weights nuclei.pth --tta]
 
 The model's config, classes and training mpp come from the checkpoint. One folder per slide
 ``OUTPUT/<slide stem>/`` with summary.json, detections.geojson (QuPath), detections.json (COCO
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="box IoU for duplicate removal across tiles (default %(default)s)")
     p.add_argument("--no-tissue-detection", action="store_true",
                    help="analyse every tile, background included")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: the model on flipped and 90-degree rotated views "
+                        "of every tile, merged (TEST.AUG.TRANSFORMS of the checkpoint's config: "
+                        "8 views by default, 8x the model time); on by default when the "
+                        "checkpoint's config has TEST.AUG.ENABLED")
     p.add_argument("--no-amp", action="store_true", help="fp32 everywhere (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -166,7 +171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         hotspot_shape=args.hotspot_shape, hotspot_area=args.hotspot_area,
         mitotic_classes=args.mitotic_classes, score_thresh=args.score_thresh,
         nms_thresh=args.nms_thresh, tissue_detection=not args.no_tissue_detection,
-        amp=not args.no_amp, resume=args.resume, progress=not args.quiet)
+        amp=not args.no_amp, resume=args.resume, progress=not args.quiet,
+        tta=int(_cfg.TEST.AUG.TRANSFORMS) if (args.tta or _cfg.TEST.AUG.ENABLED) else 0)
     # fail early on flags that would fail every slide
     try:
         resolve_class_ids(opts.mitotic_classes, classes)

@@ -5,6 +5,7 @@
     python tools/train_net.py --config-file CFG --resume OUTPUT_DIR out/run1
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/run1/model_final.pth
     python tools/train_net.py --config-file CFG --num-gpus 4      # or: torchrun --nproc_per_node 4
+    python tools/train_net.py --config-file configs/nuclei/classical.yaml   # writes the checkpoint
 
 Trailing ``KEY VALUE`` pairs override the config (values parsed as YAML). ``--num-gpus N`` starts N
 processes with DistributedDataParallel (NCCL on GPUs; with ``MODEL.DEVICE cpu``, N CPU processes
@@ -116,6 +117,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             setup_logging(cfg.OUTPUT_DIR)
             metrics = evaluate_only(cfg)
             print(format_metrics(metrics))
+            return 0
+        from ..engine.trainer import UNTRAINED_ARCHITECTURES
+
+        if cfg.MODEL.META_ARCHITECTURE in UNTRAINED_ARCHITECTURES:  # nothing to learn
+            from ..engine.evaluator import format_metrics
+            from ..engine.logger import setup_logging
+            from ..engine.trainer import save_untrained
+
+            setup_logging(cfg.OUTPUT_DIR)
+            metrics = save_untrained(cfg)
+            if metrics:
+                print(format_metrics(metrics))
             return 0
         if args.num_gpus < 1:
             raise ConfigError("--num-gpus must be at least 1")

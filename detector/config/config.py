@@ -26,7 +26,9 @@ BASE_KEY = "_BASE_"
 
 # Keys whose value must be one of a few words; checked after every merge.
 CHOICES: Dict[str, Sequence[str]] = {
-    "MODEL.META_ARCHITECTURE": ("MaskRCNN", "FasterRCNN", "UNet", "PatchClassifier"),
+    "MODEL.META_ARCHITECTURE": ("MaskRCNN", "FasterRCNN", "UNet", "PatchClassifier", "Classical"),
+    "MODEL.CLASSICAL.MODALITY": ("auto", "fluorescence", "brightfield", "he"),
+    "TEST.AUG.TRANSFORMS": (4, 8),
     "MODEL.BACKBONE.NAME": ("resnet18", "resnet34", "resnet50"),
     "MODEL.BACKBONE.NORM": ("FrozenBN", "BN", "SyncBN", "GN"),
     "MODEL.UNET.PADDING": ("valid", "same"),

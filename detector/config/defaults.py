@@ -131,8 +131,36 @@ class ClassifierConfig:
 
 
 @dataclass
+class ClassicalConfig:
+    # The classical baseline (MODEL.META_ARCHITECTURE Classical; detector/modeling/classical.py):
+    # Otsu threshold + distance-transform watershed, as CellProfiler's IdentifyPrimaryObjects.
+    # Nothing is learned; train_net.py writes its checkpoint (config + classes) and evaluates.
+    # The nucleus signal: "fluorescence" (the brightest channel), "he" (haematoxylin from
+    # skimage.color.rgb2hed), "brightfield" (inverted grey), or "auto" (per image, from its
+    # median brightness and saturation: detector.data.experiments.modality_of).
+    MODALITY: str = "auto"
+    # Gaussian smoothing of the signal before thresholding (px; 0 = none).
+    SMOOTH_SIGMA: float = 1.0
+    # The Otsu threshold is multiplied by this (CellProfiler's "threshold correction factor").
+    THRESHOLD_CORRECTION: float = 1.0
+    # A fixed threshold on the smoothed signal instead of Otsu's (0 = Otsu per image; on whole
+    # slides Otsu runs per tile, so a fixed one keeps tiles consistent). The signal: 0..1 for
+    # fluorescence and brightfield, haematoxylin optical density (about 0..0.3) for H&E.
+    THRESHOLD: float = 0.0
+    # Seeds: maxima of the distance transform of the foreground that are the largest in a
+    # PEAK_FOOTPRINT x PEAK_FOOTPRINT px window (about a nucleus diameter: smaller splits
+    # elongated nuclei, larger merges touching ones).
+    PEAK_FOOTPRINT: int = 17
+    # Holes in the foreground are filled (nuclei with dim centres).
+    FILL_HOLES: bool = True
+    # Smallest object kept (px).
+    MIN_SIZE: int = 20
+
+
+@dataclass
 class ModelConfig:
-    # "MaskRCNN", "FasterRCNN", "UNet", or "PatchClassifier" (second stage, see CLASSIFIER).
+    # "MaskRCNN", "FasterRCNN", "UNet", "PatchClassifier" (second stage, see CLASSIFIER), or
+    # "Classical" (the Otsu + watershed baseline, see CLASSICAL: no weights).
     META_ARCHITECTURE: str = "MaskRCNN"
     # Initial weights: a checkpoint of ours, a torchvision state dict (.pth), a torchvision
     # weights name (e.g. "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1", downloaded only when
@@ -151,6 +179,7 @@ class ModelConfig:
     ROI_HEADS: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
     UNET: UNetConfig = field(default_factory=UNetConfig)
     CLASSIFIER: ClassifierConfig = field(default_factory=ClassifierConfig)
+    CLASSICAL: ClassicalConfig = field(default_factory=ClassicalConfig)
 
 
 # --------------------------------------------------------------------------------------- INPUT
@@ -297,6 +326,20 @@ class SolverConfig:
 
 # ---------------------------------------------------------------------------------------- TEST
 @dataclass
+class TestAugConfig:
+    # Test-time augmentation (detector/inference/predictor.py, predict_tta): the model runs on
+    # TRANSFORMS views of every image or tile, 8 (flips and 90-degree rotations: the square
+    # grid's symmetries) or 4 (the flips: identity, left-right, up-down, 180 degrees), each
+    # turned back and merged: the U-Net averages the probability maps before forming
+    # instances; instance models (Mask/Faster R-CNN, the classical baseline) merge the views'
+    # detections by mask voting, a detection's score becoming the sum of its views' scores /
+    # TRANSFORMS. Costs TRANSFORMS x the model time. Applies to evaluation (training,
+    # --eval-only) and, from the checkpoint's config, to infer_tiles.py (also: --tta).
+    ENABLED: bool = False
+    TRANSFORMS: int = 8
+
+
+@dataclass
 class TestConfig:
     # Evaluate on DATASETS.TEST every EVAL_PERIOD iterations (0 = only at the end); the
     # checkpoint with the best TEST.BEST_METRIC is kept as model_best.pth.
@@ -308,6 +351,7 @@ class TestConfig:
     IOU_THRESH: float = 0.5
     # Score threshold applied before object-level matching (AP uses all detections).
     SCORE_THRESH: float = 0.5
+    AUG: TestAugConfig = field(default_factory=TestAugConfig)
 
 
 @dataclass

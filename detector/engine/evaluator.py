@@ -20,6 +20,7 @@ from ..data.dataset import CocoInstanceDataset
 from ..data.image_io import read_image
 from ..data.patches import CocoPatchDataset
 from ..evaluation.classification import classification_metrics
+from ..inference.predictor import predict_tta
 from ..inference.second_stage import SecondStage, predict_two_stage
 from ..inference.size import model_nucleus_diameter, predict_normalised
 from ..structures.instances import Instances
@@ -56,8 +57,11 @@ def predict_dataset_two_stage(model: nn.Module, second: SecondStage, dataset: Co
 
 @torch.no_grad()
 def predict_dataset(model: nn.Module, dataset: CocoInstanceDataset, device: torch.device,
-                    autocast: Optional[Any] = None, progress: bool = True) -> List[Dict[str, Any]]:
-    """COCO results (``Instances.to_coco_results``) of ``model`` on every image of ``dataset``."""
+                    autocast: Optional[Any] = None, progress: bool = True,
+                    tta: int = 0) -> List[Dict[str, Any]]:
+    """COCO results (``Instances.to_coco_results``) of ``model`` on every image of ``dataset``;
+    with ``tta`` (4 or 8: ``TEST.AUG``), test-time augmented
+    (:func:`detector.inference.predictor.predict_tta`)."""
     model = model.module if hasattr(model, "module") else model
     was_training = model.training
     model.eval()
@@ -69,10 +73,12 @@ def predict_dataset(model: nn.Module, dataset: CocoInstanceDataset, device: torc
             img = torch.from_numpy(read_image(rec["file"]).copy()).permute(2, 0, 1)
             img = img.to(device, non_blocking=True).float().div_(255.0)
             with (autocast() if autocast is not None else contextlib.nullcontext()):
-                if canonical > 0:
-                    inst, _ = predict_normalised(lambda x: model([x])[0], img, canonical)
+                one = (lambda x: predict_tta(model, [x], tta)[0]) if tta else \
+                    (lambda x: model([x])[0])
+                if canonical > 0:  # size normalisation: the scale from a first pass
+                    inst, _ = predict_normalised(one, img, canonical)
                 else:
-                    inst = model([img])[0]
+                    inst = one(img)
             results.extend(inst.to_coco_results(rec["image_id"]))
     finally:
         model.train(was_training)
@@ -120,7 +126,10 @@ def evaluate_datasets(model: nn.Module, cfg: Any, datasets: List[CocoInstanceDat
                         json.dump({"labels": ds.labels().tolist(), "names": ds.label_names,
                                    "probs": probs.tolist()}, f)
                 continue
-            results = predict_dataset(model, ds, device, autocast)
+            aug = getattr(getattr(cfg, "TEST", None), "AUG", None)
+            results = predict_dataset(model, ds, device, autocast,
+                                      tta=int(aug.TRANSFORMS) if aug is not None and aug.ENABLED
+                                      else 0)
             if write_predictions and output_dir:
                 os.makedirs(output_dir, exist_ok=True)
                 with open(os.path.join(output_dir, f"predictions_{name}.json"), "w") as f:

@@ -480,6 +480,46 @@ def refuse_to_overwrite(output_dir: str) -> None:
             "OUTPUT_DIR (or delete the folder first to start over)")
 
 
+#: Architectures with nothing to learn: ``train_net.py`` writes their checkpoint directly.
+UNTRAINED_ARCHITECTURES = ("Classical",)
+
+
+def save_untrained(cfg: Any) -> Optional[Dict[str, Dict[str, float]]]:
+    """``train_net.py`` for a model with nothing to learn (:data:`UNTRAINED_ARCHITECTURES`,
+    the classical baseline): write ``OUTPUT_DIR/config.yaml`` and ``model_final.pth`` (the
+    checkpoint layout of every run: an empty state dict, the config, the classes of
+    ``DATASETS.TRAIN`` (the one class ``nucleus`` without it), the mpp (``INPUT.MPP``, else
+    the training data's), iteration 0), then evaluate on ``DATASETS.TEST`` as a trained run
+    does (``eval_0000000.json``, ``predictions_<set>.json``). Returns the metrics (None without
+    test sets)."""
+    out = cfg.OUTPUT_DIR
+    refuse_to_overwrite(out)
+    if list(cfg.DATASETS.TRAIN):
+        train_set = build_dataset(cfg, list(cfg.DATASETS.TRAIN), train=False)
+        classes, data_mpp = train_set.classes, train_set.mpp
+    else:
+        classes, data_mpp = [{"id": 1, "name": "nucleus"}], None
+    mpp = float(cfg.INPUT.MPP) if cfg.INPUT.MPP else data_mpp
+    test_sets = [build_dataset(cfg, [p], train=False, classes=classes)
+                 for p in cfg.DATASETS.TEST]
+    model = build_model(cfg, classes)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        f.write(cfg_to_yaml(cfg))
+    save_checkpoint(os.path.join(out, "model_final.pth"), model, cfg, classes, mpp, 0)
+    write_last_checkpoint(out, "model_final.pth")
+    logger.info("%s has nothing to learn: wrote %s (config and classes %s, mpp %s)",
+                cfg.MODEL.META_ARCHITECTURE, os.path.join(out, "model_final.pth"),
+                ", ".join(c["name"] for c in classes), mpp)
+    if not test_sets:
+        return None
+    device = resolve_device(cfg.MODEL.DEVICE)
+    metrics = evaluate_datasets(model.to(device), cfg, test_sets, device, out, 0,
+                                write_predictions=True)
+    logger.info("evaluation:\n%s", format_metrics(metrics))
+    return metrics
+
+
 def evaluate_only(cfg: Any, write_predictions: bool = True) -> Dict[str, Dict[str, float]]:
     """``--eval-only``: evaluate the checkpoint ``MODEL.WEIGHTS`` on ``DATASETS.TEST``."""
     if not cfg.MODEL.WEIGHTS:

@@ -108,6 +108,10 @@ class InferenceOptions:
     edge_margin: float = 2.0
     # Show a progress bar.
     progress: bool = True
+    # Test-time augmentation: the model on this many flipped / rotated views of every tile,
+    # merged (4 or 8; 0 = off; TEST.AUG of the checkpoint's config, or --tta). See
+    # predictor.predict_tta.
+    tta: int = 0
 
 
 # ------------------------------------------------------------------------------- tile reading
@@ -236,29 +240,35 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def predict_batch(model: torch.nn.Module, images: List[torch.Tensor], amp: bool = True,
                   tiles: Optional[Sequence[Tile]] = None, cores: Optional[Sequence[Tile]] = None,
-                  context: int = 0, score_thresh: float = 0.0) -> List[Instances]:
+                  context: int = 0, score_thresh: float = 0.0, tta: int = 0) -> List[Instances]:
     """Run the model on uint8 ``(3, H, W)`` tiles: float 0..1 on the model's device, bf16
     autocast on CUDA and bf16 CPUs (:mod:`.predictor`), no gradients. Returns one Instances
     per tile (tile px). With ``context``
     (a model with ``slide_context``, the U-Net) the images hold that many px around each tile
     and the model keeps the objects whose centroid lies in the tile's core (analysis px, like
-    ``tiles``; :func:`tile_cores`)."""
+    ``tiles``; :func:`tile_cores`). ``tta`` (4 or 8) runs the model on that many flipped /
+    rotated views and merges them (:func:`predictor.predict_tta`)."""
     dev = model_device(model)
     x = [im.to(dev, non_blocking=True).float().div_(255.0) for im in images]
     with torch.inference_mode(), predictor.autocast(dev, amp):
-        out = _forward(model, x, tiles, cores, context, score_thresh)
+        out = _forward(model, x, tiles, cores, context, score_thresh, tta)
     return list(out)
 
 
 def _forward(model: torch.nn.Module, x: List[torch.Tensor], tiles: Optional[Sequence[Tile]],
-             cores: Optional[Sequence[Tile]], context: int, score_thresh: float
+             cores: Optional[Sequence[Tile]], context: int, score_thresh: float, tta: int = 0
              ) -> List[Instances]:
+    local = None
+    if context:
+        assert tiles is not None and cores is not None
+        local = [(c[0] - t[0], c[1] - t[1], c[2] - t[0], c[3] - t[1]) for t, c in zip(tiles, cores)]
+    if tta:
+        return predictor.predict_tta(model, x, tta, score_thresh, tiles, local, context)
     if not context:
         # R-CNN: low-scoring detections dropped before the mask head
         predict = getattr(model, "predict", None)
         return predict(x, score_thresh) if callable(predict) else model(x)
-    assert tiles is not None and cores is not None
-    local = [(c[0] - t[0], c[1] - t[1], c[2] - t[0], c[3] - t[1]) for t, c in zip(tiles, cores)]
+    assert tiles is not None and local is not None
     return getattr(model, "predict_slide_tiles")(x, [t[:2] for t in tiles], local, context)
 
 
@@ -470,7 +480,7 @@ def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOpt
             preds = predict_batch(model, [b["image"] for b in good], opts.amp,
                                   [b["tile"] for b in good],
                                   [cores[b["index"]] for b in good] if cores else None, context,
-                                  opts.score_thresh)
+                                  opts.score_thresh, opts.tta)
             for b, inst in zip(good, preds):
                 keep = inst.scores >= opts.score_thresh
                 if inst.masks is not None:  # an empty mask is not an object
@@ -568,7 +578,7 @@ def summarize_slide(dets: Detections, grid: AnalysisGrid, classes: List[Dict[str
             "tiles_total": len(grid.tiles), "tiles_analysed": n_sel - len(preds.failed),
             "tiles_failed": [{"tile": int(k), "box": list(grid.tiles[int(k)]), "error": v}
                              for k, v in sorted(preds.failed.items())],
-            "score_thresh": opts.score_thresh, "roi": opts.roi,
+            "score_thresh": opts.score_thresh, "roi": opts.roi, "tta": opts.tta,
             "tissue_detection": opts.tissue_detection,
             "detections_outside_tissue_dropped": dets.outside_tissue,
             "seconds": round(seconds, 2),
@@ -642,7 +652,7 @@ def journal_header(grid: AnalysisGrid, opts: InferenceOptions, weights_id: str
     return {"slide": grid.slide_path, WEIGHTS_KEY: weights_id,
             "slide_size": list(grid.slide_size), "tile_size": grid.tile_size,
             "overlap": grid.overlap, "score_thresh": opts.score_thresh, "mpp": grid.mpp,
-            "roi": opts.roi, "level": grid.geometry.level,
+            "roi": opts.roi, "level": grid.geometry.level, "tta": opts.tta,
             "analysis_per_level": grid.geometry.analysis_per_level,
             "tissue": opts.tissue_detection}
 

@@ -50,8 +50,12 @@ def build_model(cfg: Any, classes: List[Dict[str, Any]]) -> nn.Module:
         from .classifier import build_classifier
 
         return build_classifier(cfg, classes)
+    if arch == "Classical":
+        from .classical import build_classical
+
+        return build_classical(cfg, classes)
     raise ValueError(f"MODEL.META_ARCHITECTURE {arch!r} is not one of MaskRCNN, FasterRCNN, UNet, "
-                     "PatchClassifier")
+                     "PatchClassifier, Classical")
 
 
 # ----------------------------------------------------------------------------- initial weights
@@ -174,6 +178,13 @@ TEST_TIME_KEYS = (
     "MODEL.UNET.FOREGROUND_THRESH",
     "MODEL.UNET.MIN_SIZE",
     "MODEL.UNET.SMOOTH_SIGMA",
+    "MODEL.CLASSICAL.MODALITY",
+    "MODEL.CLASSICAL.SMOOTH_SIGMA",
+    "MODEL.CLASSICAL.THRESHOLD_CORRECTION",
+    "MODEL.CLASSICAL.THRESHOLD",
+    "MODEL.CLASSICAL.PEAK_FOOTPRINT",
+    "MODEL.CLASSICAL.FILL_HOLES",
+    "MODEL.CLASSICAL.MIN_SIZE",
 )
 
 

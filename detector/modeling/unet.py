@@ -417,6 +417,17 @@ class UNetModel(nn.Module):
                 self.smooth_sigma, core=core))
         return out
 
+    def instances_from_probabilities(self, probs: np.ndarray,
+                                     core: Optional[Tuple[int, int, int, int]] = None
+                                     ) -> Instances:
+        """:class:`Instances` of a ``(3, H, W)`` probability map with this model's watershed
+        parameters (``MODEL.UNET.*``) and category; ``core`` as for
+        :func:`detector.modeling.watershed.instances_from_probabilities`. Test-time
+        augmentation averages the maps of several views and calls this once."""
+        return instances_from_probabilities(probs, self.category_id, self.seed_thresh,
+                                            self.fg_thresh, self.min_size, self.smooth_sigma,
+                                            core=core)
+
     def predict_instances(self, image: Tensor, tile_size: Optional[int] = None) -> Instances:
         """:class:`Instances` of one image (RLE masks, XYXY boxes in its px, scores = mean
         interior probability over each instance's seed, labels = the category id)."""

@@ -66,11 +66,31 @@ def label_map_from_probabilities(
     p_int, p_bnd = probs[1], probs[2]
     foreground = (p_int + p_bnd) > fg_thresh
     seed_mask = ((p_int - p_bnd) > seed_thresh) & foreground
-    seeds, n_seeds = ndi.label(seed_mask, structure=_EIGHT)
+    seeds, _ = ndi.label(seed_mask, structure=_EIGHT)
+    return grow_seeds(1.0 - p_int, seeds, foreground, min_size)
+
+
+def grow_seeds(elevation: np.ndarray, seeds: np.ndarray, foreground: np.ndarray,
+               min_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Steps 3 to 5 of the module docstring: marker-controlled watershed of ``elevation`` from
+    ``seeds`` restricted to ``foreground``, foreground components without a seed as instances
+    of their own, instances below ``min_size`` px removed.
+
+    Args:
+        elevation: ``(H, W)`` float; basins grow from the seeds towards higher values.
+        seeds: ``(H, W)`` int labels 1..S (0 = none).
+        foreground: ``(H, W)`` bool.
+        min_size: smallest instance kept (px).
+    Returns:
+        ``(labels, seeds)`` as :func:`label_map_from_probabilities` (consecutive ids; seeds
+        renumbered alike).
+    """
+    seeds = np.asarray(seeds, np.int32)
+    n_seeds = int(seeds.max()) if seeds.size else 0
     if n_seeds:
-        labels = watershed(1.0 - p_int, markers=seeds, mask=foreground)
+        labels = watershed(elevation, markers=seeds, mask=foreground)
     else:
-        labels = np.zeros(p_int.shape, np.int32)
+        labels = np.zeros(foreground.shape, np.int32)
     # foreground components without any seed become instances of their own
     rest, n_rest = ndi.label(foreground & (labels == 0), structure=_EIGHT)
     if n_rest:
