@@ -214,11 +214,12 @@ def run_naive(model, classes, mpp, path, args) -> Tuple[float, np.ndarray]:
 
 def torchvision_forward(model, img):
     """One uint8 tile through torchvision's eval forward (full-tile mask rasters, fp32), as
-    :class:`Instances` with full-tile RLE masks: what a plain per-tile loop does."""
-    import pycocotools.mask as mask_utils
+    :class:`Instances` with masks made from the full-tile rasters: what a plain per-tile loop
+    does."""
     import torch
 
     from detector.structures.instances import Instances
+    from detector.structures.masks import CropMask
 
     inner = getattr(model, "model", None)
     if inner is None:  # not an R-CNN: its own forward
@@ -230,7 +231,7 @@ def torchvision_forward(model, img):
     masks = None
     if "masks" in out:
         m = (out["masks"][:, 0] > model.mask_threshold).cpu().numpy()
-        masks = [mask_utils.encode(np.asfortranarray(x.astype(np.uint8))) for x in m]
+        masks = [CropMask.from_full(x) for x in m]
     labels = model.label_to_id[out["labels"]].cpu().numpy()
     return Instances(tuple(img.shape[-2:]), out["boxes"].cpu().numpy(),
                      out["scores"].cpu().numpy(), labels, masks)
