@@ -8,14 +8,14 @@ this structure and nothing model-specific.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .masks import CropMask, mask_areas, rle_to_json
 
 
-def median_diameter(areas: Sequence[float]) -> float:
+def median_diameter(areas: Union[Sequence[float], np.ndarray]) -> float:
     """Median equivalent diameter ``sqrt(4 A / pi)`` (px) of objects of ``areas`` (px²), the
     typical nucleus size of size normalisation (``INPUT.NUCLEUS_DIAMETER``); 0 for none."""
     a = np.asarray(areas, np.float64)
