@@ -22,7 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..errors import DetectorError
-from ..structures.instances import median_diameter
+from ..structures.instances import median_diameter, size_scale
 from .coco import CocoFormatError, annotation_to_mask, load_coco
 from .image_io import WindowCache, tissue_fraction
 
@@ -254,8 +254,7 @@ class CocoInstanceDataset(Dataset):
             if self.nucleus_diameter > 0 and r["anns"]:
                 d = median_diameter([a.get("area") or a["bbox"][2] * a["bbox"][3]
                                      for a in r["anns"]])
-                if d > 0:
-                    r["size_scale"] = float(np.clip(self.nucleus_diameter / d, 0.25, 4.0))
+                r["size_scale"] = size_scale(d, self.nucleus_diameter)
         if self.nucleus_diameter > 0:
             known = [r["size_scale"] for r in self.records if r["anns"]]
             fill = float(np.median(known)) if known else 1.0

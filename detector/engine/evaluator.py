@@ -67,14 +67,13 @@ def predict_dataset(model: nn.Module, dataset: CocoInstanceDataset, device: torc
     model.eval()
     results: List[Dict[str, Any]] = []
     canonical = model_nucleus_diameter(model)  # size normalisation: a scale per image
+    one = (lambda x: predict_tta(model, [x], tta)[0]) if tta else (lambda x: model([x])[0])
     try:
         for rec in tqdm(dataset.records, desc=f"eval {dataset_name(dataset.paths[0])}",
                         disable=not progress, leave=False):
             img = torch.from_numpy(read_image(rec["file"]).copy()).permute(2, 0, 1)
             img = img.to(device, non_blocking=True).float().div_(255.0)
             with (autocast() if autocast is not None else contextlib.nullcontext()):
-                one = (lambda x: predict_tta(model, [x], tta)[0]) if tta else \
-                    (lambda x: model([x])[0])
                 if canonical > 0:  # size normalisation: the scale from a first pass
                     inst, _ = predict_normalised(one, img, canonical)
                 else:

@@ -21,11 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..structures.instances import Instances, median_diameter
+from ..structures.instances import Instances, median_diameter, size_scale
 from .merge import tile_to_slide
 
-#: Scale factors are kept in this range (an estimate from a wrong first pass may be wild).
-SCALE_RANGE = (0.25, 4.0)
 #: Fewer objects than this give no estimate: the image is predicted at its own scale.
 MIN_OBJECTS = 5
 #: A new estimate within this ratio of the current scale ends the refinement.
@@ -38,13 +36,6 @@ def model_nucleus_diameter(model: torch.nn.Module) -> float:
     ``INPUT.NUCLEUS_DIAMETER``."""
     inner = getattr(model, "module", model)
     return float(getattr(inner, "nucleus_diameter", 0.0) or 0.0)
-
-
-def scale_for(diameter: Optional[float], canonical: float) -> float:
-    """Resampling factor that brings a median diameter to ``canonical`` px (1 when unknown)."""
-    if not diameter or canonical <= 0:
-        return 1.0
-    return float(np.clip(canonical / diameter, *SCALE_RANGE))
 
 
 def resize_image(image: torch.Tensor, scale: float) -> torch.Tensor:
@@ -85,7 +76,7 @@ def predict_normalised(predict: Callable[[torch.Tensor], Instances], image: torc
         if int(keep.sum()) < MIN_OBJECTS:
             break
         d = median_diameter(inst.areas()[keep])  # image px (instances are mapped back)
-        new = scale_for(d, canonical)
+        new = size_scale(d, canonical)
         if max(new, scale) / min(new, scale) < TOLERANCE:
             break
         scale = new
@@ -108,7 +99,7 @@ def slide_scale(predict: Callable[[torch.Tensor], Instances], tiles: List[torch.
     if len(allp) < MIN_OBJECTS:
         return 1.0, None
     d = median_diameter(allp)
-    return scale_for(d, canonical), d
+    return size_scale(d, canonical), d
 
 
 def equivalent_mpp(slide_mpp: float, scale: float) -> float:

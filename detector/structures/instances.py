@@ -23,6 +23,18 @@ def median_diameter(areas: Union[Sequence[float], np.ndarray]) -> float:
     return float(np.sqrt(4.0 * np.median(a) / np.pi)) if len(a) else 0.0
 
 
+#: Size-normalisation factors are kept in this range (a wild estimate stays bounded).
+SIZE_SCALE_RANGE = (0.25, 4.0)
+
+
+def size_scale(diameter: Optional[float], canonical: float) -> float:
+    """Resampling factor that brings a median nucleus ``diameter`` (px) to ``canonical`` px,
+    within :data:`SIZE_SCALE_RANGE`; 1 when either is unknown (0)."""
+    if not diameter or canonical <= 0:
+        return 1.0
+    return float(np.clip(canonical / diameter, *SIZE_SCALE_RANGE))
+
+
 @dataclass
 class Instances:
     """Detections of one image or slide.
