@@ -148,6 +148,32 @@ def test_mining_writes_only_detections_away_from_figures(tmp_path):
     assert [len(r["negatives"]) for r in ds.records] == [0, 4]
 
 
+def test_nuclei_of_the_figures_own_images_are_harvested_beyond_the_exclusion(tmp_path):
+    """mine --category nucleus --exclude-um: a nucleus model's objects in the figure crops
+    become "nucleus" negatives, except those within exclude_um of a figure (the far half of an
+    anaphase lies beyond the 7.5 um matching radius but must not be taught as a nucleus)."""
+    import cv2
+
+    # blobs 24 px (6 um) and 48 px (12 um) right of the figure at (400, 300), one far away
+    img = blob_image(dark=((400, 300), (424, 300), (448, 300), (700, 500)), grey=())
+    cv2.imwrite(str(tmp_path / "f.png"), img[..., ::-1])
+    coco = new_coco(FIGURE, ".")
+    coco["images"].append(image_entry(1, "f.png", 600, 800, mpp=0.25))
+    coco["annotations"].append({"image_id": 1, "category_id": 1, "bbox": [390, 290, 20, 20],
+                                "area": 400, "iscrowd": 0})
+    save_coco(coco, str(tmp_path / "a.json"))
+    centres = {}
+    for um in (7.5, 15.0):
+        out = tmp_path / f"n{um}.json"
+        mine_negatives(BlobDetector(), str(tmp_path / "a.json"), str(out), score_thresh=0.0,
+                       default_mpp=0.25, progress=False, category="nucleus", exclude_um=um)
+        mined = json.loads(out.read_text())
+        assert mined["categories"][0]["name"] == "nucleus"
+        centres[um] = sorted(a["bbox"][0] + a["bbox"][2] / 2 for a in mined["annotations"])
+    assert centres[7.5] == [448.0, 700.0]  # 6 um off: excluded; 12 um off: a nucleus
+    assert centres[15.0] == [700.0]
+
+
 def _run_blob_slide(tmp_path, grey, tile_size, nuclei=None):
     """3 dark figures and ``grey`` look-alikes on a 1200 x 1600 px slide at 0.25 um/px, run
     with a model trained at 0.5 um/px (the slide is analysed at half size) and stage 2."""

@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one output COCO file per input")
     m.add_argument("--score-thresh", type=float, default=0.3,
                    help="detections at or above this score are mined (default 0.3)")
+    m.add_argument("--category", default="look-alike",
+                   help="category of the mined objects (default look-alike: the detector's "
+                        "false positives; 'nucleus' with a nucleus model as --weights harvests "
+                        "the ordinary nuclei of the figures' own images)")
+    m.add_argument("--exclude-um", type=float, default=7.5,
+                   help="detections within this distance of an annotated figure are not mined "
+                        "(default 7.5 um, the matching radius; widen it for --category nucleus "
+                        "so that the far half of an anaphase is not taught as a nucleus)")
     b = sub.add_parser("bundle", help="choose thresholds on validation; write both stages as "
                                       "one checkpoint")
     b.add_argument("--detector", required=True)
@@ -78,8 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             detector, _, _, _ = load_model(args.weights, device)
             for inp, out in zip(args.input, args.output):
                 stats = mine_negatives(detector, inp, out, args.score_thresh, args.mpp,
-                                       NEGATIVE_CATEGORIES)
-                print(f"{out}: {stats['look_alikes']} look-alikes from {stats['images']} images "
+                                       NEGATIVE_CATEGORIES, category=args.category,
+                                       exclude_um=args.exclude_um)
+                print(f"{out}: {stats['look_alikes']} {args.category} objects from {stats['images']} images "
                       f"({stats['per_mm2']:.1f} per mm^2 at score >= {args.score_thresh})")
             return 0
         detector, _, _, _ = load_model(args.detector, device)

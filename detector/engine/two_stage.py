@@ -87,31 +87,38 @@ def collect_candidates(detector: torch.nn.Module, second: Optional[SecondStage],
     return out
 
 
-def _near_truth(img: ImageCandidates) -> np.ndarray:
-    """(N,) whether each candidate lies within the matching radius of an annotated figure."""
+def _near_truth(img: ImageCandidates, radius_px: Optional[float] = None) -> np.ndarray:
+    """(N,) whether each candidate lies within ``radius_px`` (default: the matching radius) of
+    an annotated figure."""
     if len(img.gt) == 0 or len(img.centres) == 0:
         return np.zeros(len(img.centres), bool)
     d, _ = cKDTree(img.gt).query(img.centres, k=1)
-    return d <= img.radius_px
+    return d <= (img.radius_px if radius_px is None else radius_px)
 
 
 def mine_negatives(detector: torch.nn.Module, coco_path: str, output: str,
                    score_thresh: float = 0.3, default_mpp: float = 0.25,
-                   negative_categories: Sequence[str] = (), progress: bool = True
+                   negative_categories: Sequence[str] = (), progress: bool = True,
+                   category: str = LOOK_ALIKE, exclude_um: float = MATCH_RADIUS_UM
                    ) -> Dict[str, Any]:
     """Hard-negative mining: every detection with score >= ``score_thresh`` farther than
-    7.5 um from an annotated figure of ``coco_path`` becomes a ``look-alike`` object of a new
-    COCO file ``output`` (same images and image root, category list ``[look-alike]``).
-    Only images whose figures are all annotated may be mined (tissue known to hold none, or
-    fully annotated fields): an unannotated figure would be taught as a look-alike."""
+    ``exclude_um`` (default 7.5 um, the matching radius) from an annotated figure of
+    ``coco_path`` becomes a ``category`` object (default
+    ``look-alike``) of a new COCO file ``output`` (same images and image root, that one
+    category). Only images whose figures are all annotated may be mined (tissue known to hold
+    none, or fully annotated fields): an unannotated figure would be taught as a look-alike.
+    With a nucleus model as ``detector`` and ``category="nucleus"`` this harvests ordinary
+    nuclei of the figures' own images (same scanner and stain) as negatives; a wider
+    ``exclude_um`` then keeps the second half of an anaphase out of them."""
     cands = collect_candidates(detector, None, coco_path, default_mpp, negative_categories,
                                progress)
     data = load_coco(coco_path)
-    out = new_coco([{"id": 1, "name": LOOK_ALIKE, "supercategory": "cell"}],
+    out = new_coco([{"id": 1, "name": category, "supercategory": "cell"}],
                    data["_image_root"], f"detector false positives mined from {coco_path}")
     n_mined = 0
     for im, c in zip(data["images"], cands):
-        keep = (c.det_scores >= score_thresh) & ~_near_truth(c)
+        keep = (c.det_scores >= score_thresh) & ~_near_truth(c, c.radius_px * exclude_um
+                                                              / MATCH_RADIUS_UM)
         out["images"].append({k: v for k, v in im.items() if not k.startswith("_")})
         for (cx, cy), s in zip(c.centres[keep], c.det_scores[keep]):
             side = c.radius_px * 12.5 / MATCH_RADIUS_UM  # the point converters' 12.5 um box
@@ -123,8 +130,9 @@ def mine_negatives(detector: torch.nn.Module, coco_path: str, output: str,
     save_coco(out, output)
     area = sum(c.area_mm2 for c in cands)
     stats = {"images": len(cands), "look_alikes": n_mined, "area_mm2": area,
-             "per_mm2": n_mined / area if area else 0.0, "score_thresh": score_thresh}
-    logger.info("mined %d look-alikes from %d images (%.1f per mm^2) into %s", n_mined,
+             "per_mm2": n_mined / area if area else 0.0, "score_thresh": score_thresh,
+             "category": category, "exclude_um": exclude_um}
+    logger.info("mined %d " + category + "s from %d images (%.1f per mm^2) into %s", n_mined,
                 len(cands), stats["per_mm2"], output)
     return stats
 

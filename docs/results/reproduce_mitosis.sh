@@ -9,11 +9,15 @@
 #      figures: 9 labelled tiles (with their nuclei) for training, 4 for validation (split by
 #      patient), the 17 unlabelled ones for training. The 4 ../shared/data/monuseg tiles are
 #      never used before step 6.
-#   2. stage 1, the detector: configs/mitosis/faster_rcnn_R_18_FPN_tissue_cpu.yaml (25 min cap).
+#   2. stage 1, the detector: configs/mitosis/faster_rcnn_R_18_FPN_tissue_cpu.yaml (20 min cap).
 #   3. one round of hard-negative mining: the detector's detections (score >= MINE_SCORE, the
 #      candidate threshold) on the training tissue and away from the figures of the training
-#      crops become "look-alike" objects.
-#   4. stage 2, the patch classifier: configs/mitosis/patch_classifier_cpu.yaml (20 min cap).
+#      crops become "look-alike" objects. Besides, the ordinary nuclei of the training crops
+#      (found by the classical H&E nucleus model, configs/nuclei/classical_he.yaml, farther than
+#      10 um from every figure) become "nucleus" negatives: without them every negative but a
+#      few dozen comes from the MoNuSeg (TCGA) slides and every figure from the MIDOG scanners,
+#      and the classifier can tell the two apart by scanner and stain instead of by morphology.
+#   4. stage 2, the patch classifier: configs/mitosis/patch_classifier_cpu.yaml (25 min cap).
 #   5. the bundle OUT/mitosis.pth: thresholds chosen on validation (recall on the AMi-Br val
 #      crops, at most MAX_FP false positives per mm² on the 4 validation tiles).
 #   6. evaluation: train_net.py --eval-only on the AMi-Br test crops, and
@@ -57,6 +61,11 @@ conv() { "$PY" tools/convert_to_coco.py --quiet "$@" | grep -E "^wrote|^skipped"
     "$D/monuseg_nuclei_val.json" --output "$D/classifier_val.json" \
     --categories "prophase-prometaphase,metaphase,anaphase-telophase,atypical,nucleus"
 
+# the classical H&E nucleus model (nothing to learn: the checkpoint holds its config)
+[ -f "$OUT/nuclei_classical/model_final.pth" ] || "$PY" tools/train_net.py \
+    --config-file configs/nuclei/classical_he.yaml DATASETS.TRAIN "[$D/monuseg_nuclei_train.json]" \
+    DATASETS.TEST "[]" OUTPUT_DIR "$OUT/nuclei_classical" MODEL.DEVICE cpu > /dev/null
+
 say "2. stage 1: detector -> $OUT/detector"
 t0=$(date +%s)
 [ -f "$OUT/detector/model_final.pth" ] || "$PY" tools/train_net.py --resume \
@@ -71,12 +80,15 @@ for src in monuseg_unlabelled monuseg_tiles_train amibr_mitosis_train; do
         --weights "$OUT/detector/model_final.pth" --input "$D/$src.json" --output "$D/mined_$src.json" \
         --score-thresh "$MINE_SCORE"
 done
+[ -f "$D/nuclei_amibr_mitosis_train.json" ] || "$PY" tools/mitosis_stage2.py mine \
+    --weights "$OUT/nuclei_classical/model_final.pth" --input "$D/amibr_mitosis_train.json" \
+    --output "$D/nuclei_amibr_mitosis_train.json" --score-thresh 0 --category nucleus --exclude-um 10
 
 say "4. stage 2: patch classifier -> $OUT/classifier"
 t0=$(date +%s)
 [ -f "$OUT/classifier/model_final.pth" ] || "$PY" tools/train_net.py --resume \
     --config-file configs/mitosis/patch_classifier_cpu.yaml \
-    DATASETS.TRAIN "[$D/amibr_phase_train.json, $D/monuseg_nuclei_train.json, $D/mined_monuseg_unlabelled.json, $D/mined_monuseg_tiles_train.json, $D/mined_amibr_mitosis_train.json]" \
+    DATASETS.TRAIN "[$D/amibr_phase_train.json, $D/monuseg_nuclei_train.json, $D/mined_monuseg_unlabelled.json, $D/mined_monuseg_tiles_train.json, $D/mined_amibr_mitosis_train.json, $D/nuclei_amibr_mitosis_train.json]" \
     DATASETS.TEST "[$D/classifier_val.json]" OUTPUT_DIR "$OUT/classifier"
 t_cls=$(( $(date +%s) - t0 ))
 
