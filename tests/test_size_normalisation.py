@@ -123,7 +123,13 @@ def test_prediction_at_the_found_scale_comes_back_in_image_px():
     assert scale == 1.0 and len(model.seen) == 1
 
 
-def test_a_slide_is_analysed_at_the_scale_of_its_nuclei(tmp_path):
+def test_a_slide_is_analysed_at_the_scale_of_its_nuclei(tmp_path, monkeypatch):
+    from detector.inference.slide import SlideReader
+
+    thumbs = []  # the second grid borrows the first one's thumbnail and tissue
+    orig = SlideReader.thumbnail
+    monkeypatch.setattr(SlideReader, "thumbnail",
+                        lambda self, *a, **k: thumbs.append(1) or orig(self, *a, **k))
     img, centres = disc_image(40, n=6, size=900)
     path = str(tmp_path / "plain.png")
     cv2.imwrite(path, img[..., ::-1])
@@ -134,7 +140,7 @@ def test_a_slide_is_analysed_at_the_scale_of_its_nuclei(tmp_path):
     sn = s["size_normalisation"]
     assert sn["nucleus_diameter_px"] == pytest.approx(40, rel=0.05)
     assert sn["scale"] == pytest.approx(0.5, rel=0.05) and sn["canonical_diameter_px"] == 20.0
-    assert s["total_detections"] == len(centres)
+    assert s["total_detections"] == len(centres) and len(thumbs) == 1
     # tiles were cut from the slide resampled by 0.5 (256 px tiles of a 450 px grid)
     assert max(max(hw) for hw in model.seen[-3:]) <= 256 and s["slide_size"] == [900, 900]
     # a model without size normalisation analyses the slide as it is

@@ -351,13 +351,15 @@ CandidateStage = Callable[[Candidates, AnalysisGrid], Candidates]
 
 
 def analysis_grid(slide_path: str, model_mpp: Optional[float], opts: InferenceOptions,
-                  gpu_free: Optional[int] = None, size_normalised: bool = False) -> AnalysisGrid:
+                  gpu_free: Optional[int] = None, size_normalised: bool = False,
+                  tissue_of: Optional[AnalysisGrid] = None) -> AnalysisGrid:
     """Stage 1: open the slide, choose the level and resampling for the model's mpp, lay the
     tile grid (tiles no larger than the region analysed; their memory checked against the free
     host memory, and ``gpu_free`` bytes of a GPU model, before any tile is read), find tissue
     (Otsu on a thumbnail) and the ROI, and select the tiles to analyse. Raises
     :class:`SlideError` when the slide cannot be read, has no mpp, or its tiles would not fit
-    in memory."""
+    in memory. ``tissue_of``, a grid of the same slide and options laid at another mpp, lends
+    its thumbnail, tissue and ROI (they do not depend on the mpp), so they are not read again."""
     try:
         reader = open_slide(slide_path)
     except SlideReadError as e:
@@ -384,10 +386,15 @@ def analysis_grid(slide_path: str, model_mpp: Optional[float], opts: InferenceOp
             raise SlideError(f"{slide_path}: {e}") from None
         tiles = tile_grid(aw, ah, tile_size, overlap)
         shape = grid_shape(aw, ah, tile_size, overlap)
-        thumb, level0_per_thumb = reader.thumbnail(opts.thumbnail_size)
-        region = tissue_mask(thumb) if opts.tissue_detection else np.ones(thumb.shape[:2], bool)
-        if roi_polys is not None:
-            region &= roi_mask(roi_polys, thumb.shape[:2], level0_per_thumb)
+        if tissue_of is not None:
+            thumb, level0_per_thumb = tissue_of.thumbnail, tissue_of.level0_per_thumbnail
+            region = tissue_of.region
+        else:
+            thumb, level0_per_thumb = reader.thumbnail(opts.thumbnail_size)
+            region = (tissue_mask(thumb) if opts.tissue_detection
+                      else np.ones(thumb.shape[:2], bool))
+            if roi_polys is not None:
+                region &= roi_mask(roi_polys, thumb.shape[:2], level0_per_thumb)
         tissue_area_mm2 = float(region.sum()) * (level0_per_thumb * slide_mpp / 1000.0) ** 2
         selected = np.asarray(tiles_in_mask(tiles, region,
                                             level0_per_thumb / geom.level0_per_analysis), bool)
@@ -437,7 +444,7 @@ def size_normalised_grid(model: torch.nn.Module, grid: AnalysisGrid, opts: Infer
     if scale == 1.0:
         return grid, info
     regrid = analysis_grid(grid.slide_path, equivalent_mpp(grid.level_mpp, scale), opts,
-                           gpu_free, True)
+                           gpu_free, True, tissue_of=grid)
     return regrid, info
 
 
