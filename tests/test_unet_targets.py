@@ -78,6 +78,31 @@ def test_three_class_map_draws_boundary_between_touching_nuclei():
     assert (cls4[20, 26:34] == BOUNDARY).all() and cls4[20, 25] == INTERIOR
 
 
+def test_contact_map_marks_only_where_nuclei_touch():
+    """MODEL.UNET.TARGET contact: class 2 only along the shared edge (and across a gap narrower
+    than the width); an isolated nucleus is all class 1; seeds stay apart."""
+    from scipy import ndimage as ndi
+
+    lab = two_touching_squares()
+    lab[2:8, 50:56] = 3  # isolated
+    cls = three_class_map(lab, boundary_width=2, target="contact")
+    assert (cls[20, 28:32] == BOUNDARY).all() and cls[20, 27] == INTERIOR
+    assert cls[10, 15] == INTERIOR and cls[29, 15] == INTERIOR  # outer rims are not contact
+    assert (cls[lab == 3] == INTERIOR).all() and (cls[lab == 0] == BACKGROUND).all()
+    assert ndi.label(cls == INTERIOR)[1] == 3
+    # a 1 px gap between two nuclei is still a contact at width 2, not at width 1
+    gap = np.zeros((20, 30), np.int32)
+    gap[5:15, 2:14], gap[5:15, 15:28] = 1, 2
+    assert three_class_map(gap, 2, "contact")[10, 13] == BOUNDARY
+    assert three_class_map(gap, 1, "contact")[10, 13] == INTERIOR
+    # a nucleus squeezed to nothing but contact keeps all its pixels as its seed
+    thin = np.zeros((20, 20), np.int32)
+    thin[5:15, 2:9], thin[5:15, 9:11], thin[5:15, 11:18] = 1, 2, 3
+    assert (three_class_map(thin, 2, "contact")[thin == 2] == INTERIOR).all()
+    with pytest.raises(ValueError, match="contact"):
+        three_class_map(lab, 2, "edges")
+
+
 def test_three_class_map_keeps_a_seed_in_tiny_nuclei():
     lab = np.zeros((20, 20), np.int32)
     lab[5:8, 5:8] = 1  # 3x3 nucleus: no pixel is 2 px from its outline
@@ -147,12 +172,13 @@ def test_fast_weight_map_equals_full_image_reference_on_real_dsb():
 
 
 # ------------------------------------------------------- GT -> 3-class -> watershed round trip
-@pytest.mark.parametrize("image_id", TOUCHING_DSB)
-def test_touching_nuclei_are_separated_by_the_watershed_on_real_dsb(image_id):
+@pytest.mark.parametrize("image_id,target", [(i, "boundary") for i in TOUCHING_DSB]
+                         + [(TOUCHING_DSB[0], "contact")])
+def test_touching_nuclei_are_separated_by_the_watershed_on_real_dsb(image_id, target):
     masks = dsb_masks(image_id)
     lab = labels_from_masks(masks)
     assert touching_pairs(lab) >= 10, "the test image must have touching nuclei"
-    cls = three_class_map(lab, boundary_width=2)
+    cls = three_class_map(lab, boundary_width=2, target=target)
     inst = instances_from_probabilities(probabilities_from_classes(cls), category_id=7,
                                         min_size=1, seed_thresh=0.5, smooth_sigma=0.0)
     gt = [mask_utils.encode(np.asfortranarray(m)) for m in masks]

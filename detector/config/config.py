@@ -32,6 +32,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "MODEL.BACKBONE.NAME": ("resnet18", "resnet34", "resnet50"),
     "MODEL.BACKBONE.NORM": ("FrozenBN", "BN", "SyncBN", "GN"),
     "MODEL.UNET.PADDING": ("valid", "same"),
+    "MODEL.UNET.TARGET": ("boundary", "contact"),
     "SOLVER.OPTIMIZER": ("SGD", "AdamW"),
     "SOLVER.LR_SCHEDULER": ("step", "cosine"),
     "SOLVER.AMP.DTYPE": ("bf16", "fp16"),

@@ -85,6 +85,11 @@ class UNetConfig:
     PADDING: str = "valid"
     # Width in px of the boundary class drawn around (and between touching) nuclei.
     BOUNDARY_WIDTH: int = 2
+    # What class 2 marks: "boundary", the band of BOUNDARY_WIDTH px inside every nucleus edge
+    # (around and between nuclei); or "contact", only the pixels of a nucleus within
+    # BOUNDARY_WIDTH px of another nucleus (the touching borders of the DSB2018 winners), so an
+    # isolated nucleus is all class 1. The watershed reads both alike.
+    TARGET: str = "boundary"
     # Weight map of the paper: w0 and sigma (px at the training mpp).
     W0: float = 10.0
     SIGMA: float = 5.0

@@ -2,7 +2,9 @@
 
 From the instances of one image (a label image, 0 = background, 1..N = nuclei) we compute
 
-- the **3-class map** (``uint8``, H x W): 0 background, 1 nucleus interior, 2 nucleus boundary.
+- the **3-class map** (``uint8``, H x W): 0 background, 1 nucleus interior, 2 nucleus boundary
+  (``MODEL.UNET.TARGET "boundary"``, the default; with ``"contact"`` class 2 marks only where
+  nuclei touch, :func:`contact_map`).
   The boundary is the band of pixels of a nucleus that lie closer than ``boundary_width`` px to
   a pixel that is not of that nucleus (background *or another nucleus*), so a boundary is also
   drawn between touching nuclei and their interiors never touch: the interiors are the seeds
@@ -91,16 +93,24 @@ def edge_pixels(labels: np.ndarray) -> np.ndarray:
     return edge & (lab > 0)
 
 
-def three_class_map(labels: np.ndarray, boundary_width: float = 2) -> np.ndarray:
+def three_class_map(labels: np.ndarray, boundary_width: float = 2, target: str = "boundary"
+                    ) -> np.ndarray:
     """3-class map of a label image (see the module docstring).
 
     Args:
         labels: ``(H, W)`` int, 0 = background, k > 0 = nucleus k.
         boundary_width: width in px of the boundary band inside every nucleus (> 0).
+        target: ``"boundary"`` (class 2 all around every nucleus) or ``"contact"`` (class 2
+            only where a nucleus lies within ``boundary_width`` px of another one;
+            :func:`contact_map`).
 
     Returns:
-        ``(H, W)`` uint8 in {0 background, 1 interior, 2 boundary}.
+        ``(H, W)`` uint8 in {0 background, 1 interior, 2 boundary or contact}.
     """
+    if target == "contact":
+        return contact_map(labels, boundary_width)
+    if target != "boundary":
+        raise ValueError(f"MODEL.UNET.TARGET must be 'boundary' or 'contact', got {target!r}")
     labels = np.asarray(labels)
     out = np.zeros(labels.shape, np.uint8)
     fg = labels > 0
@@ -127,6 +137,37 @@ def three_class_map(labels: np.ndarray, boundary_width: float = 2) -> np.ndarray
         interior |= small & (dist >= ridge_of[labels] - 1e-6)
     out[fg] = BOUNDARY
     out[interior] = INTERIOR
+    return out
+
+
+def contact_map(labels: np.ndarray, width: float = 2) -> np.ndarray:
+    """The "contact" 3-class map: 0 background, 2 the pixels of a nucleus that have a pixel of
+    another nucleus within ``width`` px (a disc; gaps narrower than that count as touching),
+    1 the rest of every nucleus. A nucleus left without class-1 pixels (small, or squeezed
+    between others) keeps them all as class 1, so that every nucleus has a seed: its
+    neighbours' pixels next to it are contact pixels, so seeds still never touch."""
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, np.uint8)
+    fg = labels > 0
+    if not fg.any():
+        return out
+    r = max(int(math.ceil(width)), 1)
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disc = (yy * yy + xx * xx) <= width * width
+    lab = labels.astype(np.int64)
+    big = int(lab.max()) + 1
+    # the largest and the smallest nucleus label within the disc (background ignored)
+    hi = ndi.grey_dilation(lab, footprint=disc, mode="nearest")
+    lo = ndi.grey_erosion(np.where(fg, lab, big), footprint=disc, mode="nearest")
+    contact = fg & ((hi != lab) | ((lo != lab) & (lo != big)))
+    out[fg] = INTERIOR
+    out[contact] = BOUNDARY
+    ids = np.unique(lab[fg])
+    has_interior = np.zeros(big, bool)
+    has_interior[np.unique(lab[fg & ~contact])] = True
+    missing = ids[~has_interior[ids]]
+    if len(missing):
+        out[np.isin(lab, missing)] = INTERIOR
     return out
 
 
@@ -248,6 +289,7 @@ class UNetTargets:
     def __init__(self, cfg: Any):
         u = cfg.MODEL.UNET
         self.boundary_width = float(u.BOUNDARY_WIDTH)
+        self.target = str(u.TARGET)  # checked by the config's CHOICES
         self.w0 = float(u.W0)
         self.sigma = float(u.SIGMA)
         self.train_mpp = cfg.INPUT.MPP
@@ -267,7 +309,7 @@ class UNetTargets:
     ) -> Tuple[np.ndarray, np.ndarray]:
         """``(classes uint8 (H, W), weights float32 (H, W))`` of a label image."""
         f = self.scale(image_mpp)
-        classes = three_class_map(labels, max(self.boundary_width * f, 1.0))
+        classes = three_class_map(labels, max(self.boundary_width * f, 1.0), self.target)
         weights = weight_map(labels, classes, self.w0, self.sigma * f)
         return classes, weights
 
