@@ -230,7 +230,14 @@ def torchvision_forward(model, img):
         out = inner([img.to(dev).float() / 255.0])[0]
     masks = None
     if "masks" in out:
-        m = (out["masks"][:, 0] > model.mask_threshold).cpu().numpy()
+        # our transform leaves the mask head's 28 x 28 probabilities unpasted; a plain loop
+        # pastes them into full-tile rasters with torchvision's own function
+        from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+        probs = out["masks"]
+        if probs.shape[-2:] != img.shape[-2:]:
+            probs = paste_masks_in_image(probs, out["boxes"], tuple(img.shape[-2:]))
+        m = (probs[:, 0] > model.mask_threshold).cpu().numpy()
         masks = [CropMask.from_full(x) for x in m]
     labels = model.label_to_id[out["labels"]].cpu().numpy()
     return Instances(tuple(img.shape[-2:]), out["boxes"].cpu().numpy(),
