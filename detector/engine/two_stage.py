@@ -132,8 +132,8 @@ def mine_negatives(detector: torch.nn.Module, coco_path: str, output: str,
     stats = {"images": len(cands), "look_alikes": n_mined, "area_mm2": area,
              "per_mm2": n_mined / area if area else 0.0, "score_thresh": score_thresh,
              "category": category, "exclude_um": exclude_um}
-    logger.info("mined %d " + category + "s from %d images (%.1f per mm^2) into %s", n_mined,
-                len(cands), stats["per_mm2"], output)
+    logger.info("mined %d %s objects from %d images (%.1f per mm^2) into %s", n_mined,
+                category, len(cands), stats["per_mm2"], output)
     return stats
 
 
