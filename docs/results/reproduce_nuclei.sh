@@ -7,9 +7,11 @@
 #   1. data: DSB2018 stage1_train split by experiment (--experiments auto: groups from modality,
 #      image size and colour; train/val/test 0.8/0.1/0.1, seed 0); the 13 labelled MoNuSeg
 #      training tiles (H&E) for training; the 4 ../shared/data/monuseg tiles only for the test.
-#   2. training, 45 min cap per model, both at once (one torch thread each):
-#      configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml and configs/nuclei/unet_mixed_cpu.yaml
-#      -> OUT/maskrcnn.pth, OUT/unet.pth (what infer_tiles.py --weights takes).
+#   2. training, 45 min cap per model, all three at once (one torch thread each):
+#      configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml, configs/nuclei/unet_mixed_cpu.yaml
+#      (class 2 the boundary band of every nucleus) and configs/nuclei/unet_contact_mixed_cpu.yaml
+#      (class 2 only where nuclei touch) -> OUT/maskrcnn.pth, OUT/unet.pth, OUT/unet_contact.pth
+#      (what infer_tiles.py --weights takes).
 #   3. predictions of every model (and of the classical baseline, when its config exists) on
 #      the validation split, the test split and the 4 MoNuSeg tiles (train_net.py --eval-only:
 #      each image at the scale its nuclei give, from a first pass).
@@ -34,7 +36,7 @@ conv() { "$PY" tools/convert_to_coco.py --quiet "$@" | grep -E "^wrote|^skipped|
 [ -f "$D/monuseg_test.json" ] || conv --format xml --input "$SHARED/monuseg" \
     --categories nucleus --modality he --output "$D/monuseg_test.json"
 
-say "2. training (45 min cap each, in parallel)"
+say "2. training (45 min cap each, all at once)"
 train() {  # name config
     local name=$1 cfg=$2
     [ -f "$OUT/$name/model_final.pth" ] || OMP_NUM_THREADS=1 "$PY" tools/train_net.py --resume \
@@ -46,12 +48,15 @@ train maskrcnn configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml &
 p1=$!
 train unet configs/nuclei/unet_mixed_cpu.yaml &
 p2=$!
-wait $p1 $p2
+train unet_contact configs/nuclei/unet_contact_mixed_cpu.yaml &
+p3=$!
+wait $p1 $p2 $p3
 t_train=$(( $(date +%s) - start ))
 
 say "3. predictions"
-models=(maskrcnn unet)
-cfgs=(configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml configs/nuclei/unet_mixed_cpu.yaml)
+models=(maskrcnn unet unet_contact)
+cfgs=(configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml configs/nuclei/unet_mixed_cpu.yaml
+      configs/nuclei/unet_contact_mixed_cpu.yaml)
 if [ -f configs/nuclei/classical.yaml ]; then
     models+=(classical); cfgs+=(configs/nuclei/classical.yaml)
     [ -f "$OUT/classical.pth" ] || "$PY" tools/train_net.py --config-file configs/nuclei/classical.yaml \
