@@ -124,8 +124,9 @@ def test_thresholds_are_the_best_pair_under_the_false_positive_bound():
     assert operating_point(pos, 0.05, 0.0)["recall"] == 1.0  # unbounded, all found
 
 
-def test_mining_writes_only_detections_away_from_figures(tmp_path):
-    img = blob_image()
+def figure_coco(tmp_path, img: np.ndarray) -> str:
+    """``img`` (600 x 800 px at 0.25 um/px) as ``f.png`` and a COCO file ``a.json`` holding it
+    with one annotated figure centred at (400, 300); returns the COCO file's path."""
     import cv2
 
     cv2.imwrite(str(tmp_path / "f.png"), img[..., ::-1])
@@ -134,6 +135,11 @@ def test_mining_writes_only_detections_away_from_figures(tmp_path):
     coco["annotations"].append({"image_id": 1, "category_id": 1, "bbox": [390, 290, 20, 20],
                                 "area": 400, "iscrowd": 0})
     save_coco(coco, str(tmp_path / "a.json"))
+    return str(tmp_path / "a.json")
+
+
+def test_mining_writes_only_detections_away_from_figures(tmp_path):
+    figure_coco(tmp_path, blob_image())
     stats = mine_negatives(BlobDetector(), str(tmp_path / "a.json"), str(tmp_path / "m.json"),
                            score_thresh=0.5, default_mpp=0.25, progress=False)
     mined = json.loads((tmp_path / "m.json").read_text())
@@ -152,16 +158,9 @@ def test_nuclei_of_the_figures_own_images_are_harvested_beyond_the_exclusion(tmp
     """mine --category nucleus --exclude-um: a nucleus model's objects in the figure crops
     become "nucleus" negatives, except those within exclude_um of a figure (the far half of an
     anaphase lies beyond the 7.5 um matching radius but must not be taught as a nucleus)."""
-    import cv2
-
     # blobs 24 px (6 um) and 48 px (12 um) right of the figure at (400, 300), one far away
-    img = blob_image(dark=((400, 300), (424, 300), (448, 300), (700, 500)), grey=())
-    cv2.imwrite(str(tmp_path / "f.png"), img[..., ::-1])
-    coco = new_coco(FIGURE, ".")
-    coco["images"].append(image_entry(1, "f.png", 600, 800, mpp=0.25))
-    coco["annotations"].append({"image_id": 1, "category_id": 1, "bbox": [390, 290, 20, 20],
-                                "area": 400, "iscrowd": 0})
-    save_coco(coco, str(tmp_path / "a.json"))
+    figure_coco(tmp_path, blob_image(dark=((400, 300), (424, 300), (448, 300), (700, 500)),
+                                     grey=()))
     centres = {}
     for um in (7.5, 15.0):
         out = tmp_path / f"n{um}.json"
