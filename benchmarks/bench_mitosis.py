@@ -162,12 +162,14 @@ def main() -> int:
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
 
+    score_name = ("p(figure)" if second.fusion == "classifier"
+                  else f"score ({second.fusion} fusion)")
     L = ["| | recall (test crops) | precision (test crops) | MoNuSeg detections | per mm² | "
          "per 10 HPF |", "|---|---|---|---|---|---|"]
     for r in rows:
         t, m = r["test"], r["monuseg"]
         L.append(f"| {r['row']} (det >= {r['t_det']:.2f}"
-                 + (f", p(figure) >= {r['t_fig']:.3f}" if r["t_fig"] else "") + ") | "
+                 + (f", {score_name} >= {r['t_fig']:.3f}" if r["t_fig"] else "") + ") | "
                  f"{t['recall']:.3f} [{r['recall_ci'][0]:.3f}, {r['recall_ci'][1]:.3f}] "
                  f"({t['found']}/{t['figures']}) | {r['precision']:.3f} "
                  f"[{r['precision_ci'][0]:.3f}, {r['precision_ci'][1]:.3f}] | "

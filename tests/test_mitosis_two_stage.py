@@ -14,8 +14,8 @@ from detector.data.coco import image_entry, new_coco, save_coco
 from detector.data.dataset import CocoInstanceDataset
 from detector.data.patches import read_patch
 from detector.engine.checkpoint import load_checkpoint, save_checkpoint
-from detector.engine.two_stage import (ImageCandidates, choose_thresholds, mine_negatives,
-                                       operating_point, write_bundle)
+from detector.engine.two_stage import (ImageCandidates, choose_fusion, choose_thresholds,
+                                       mine_negatives, operating_point, write_bundle)
 from detector.evaluation.classification import classification_metrics
 from detector.inference.runner import InferenceOptions, infer_slide
 from detector.inference.second_stage import SecondStage, second_stage_from_checkpoint
@@ -122,6 +122,35 @@ def test_thresholds_are_the_best_pair_under_the_false_positive_bound():
     assert p["recall"] == best[0] and n["false_positives"] == -best[1]
     assert n["fp_per_mm2"] <= 1.0 and p["recall"] == pytest.approx(2 / 3)
     assert operating_point(pos, 0.05, 0.0)["recall"] == 1.0  # unbounded, all found
+
+
+def test_fusion_rule_is_chosen_on_validation_and_travels_in_the_bundle(tmp_path):
+    """A figure the detector is sure of but the classifier doubts (A), one the classifier is
+    sure of (B), and a look-alike both half like (N): no pair of thresholds keeps A and B
+    without N, while the geometric mean of the two scores ranks N last, so the bundle step
+    chooses it; the bundle then scores candidates by it."""
+    pos = [_cands([[50, 50]], [[50, 51]], [0.99], [0.40]),
+           _cands([[50, 50]], [[51, 50]], [0.55], [0.95])]
+    neg = [_cands([], [[10, 10]], [0.80], [0.45], area=1.0)]
+    fusion, p, n, tried = choose_fusion(pos, neg, max_fp_per_mm2=0.0)
+    assert tried["classifier"]["positives"]["recall"] == 0.5
+    assert fusion == "geometric" and p["recall"] == 1.0 and n["false_positives"] == 0
+    assert np.sqrt(0.8 * 0.45) < p["t_fig"] <= np.sqrt(0.99 * 0.40)
+    # ties go to the classifier alone
+    assert choose_fusion(pos[1:], neg, 0.0)[0] == "classifier"
+
+    _random_bundle(tmp_path, 0.3, p["t_fig"])
+    write_bundle(str(tmp_path / "det.pth"), str(tmp_path / "cls.pth"), str(tmp_path / "g.pth"),
+                 0.3, p["t_fig"], fusion="geometric")
+    assert second_stage_from_checkpoint(load_checkpoint(str(tmp_path / "b.pth"))).fusion \
+        == "classifier"
+    second = second_stage_from_checkpoint(load_checkpoint(str(tmp_path / "g.pth")))
+    inst = Instances((100, 100), np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32),
+                     np.array([0.99, 0.8], np.float32), np.ones(2, np.int64))
+    out, det = second.rescore(inst, np.array([[0.6, 0.3, 0.1], [0.55, 0.05, 0.4]], np.float32))
+    np.testing.assert_allclose(out.scores, np.sqrt([0.99 * 0.4, 0.8 * 0.45]), rtol=1e-6)
+    np.testing.assert_allclose(det, [0.99, 0.8])
+    assert list(out.labels) == [1, 2]
 
 
 def figure_coco(tmp_path, img: np.ndarray) -> str:

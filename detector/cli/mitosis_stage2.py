@@ -26,8 +26,9 @@ from ..data.coco import CocoFormatError
 from ..data.image_io import ImageReadError
 from ..engine.checkpoint import CheckpointError, load_checkpoint
 from ..engine.trainer import resolve_device
-from ..engine.two_stage import (best_f1_threshold, choose_thresholds, collect_candidates,
+from ..engine.two_stage import (best_f1_threshold, choose_fusion, collect_candidates,
                                 mine_negatives, operating_point, write_bundle)
+from ..inference.second_stage import FUSIONS
 from ..inference.second_stage import second_stage_from_checkpoint
 from ..modeling.build import WeightsError, load_model
 
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-fp-per-mm2", type=float, default=2.0,
                    help="false positives per mm^2 allowed on the validation negatives "
                         "(default 2.0)")
+    b.add_argument("--fusion", choices=("auto",) + FUSIONS, default="auto",
+                   help="the candidate's score: p(figure) of the classifier, or the geometric "
+                        "mean of p(figure) and the detector's score; auto (default) takes the "
+                        "rule of higher validation recall within --max-fp-per-mm2")
     b.add_argument("--output", required=True, help="the bundle checkpoint to write")
     return p
 
@@ -101,9 +106,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                collect_candidates(detector, second, f, args.mpp, NEGATIVE_CATEGORIES)]
         neg = [c for f in args.val_negatives for c in
                collect_candidates(detector, second, f, args.mpp, NEGATIVE_CATEGORIES)]
-        p_op, n_op = choose_thresholds(pos, neg, args.max_fp_per_mm2)
+        fusion, p_op, n_op, tried = choose_fusion(
+            pos, neg, args.max_fp_per_mm2, FUSIONS if args.fusion == "auto" else (args.fusion,))
         s1 = best_f1_threshold(pos)
-        info = {"stage1_best_f1": s1,
+        info = {"stage1_best_f1": s1, "fusion": fusion, "fusions_tried": tried,
                 "stage1_best_f1_negatives": operating_point(neg, s1["threshold"], 0.0),
                 "validation_positives": list(args.val_positives),
                 "validation_negatives": list(args.val_negatives),
@@ -111,8 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "stage1_only": {"positives": operating_point(pos, p_op["t_det"], 0.0),
                                 "negatives": operating_point(neg, p_op["t_det"], 0.0)}}
         write_bundle(args.detector, args.classifier, args.output, p_op["t_det"], p_op["t_fig"],
-                     info)
+                     info, fusion)
         print(json.dumps({"candidate_threshold": p_op["t_det"], "threshold": p_op["t_fig"],
+                          "fusion": fusion,
                           "validation": info}, indent=1))
         print(f"wrote {args.output}")
         return 0

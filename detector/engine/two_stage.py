@@ -13,6 +13,7 @@ The recipe (``docs/results/reproduce_mitosis.sh`` runs it):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from ..data.coco import load_coco, new_coco, save_coco
 from ..data.image_io import read_image
 from ..fileio import atomic_write
-from ..inference.second_stage import SecondStage, predict_two_stage
+from ..inference.second_stage import FUSIONS, SecondStage, fuse_scores, predict_two_stage
 from .checkpoint import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def collect_candidates(detector: torch.nn.Module, second: Optional[SecondStage],
         if a["category_id"] not in neg:
             by_image.setdefault(a["image_id"], []).append(a)
     keep_all = None if second is None else SecondStage(
-        second.model, second.classes, second.patch_size, second.threshold, 0.0, second.mpp)
+        second.model, second.classes, second.patch_size, second.threshold, 0.0, second.mpp,
+        fusion=second.fusion)
     out = []
     for im in tqdm(data["images"], desc=os.path.basename(coco_path), disable=not progress,
                    leave=False):
@@ -211,6 +213,34 @@ def choose_thresholds(positives: Sequence[ImageCandidates], negatives: Sequence[
     return best[1], best[2]
 
 
+def with_fusion(images: Sequence[ImageCandidates], fusion: str) -> List[ImageCandidates]:
+    """``images`` (collected with the "classifier" rule: ``fig_scores`` = p(figure)) with their
+    final scores formed by ``fusion`` instead (:func:`fuse_scores`)."""
+    return [dataclasses.replace(img, fig_scores=fuse_scores(img.fig_scores, img.det_scores,
+                                                             fusion)) for img in images]
+
+
+def choose_fusion(positives: Sequence[ImageCandidates], negatives: Sequence[ImageCandidates],
+                  max_fp_per_mm2: float, fusions: Sequence[str] = FUSIONS
+                  ) -> Tuple[str, Dict[str, float], Dict[str, float], Dict[str, Any]]:
+    """The score rule (``fusions``, each with its own thresholds by :func:`choose_thresholds`)
+    of the highest validation recall within the bound; ties go to fewer false positives, then
+    to the first rule listed (the classifier alone). ``positives``/``negatives`` are collected
+    with the "classifier" rule. Returns (rule, positives' point, negatives' point, every rule's
+    points)."""
+    tried: Dict[str, Any] = {}
+    best = None
+    for i, fusion in enumerate(fusions):
+        pos, neg = choose_thresholds(with_fusion(positives, fusion),
+                                     with_fusion(negatives, fusion), max_fp_per_mm2)
+        tried[fusion] = {"positives": pos, "negatives": neg}
+        key = (pos["recall"], -neg["false_positives"], -i)
+        if best is None or key > best[0]:
+            best = (key, fusion, pos, neg)
+    assert best is not None
+    return best[1], best[2], best[3], tried
+
+
 def best_f1_threshold(images: Sequence[ImageCandidates], stage2: bool = False) -> Dict[str, float]:
     """The detector-only (or, with ``stage2``, the stage-2) threshold of best point F1 on
     ``images``, and its operating point: how a one-stage detector's threshold is chosen."""
@@ -226,7 +256,8 @@ def best_f1_threshold(images: Sequence[ImageCandidates], stage2: bool = False) -
 
 
 def write_bundle(detector_path: str, classifier_path: str, output: str, candidate_threshold: float,
-                 threshold: float, info: Optional[Dict[str, Any]] = None) -> None:
+                 threshold: float, info: Optional[Dict[str, Any]] = None,
+                 fusion: str = "classifier") -> None:
     """One checkpoint holding both stages (see :mod:`detector.inference.second_stage`): the
     detector's entries as they are, plus ``second_stage``. Training states are left out."""
     det = load_checkpoint(detector_path)
@@ -235,7 +266,8 @@ def write_bundle(detector_path: str, classifier_path: str, output: str, candidat
     bundle["second_stage"] = {
         "model": cls["model"], "config": cls["config"], "classes": list(cls["classes"]),
         "mpp": cls.get("mpp"), "threshold": float(threshold),
-        "candidate_threshold": float(candidate_threshold), "info": dict(info or {}),
+        "candidate_threshold": float(candidate_threshold), "fusion": fusion,
+        "info": dict(info or {}),
     }
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with atomic_write(output, "wb") as f:

@@ -557,7 +557,7 @@ def second_stage_filter(dets: Detections, grid: AnalysisGrid, second: SecondStag
     area = grid.tissue_area_mm2
     info = {"candidates": int(len(inst)), "candidate_threshold": second.candidate_threshold,
             "candidates_per_mm2": len(inst) / area if area else 0.0,
-            "threshold": opts.score_thresh, "kept": int(keep.sum())}
+            "threshold": opts.score_thresh, "fusion": second.fusion, "kept": int(keep.sum())}
     return Detections(inst[keep], dets.centroids[keep], dets.areas[keep],
                       dets.outside_tissue), info
 

@@ -11,8 +11,11 @@ score above which candidates go to stage 2, chosen on validation for recall).
 Re-scoring: a patch of ``MODEL.CLASSIFIER.PATCH_SIZE`` px (at the analysis resolution, which is
 the training mpp of both stages) centred on each candidate's box centre gives class
 probabilities; the candidate's score becomes p(figure) = 1 - p(look-alike) and its label the
-most probable figure class (a phase, when the classifier was trained on phases). The
-detector's own score is kept alongside (``detector_scores``).
+most probable figure class (a phase, when the classifier was trained on phases). With the
+bundle's ``fusion`` "geometric" the score is sqrt(p(figure) x detector score) instead, so that a
+candidate both stages are fairly sure of outranks one only the classifier likes; the bundle step
+chooses the rule on validation. The detector's own score is kept alongside
+(``detector_scores``).
 """
 from __future__ import annotations
 
@@ -31,6 +34,20 @@ from ..structures.instances import Instances
 ReadFn = Callable[[int, int, int, int], np.ndarray]
 
 
+#: the rules of :func:`fuse_scores`
+FUSIONS = ("classifier", "geometric")
+
+
+def fuse_scores(p_figure: np.ndarray, det_scores: np.ndarray, fusion: str) -> np.ndarray:
+    """A candidate's final score from the classifier's p(figure) and the detector's score:
+    p(figure) ("classifier") or their geometric mean ("geometric")."""
+    if fusion == "classifier":
+        return np.asarray(p_figure, np.float64)
+    if fusion == "geometric":
+        return np.sqrt(np.clip(p_figure, 0, 1) * np.clip(det_scores, 0, 1))
+    raise ValueError(f"second-stage fusion {fusion!r}: one of {', '.join(FUSIONS)}")
+
+
 @dataclass
 class SecondStage:
     """The loaded patch classifier of a bundle and its thresholds."""
@@ -43,6 +60,8 @@ class SecondStage:
     mpp: Optional[float] = None
     batch_size: int = 128
     info: Dict[str, Any] = field(default_factory=dict)
+    #: how the score is formed: "classifier" (p(figure)) or "geometric" (sqrt(p x detector))
+    fusion: str = "classifier"
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +87,9 @@ class SecondStage:
         the detector's scores (same order)."""
         ids = np.array([int(c["id"]) for c in self.classes], np.int64)
         labels = ids[probs[:, 1:].argmax(1)] if len(probs) else np.zeros(0, np.int64)
-        out = Instances(inst.image_size, inst.boxes, 1.0 - probs[:, 0], labels, inst.masks)
+        scores = fuse_scores(1.0 - probs[:, 0], inst.scores, self.fusion)
+        out = Instances(inst.image_size, inst.boxes, scores.astype(np.float32), labels,
+                        inst.masks)
         return out, inst.scores.copy()
 
     def apply(self, inst: Instances, read: ReadFn, size_hw: Tuple[int, int],
@@ -94,7 +115,8 @@ def second_stage_from_checkpoint(ckpt: Dict[str, Any], device: str = "cpu"
     model.to(device).eval()
     return SecondStage(model, classes, int(cfg.MODEL.CLASSIFIER.PATCH_SIZE),
                        float(entry["threshold"]), float(entry["candidate_threshold"]),
-                       entry.get("mpp"), info=dict(entry.get("info") or {}))
+                       entry.get("mpp"), info=dict(entry.get("info") or {}),
+                       fusion=str(entry.get("fusion", "classifier")))
 
 
 def predict_two_stage(detector: nn.Module, second: Optional[SecondStage], image: np.ndarray,
