@@ -74,9 +74,12 @@ def merge_detections(inst: Instances, iou_thresh: float = 0.5, mask_iou_thresh: 
     Class-wise NMS (``torchvision.ops.batched_nms``) at ``iou_thresh`` on the boxes; when the
     detections have masks, a suppressed detection is restored unless its mask IoU with the
     detection that suppressed it (same class, highest box IoU) is >= ``mask_iou_thresh``.
-    NMS runs per square cell of side ``cell`` (default: 8 x the largest box, at least 2048 px),
-    each cell seeing its neighbours' detections within one largest-object margin, so results
-    equal one global NMS for objects no larger than the margin.
+    NMS runs per square cell of side ``cell`` (default: 8 x the largest box, at least 512 px),
+    each cell seeing its neighbours' detections within two largest-object margins (so that a
+    chain A suppresses B, B would suppress C is seen whole), so results equal one global NMS
+    for objects no larger than the margin. Cells are small so that each NMS is cheap (its cost
+    grows with the square of the detections it sees); a cell finds its neighbours' detections
+    through the 3 x 3 cells around it, not by scanning the slide.
 
     Returns the kept detections, sorted by descending score.
     """
@@ -85,9 +88,10 @@ def merge_detections(inst: Instances, iou_thresh: float = 0.5, mask_iou_thresh: 
         return inst
     boxes = inst.boxes.astype(np.float64)
     wh = boxes[:, 2:] - boxes[:, :2]
-    margin = float(max(1.0, wh.max()))
+    margin = 2.0 * float(max(1.0, wh.max()))
     if cell is None:
-        cell = max(2048.0, 8.0 * margin)
+        cell = max(512.0, 4.0 * margin)
+    cell = max(float(cell), margin)  # the 3 x 3 neighbourhood must hold the margin
     cx = (boxes[:, 0] + boxes[:, 2]) / 2
     cy = (boxes[:, 1] + boxes[:, 3]) / 2
     ci = np.floor(cx / cell).astype(np.int64)
@@ -96,22 +100,30 @@ def merge_detections(inst: Instances, iou_thresh: float = 0.5, mask_iou_thresh: 
     ts = torch.from_numpy(inst.scores.astype(np.float32))
     tl = torch.from_numpy(inst.labels)
     keep = np.zeros(n, bool)
-    order = np.lexsort((ci, cj))
     b32 = boxes.astype(np.float32)
     pair_s, pair_k = [], []  # suppressed detection, the kept one whose mask must confirm it
     # group detections by home cell
-    keys = cj[order] * (ci.max() + 2) + ci[order]
-    splits = np.flatnonzero(np.diff(keys)) + 1
-    for group in np.split(order, splits):
+    ci0, cj0 = ci - ci.min() + 1, cj - cj.min() + 1
+    stride = int(ci0.max()) + 2
+    keys = cj0 * stride + ci0
+    order = np.argsort(keys, kind="stable")
+    ukeys, starts = np.unique(keys[order], return_index=True)
+    bounds = np.r_[starts, n]
+    where = {int(k): (int(a), int(b)) for k, a, b in zip(ukeys, bounds[:-1], bounds[1:])}
+    nbr = [dj * stride + di for dj in (-1, 0, 1) for di in (-1, 0, 1)]
+    for key, (a0, a1) in where.items():
+        group = order[a0:a1]
         i0, j0 = ci[group[0]], cj[group[0]]
         x0, y0 = i0 * cell - margin, j0 * cell - margin
         x1, y1 = (i0 + 1) * cell + margin, (j0 + 1) * cell + margin
-        ext = np.flatnonzero((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1))
+        near = np.concatenate([order[slice(*where[key + d])] for d in nbr if key + d in where])
+        near.sort()
+        ext = near[(cx[near] >= x0) & (cx[near] < x1) & (cy[near] >= y0) & (cy[near] < y1)]
         ext_t = torch.from_numpy(ext)
         k = batched_nms(tb[ext_t], ts[ext_t], tl[ext_t], iou_thresh).numpy()
         kept_ext = np.zeros(len(ext), bool)
         kept_ext[k] = True
-        home = np.isin(ext, group)
+        home = (ci[ext] == i0) & (cj[ext] == j0)
         keep[ext[kept_ext & home]] = True
         if inst.masks is not None:
             sup, kk = ext[home & ~kept_ext], ext[kept_ext]
