@@ -377,3 +377,17 @@ def test_hard_negatives_get_their_share_of_the_negative_samples(tmp_path):
     w = ds.sample_weights()
     assert ds.hard.sum() == 3 and w.sum() == pytest.approx(1.0)
     assert w[ds.hard].sum() == pytest.approx(0.3) and w[ds.labels() > 0].sum() == pytest.approx(0.5)
+
+
+def test_stage2_cli_reports_a_bad_checkpoint_by_name(tmp_path, capsys):
+    """A missing or corrupt checkpoint stops `mitosis_stage2.py` with status 2 and one line
+    naming the file, not a traceback."""
+    from detector.cli.mitosis_stage2 import main
+
+    bad = tmp_path / "detector.pth"
+    bad.write_bytes(b"not a checkpoint")
+    rc = main(["--device", "cpu", "mine", "--weights", str(bad), "--input", "a.json",
+               "--output", "b.json"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "detector.pth" in err
+    assert "Traceback" not in err

@@ -22,15 +22,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..data.coco import CocoFormatError
-from ..data.image_io import ImageReadError
-from ..engine.checkpoint import CheckpointError, load_checkpoint
+from ..engine.checkpoint import load_checkpoint
+from ..errors import DetectorError, report
 from ..engine.trainer import resolve_device
 from ..engine.two_stage import (best_f1_threshold, choose_fusion, collect_candidates,
                                 mine_negatives, operating_point, write_bundle)
 from ..inference.second_stage import FUSIONS
 from ..inference.second_stage import second_stage_from_checkpoint
-from ..modeling.build import WeightsError, load_model
+from ..modeling.build import load_model
 
 NEGATIVE_CATEGORIES = ("nucleus", "not mitotic figure", "look-alike")
 
@@ -123,9 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "validation": info}, indent=1))
         print(f"wrote {args.output}")
         return 0
-    except (CheckpointError, WeightsError, CocoFormatError, ImageReadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except DetectorError as e:  # bad checkpoint, COCO file, image, config or device
+        return report(e)
 
 
 if __name__ == "__main__":
