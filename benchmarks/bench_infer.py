@@ -244,13 +244,44 @@ def torchvision_forward(model, img):
                      out["scores"].cpu().numpy(), labels, masks)
 
 
+class PastedMasks:
+    """The torchvision model as SAHI expects it: masks as full-slice probability rasters.
+    Our transform leaves the mask head's 28 x 28 probabilities unpasted (the tool pastes each
+    into its box's crop); SAHI reads ``masks`` as slice rasters, so without this wrapper it
+    turns 28 x 28 maps into nonsense outlines and keeps a few dozen detections."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.transform = inner.transform  # SAHI sets its min/max size when given image_size
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def eval(self):  # SAHI keeps what eval() and to() return
+        self.inner.eval()
+        return self
+
+    def to(self, device):
+        self.inner.to(device)
+        return self
+
+    def __call__(self, images):
+        from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+        outs = self.inner(images)
+        for o, im in zip(outs, images):
+            if "masks" in o and o["masks"].shape[-2:] != im.shape[-2:]:
+                o["masks"] = paste_masks_in_image(o["masks"], o["boxes"], tuple(im.shape[-2:]))
+        return outs
+
+
 def run_sahi(model, img, args) -> Tuple[float, np.ndarray]:
     from sahi.models.torchvision import TorchVisionDetectionModel
     from sahi.predict import get_sliced_prediction
 
     inner = getattr(model, "model", model)  # our RCNN wraps the torchvision model
     dev = str(next(model.parameters()).device)
-    sm = TorchVisionDetectionModel(model=inner, device=dev, confidence_threshold=args.score_thresh,
+    sm = TorchVisionDetectionModel(model=PastedMasks(inner), device=dev, confidence_threshold=args.score_thresh,
                                    category_mapping={"1": "nucleus", "2": "mitotic figure"},
                                    load_at_init=True)
     ratio = args.overlap / args.tile_size
