@@ -204,7 +204,7 @@ def test_merge_across_spatial_cells_equals_global_nms():
                      0.5).tolist()
     assert sorted(tv) == sorted(want)
     expect = sorted(tuple(boxes[i]) + (int(inst.labels[i]),) for i in want)
-    for cell in (300, 10000):  # many cells (duplicates and chains straddle them), and one
+    for cell in (300, 10000, None):  # many cells (duplicates and chains straddle them), one, the default
         merged = merge_detections(inst, cell=cell)
         got = sorted(tuple(b) + (int(c),) for b, c in zip(merged.boxes.astype(np.float64).tolist(),
                                                           merged.labels))
