@@ -2,6 +2,10 @@
 # Reproduce the README's nuclei results: models for experiments they have not seen, on 2 CPU cores.
 #
 #   bash docs/results/reproduce_nuclei.sh [OUT]        (default OUT=output/nuclei)
+#   MODELS=maskrcnn TRAIN_THREADS=2 bash docs/results/reproduce_nuclei.sh OUT   (one model alone)
+#
+# MODELS (default "maskrcnn unet unet_contact") picks the learned models; TRAIN_THREADS (default
+# 1) is the torch threads of each training: 1 when three train at once on 2 cores, 2 for one.
 #
 # Steps (each skipped when its output exists, so a killed run goes on where it stopped):
 #   1. data: DSB2018 stage1_train split by experiment (--experiments auto: groups from modality,
@@ -39,24 +43,27 @@ conv() { "$PY" tools/convert_to_coco.py --quiet "$@" | grep -E "^wrote|^skipped|
 say "2. training (45 min cap each, all at once)"
 train() {  # name config
     local name=$1 cfg=$2
-    [ -f "$OUT/$name/model_final.pth" ] || OMP_NUM_THREADS=1 "$PY" tools/train_net.py --resume \
+    [ -f "$OUT/$name/model_final.pth" ] || OMP_NUM_THREADS=${TRAIN_THREADS:-1} "$PY" tools/train_net.py --resume \
         --config-file "$cfg" DATASETS.TRAIN "[$D/dsb_train.json, $D/monuseg_train.json]" \
         DATASETS.TEST "[$D/dsb_val.json]" OUTPUT_DIR "$OUT/$name" > "$OUT/$name.train.log" 2>&1
     cp "$OUT/$name/model_final.pth" "$OUT/$name.pth"
 }
-train maskrcnn configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml &
-p1=$!
-train unet configs/nuclei/unet_mixed_cpu.yaml &
-p2=$!
-train unet_contact configs/nuclei/unet_contact_mixed_cpu.yaml &
-p3=$!
-wait $p1 $p2 $p3
+declare -A CFG=([maskrcnn]=configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml
+                [unet]=configs/nuclei/unet_mixed_cpu.yaml
+                [unet_contact]=configs/nuclei/unet_contact_mixed_cpu.yaml)
+read -r -a models <<< "${MODELS:-maskrcnn unet unet_contact}"
+pids=()
+for m in "${models[@]}"; do
+    [ -n "${CFG[$m]:-}" ] || { echo "MODELS: unknown model $m (maskrcnn, unet, unet_contact)"; exit 2; }
+    train "$m" "${CFG[$m]}" &
+    pids+=($!)
+done
+wait "${pids[@]}"
 t_train=$(( $(date +%s) - start ))
 
 say "3. predictions"
-models=(maskrcnn unet unet_contact)
-cfgs=(configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml configs/nuclei/unet_mixed_cpu.yaml
-      configs/nuclei/unet_contact_mixed_cpu.yaml)
+cfgs=()
+for m in "${models[@]}"; do cfgs+=("${CFG[$m]}"); done
 if [ -f configs/nuclei/classical.yaml ]; then
     models+=(classical); cfgs+=(configs/nuclei/classical.yaml)
     [ -f "$OUT/classical.pth" ] || "$PY" tools/train_net.py --config-file configs/nuclei/classical.yaml \
