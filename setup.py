@@ -36,6 +36,7 @@ setup(
     extras_require={
         "dev": ["pytest>=7.4", "shapely>=2.0", "ruff>=0.5", "mypy>=1.10"],
         "bench": ["sahi>=0.11", "psutil>=5.9"],
+        "peer": ["cellpose>=3,<4"],
     },
     entry_points={
         "console_scripts": [
