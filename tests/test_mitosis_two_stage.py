@@ -391,3 +391,4 @@ def test_stage2_cli_reports_a_bad_checkpoint_by_name(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and "detector.pth" in err
     assert "Traceback" not in err
+    assert torch.is_grad_enabled()  # the CLI's no-grad mode ends with the call

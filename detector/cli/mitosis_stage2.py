@@ -80,50 +80,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s",
                         datefmt="%H:%M:%S")
-    torch.set_grad_enabled(False)
     try:
-        device = str(resolve_device(args.device))
-        if args.command == "mine":
-            if len(args.input) != len(args.output):
-                print("error: mine takes one --output per --input", file=sys.stderr)
-                return 2
-            detector, _, _, _ = load_model(args.weights, device)
-            for inp, out in zip(args.input, args.output):
-                stats = mine_negatives(detector, inp, out, args.score_thresh, args.mpp,
-                                       NEGATIVE_CATEGORIES, category=args.category,
-                                       exclude_um=args.exclude_um)
-                print(f"{out}: {stats['look_alikes']} {args.category} objects from {stats['images']} images "
-                      f"({stats['per_mm2']:.1f} per mm^2 at score >= {args.score_thresh})")
-            return 0
-        detector, _, _, _ = load_model(args.detector, device)
-        cls_ckpt = load_checkpoint(args.classifier)
-        second = second_stage_from_checkpoint(
-            {"second_stage": {"model": cls_ckpt["model"], "config": cls_ckpt["config"],
-                              "classes": cls_ckpt["classes"], "mpp": cls_ckpt.get("mpp"),
-                              "threshold": 0.5, "candidate_threshold": 0.0}}, device)
-        pos = [c for f in args.val_positives for c in
-               collect_candidates(detector, second, f, args.mpp, NEGATIVE_CATEGORIES)]
-        neg = [c for f in args.val_negatives for c in
-               collect_candidates(detector, second, f, args.mpp, NEGATIVE_CATEGORIES)]
-        fusion, p_op, n_op, tried = choose_fusion(
-            pos, neg, args.max_fp_per_mm2, FUSIONS if args.fusion == "auto" else (args.fusion,))
-        s1 = best_f1_threshold(pos)
-        info = {"stage1_best_f1": s1, "fusion": fusion, "fusions_tried": tried,
-                "stage1_best_f1_negatives": operating_point(neg, s1["threshold"], 0.0),
-                "validation_positives": list(args.val_positives),
-                "validation_negatives": list(args.val_negatives),
-                "max_fp_per_mm2": args.max_fp_per_mm2, "positives": p_op, "negatives": n_op,
-                "stage1_only": {"positives": operating_point(pos, p_op["t_det"], 0.0),
-                                "negatives": operating_point(neg, p_op["t_det"], 0.0)}}
-        write_bundle(args.detector, args.classifier, args.output, p_op["t_det"], p_op["t_fig"],
-                     info, fusion)
-        print(json.dumps({"candidate_threshold": p_op["t_det"], "threshold": p_op["t_fig"],
-                          "fusion": fusion,
-                          "validation": info}, indent=1))
-        print(f"wrote {args.output}")
-        return 0
+        # no gradients for this call only (a caller's own grad mode, e.g. a test's, is kept)
+        with torch.no_grad():
+            return _run(args)
     except DetectorError as e:  # bad checkpoint, COCO file, image, config or device
         return report(e)
+
+
+def _run(args: argparse.Namespace) -> int:
+    device = str(resolve_device(args.device))
+    if args.command == "mine":
+        if len(args.input) != len(args.output):
+            print("error: mine takes one --output per --input", file=sys.stderr)
+            return 2
+        detector, _, _, _ = load_model(args.weights, device)
+        for inp, out in zip(args.input, args.output):
+            stats = mine_negatives(detector, inp, out, args.score_thresh, args.mpp,
+                                   NEGATIVE_CATEGORIES, category=args.category,
+                                   exclude_um=args.exclude_um)
+            print(f"{out}: {stats['look_alikes']} {args.category} objects from {stats['images']} images "
+                  f"({stats['per_mm2']:.1f} per mm^2 at score >= {args.score_thresh})")
+        return 0
+    detector, _, _, _ = load_model(args.detector, device)
+    cls_ckpt = load_checkpoint(args.classifier)
+    second = second_stage_from_checkpoint(
+        {"second_stage": {"model": cls_ckpt["model"], "config": cls_ckpt["config"],
+                          "classes": cls_ckpt["classes"], "mpp": cls_ckpt.get("mpp"),
+                          "threshold": 0.5, "candidate_threshold": 0.0}}, device)
+    pos = [c for f in args.val_positives for c in
+           collect_candidates(detector, second, f, args.mpp, NEGATIVE_CATEGORIES)]
+    neg = [c for f in args.val_negatives for c in
+           collect_candidates(detector, second, f, args.mpp, NEGATIVE_CATEGORIES)]
+    fusion, p_op, n_op, tried = choose_fusion(
+        pos, neg, args.max_fp_per_mm2, FUSIONS if args.fusion == "auto" else (args.fusion,))
+    s1 = best_f1_threshold(pos)
+    info = {"stage1_best_f1": s1, "fusion": fusion, "fusions_tried": tried,
+            "stage1_best_f1_negatives": operating_point(neg, s1["threshold"], 0.0),
+            "validation_positives": list(args.val_positives),
+            "validation_negatives": list(args.val_negatives),
+            "max_fp_per_mm2": args.max_fp_per_mm2, "positives": p_op, "negatives": n_op,
+            "stage1_only": {"positives": operating_point(pos, p_op["t_det"], 0.0),
+                            "negatives": operating_point(neg, p_op["t_det"], 0.0)}}
+    write_bundle(args.detector, args.classifier, args.output, p_op["t_det"], p_op["t_fig"],
+                 info, fusion)
+    print(json.dumps({"candidate_threshold": p_op["t_det"], "threshold": p_op["t_fig"],
+                      "fusion": fusion,
+                      "validation": info}, indent=1))
+    print(f"wrote {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
