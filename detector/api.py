@@ -54,12 +54,15 @@ class Detector:
         except StopIteration:
             return torch.device("cpu")
 
-    def predict(self, image: np.ndarray, score_thresh: float = 0.0) -> Instances:
+    def predict(self, image: np.ndarray, score_thresh: float = 0.0, amp: bool = True
+                ) -> Instances:
         """Detections of one ``(H, W, 3)`` uint8 RGB image (or ``(H, W)`` grey) in its pixels:
         boxes XYXY, scores, labels (the checkpoint's category ids), masks
         (:class:`~detector.structures.masks.CropMask`, or None for box-only models). The
         image is used as it is: resample it to :attr:`mpp` first when its scale differs; a
-        size-normalised model (``INPUT.NUCLEUS_DIAMETER`` > 0) finds the scale itself."""
+        size-normalised model (``INPUT.NUCLEUS_DIAMETER`` > 0) finds the scale itself. ``amp``:
+        bf16 autocast on CUDA and on CPUs with native bf16 (False: fp32 everywhere, the exact
+        numbers of the model's own eval forward)."""
         arr = np.asarray(image)
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=2)
@@ -69,9 +72,10 @@ class Detector:
         x = torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1)
         canonical = model_nucleus_diameter(self.model)
         if canonical > 0:  # size normalisation: the scale found from a first pass
-            inst, _ = predict_normalised(lambda t: predict_batch(self.model, [t])[0], x, canonical)
+            inst, _ = predict_normalised(lambda t: predict_batch(self.model, [t], amp)[0], x,
+                                         canonical)
         else:
-            inst = predict_batch(self.model, [x])[0]
+            inst = predict_batch(self.model, [x], amp)[0]
         return inst[inst.scores >= score_thresh] if score_thresh > 0 else inst
 
     def predict_slide(self, slide: str, output_dir: str, **options: Any) -> Dict[str, Any]:
