@@ -58,13 +58,13 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy import ndimage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from detector.data.coco import annotation_parts, annotation_to_crop_mask, load_coco  # noqa: E402
+from detector.data.coco import annotation_to_crop_mask, load_coco  # noqa: E402
 from detector.data.image_io import read_image  # noqa: E402
+from detector.modeling.watershed import instances_from_label_map  # noqa: E402
 from detector.structures.masks import CropMask  # noqa: E402
 
 logger = logging.getLogger("bench_cellpose")
@@ -127,21 +127,13 @@ def label_to_results(labels: np.ndarray, image_id: int, category_id: int,
                      scores: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
     """COCO results (``{"image_id", "category_id", "segmentation": RLE with str counts,
     "bbox": XYWH, "score"}``, as ``Instances.to_coco_results`` writes them) of the objects of
-    a label image, in label order. ``scores[k - 1]`` is the score of label ``k`` (1.0 without
-    ``scores``)."""
+    a label image, in label order: the project's own label-image -> Instances step (the
+    U-Net's, :func:`~detector.modeling.watershed.instances_from_label_map`). ``scores[k - 1]``
+    is the score of label ``k`` (1.0 without ``scores``)."""
     labels = np.asarray(labels)
-    size = labels.shape[:2]
-    out = []
-    for i, sl in enumerate(ndimage.find_objects(labels)):
-        if sl is None:
-            continue
-        k = i + 1
-        m = CropMask.from_crop(labels[sl] == k, sl[1].start, sl[0].start, size)
-        parts = annotation_parts(m)
-        out.append({"image_id": int(image_id), "category_id": int(category_id),
-                    "segmentation": parts["segmentation"], "bbox": parts["bbox"],
-                    "score": 1.0 if scores is None else float(scores[i])})
-    return out
+    n = int(labels.max()) if labels.size else 0
+    per_label = np.ones(n + 1) if scores is None else np.r_[0.0, np.asarray(scores, np.float64)]
+    return instances_from_label_map(labels, per_label, category_id).to_coco_results(image_id)
 
 
 def mean_in_labels(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
