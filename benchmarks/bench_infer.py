@@ -212,40 +212,9 @@ def run_naive(model, classes, mpp, path, args) -> Tuple[float, np.ndarray]:
     return time.perf_counter() - t, merged.boxes
 
 
-def torchvision_forward(model, img):
-    """One uint8 tile through torchvision's eval forward (full-tile mask rasters, fp32), as
-    :class:`Instances` with masks made from the full-tile rasters: what a plain per-tile loop
-    does."""
-    import torch
-
-    from detector.structures.instances import Instances
-    from detector.structures.masks import CropMask
-
-    inner = getattr(model, "model", None)
-    if inner is None:  # not an R-CNN: its own forward
-        with torch.inference_mode():
-            return model([img.float() / 255.0])[0]
-    dev = next(model.parameters()).device
-    with torch.inference_mode():
-        out = inner([img.to(dev).float() / 255.0])[0]
-    masks = None
-    if "masks" in out:
-        # our transform leaves the mask head's 28 x 28 probabilities unpasted; a plain loop
-        # pastes them into full-tile rasters with torchvision's own function
-        from torchvision.models.detection.roi_heads import paste_masks_in_image
-
-        probs = out["masks"]
-        if probs.shape[-2:] != img.shape[-2:]:
-            probs = paste_masks_in_image(probs, out["boxes"], tuple(img.shape[-2:]))
-        m = (probs[:, 0] > model.mask_threshold).cpu().numpy()
-        masks = [CropMask.from_full(x) for x in m]
-    labels = model.label_to_id[out["labels"]].cpu().numpy()
-    return Instances(tuple(img.shape[-2:]), out["boxes"].cpu().numpy(),
-                     out["scores"].cpu().numpy(), labels, masks)
-
-
 class PastedMasks:
-    """The torchvision model as SAHI expects it: masks as full-slice probability rasters.
+    """The torchvision model as a plain loop and SAHI use it: masks as full-image probability
+    rasters (torchvision's ``paste_masks_in_image``).
     Our transform leaves the mask head's 28 x 28 probabilities unpasted (the tool pastes each
     into its box's crop); SAHI reads ``masks`` as slice rasters, so without this wrapper it
     turns 28 x 28 maps into nonsense outlines and keeps a few dozen detections."""
@@ -273,6 +242,31 @@ class PastedMasks:
             if "masks" in o and o["masks"].shape[-2:] != im.shape[-2:]:
                 o["masks"] = paste_masks_in_image(o["masks"], o["boxes"], tuple(im.shape[-2:]))
         return outs
+
+
+def torchvision_forward(model, img):
+    """One uint8 tile through torchvision's eval forward (full-tile mask rasters, fp32), as
+    :class:`Instances` with masks made from the full-tile rasters: what a plain per-tile loop
+    does."""
+    import torch
+
+    from detector.structures.instances import Instances
+    from detector.structures.masks import CropMask
+
+    inner = getattr(model, "model", None)
+    if inner is None:  # not an R-CNN: its own forward
+        with torch.inference_mode():
+            return model([img.float() / 255.0])[0]
+    dev = next(model.parameters()).device
+    with torch.inference_mode():  # masks pasted into full-tile rasters, as a plain loop does
+        out = PastedMasks(inner)([img.to(dev).float() / 255.0])[0]
+    masks = None
+    if "masks" in out:
+        m = (out["masks"][:, 0] > model.mask_threshold).cpu().numpy()
+        masks = [CropMask.from_full(x) for x in m]
+    labels = model.label_to_id[out["labels"]].cpu().numpy()
+    return Instances(tuple(img.shape[-2:]), out["boxes"].cpu().numpy(),
+                     out["scores"].cpu().numpy(), labels, masks)
 
 
 def run_sahi(model, img, args) -> Tuple[float, np.ndarray]:
