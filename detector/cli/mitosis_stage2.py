@@ -23,12 +23,11 @@ from typing import Optional, Sequence
 import torch
 
 from ..engine.checkpoint import load_checkpoint
-from ..errors import DetectorError, report
 from ..engine.trainer import resolve_device
 from ..engine.two_stage import (best_f1_threshold, choose_fusion, collect_candidates,
                                 mine_negatives, operating_point, write_bundle)
-from ..inference.second_stage import FUSIONS
-from ..inference.second_stage import second_stage_from_checkpoint
+from ..errors import DetectorError, report
+from ..inference.second_stage import FUSIONS, second_stage_from_checkpoint
 from ..modeling.build import load_model
 
 NEGATIVE_CATEGORIES = ("nucleus", "not mitotic figure", "look-alike")
@@ -125,8 +124,7 @@ def _run(args: argparse.Namespace) -> int:
     write_bundle(args.detector, args.classifier, args.output, p_op["t_det"], p_op["t_fig"],
                  info, fusion)
     print(json.dumps({"candidate_threshold": p_op["t_det"], "threshold": p_op["t_fig"],
-                      "fusion": fusion,
-                      "validation": info}, indent=1))
+                      "fusion": fusion, "validation": info}, indent=1))
     print(f"wrote {args.output}")
     return 0
 
