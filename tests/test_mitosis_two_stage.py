@@ -124,6 +124,20 @@ def test_thresholds_are_the_best_pair_under_the_false_positive_bound():
     assert operating_point(pos, 0.05, 0.0)["recall"] == 1.0  # unbounded, all found
 
 
+def test_stage2_threshold_sits_in_the_middle_of_the_gap():
+    """Validation figures at p 0.9 and 0.8, look-alikes at 0.5 and 0.3, no false positive
+    allowed: every threshold in (0.5, 0.8] gives the same outcome, and the bundle's is the
+    middle of that gap, not its edge at the lowest kept figure (which would lose a new figure
+    scored 0.75)."""
+    pos = [_cands([[50, 50]], [[50, 51]], [0.9], [0.9]),
+           _cands([[50, 50]], [[51, 50]], [0.9], [0.8])]
+    neg = [_cands([], [[10, 10], [30, 30]], [0.9, 0.9], [0.5, 0.3], area=1.0)]
+    p, n = choose_thresholds(pos, neg, max_fp_per_mm2=0.0)
+    assert p["recall"] == 1.0 and n["false_positives"] == 0
+    assert p["t_fig"] == pytest.approx(0.65, abs=0.01)
+    assert p["t_det"] == 0.9  # among equal outcomes, the fewest candidates for stage 2
+
+
 def test_fusion_rule_is_chosen_on_validation_and_travels_in_the_bundle(tmp_path):
     """A figure the detector is sure of but the classifier doubts (A), one the classifier is
     sure of (B), and a look-alike both half like (N): no pair of thresholds keeps A and B

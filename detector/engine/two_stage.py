@@ -191,26 +191,37 @@ def choose_thresholds(positives: Sequence[ImageCandidates], negatives: Sequence[
                       max_fp_per_mm2: float) -> Tuple[Dict[str, float], Dict[str, float]]:
     """The detector and stage-2 thresholds with the highest recall on ``positives`` (figures of
     validation slides) whose false positives on ``negatives`` (validation tissue without
-    figures) stay at or below ``max_fp_per_mm2``; ties go to fewer false positives, then to
-    higher thresholds. Returns (the positives' operating point, the negatives')."""
+    figures) stay at or below ``max_fp_per_mm2``; ties go to fewer false positives, then to the
+    higher detector threshold (fewer candidates for stage 2). The stage-2 threshold is then put
+    in the middle of the gap where that outcome holds: between the highest look-alike it
+    rejects and the lowest figure it keeps, so that a figure or a look-alike of new data a
+    little past the validation ones does not flip the answer (the top of the gap, the rule
+    before, sits on the lowest kept figure's score and gives up every figure scored just below
+    it). Returns (the positives' operating point, the negatives')."""
     t_dets = np.round(np.arange(0.05, 0.951, 0.05), 2)
     figs = np.concatenate([c.fig_scores for c in list(positives) + list(negatives)] + [np.ones(1)])
     t_figs = np.unique(np.round(np.quantile(figs, np.linspace(0, 1, 401)), 4))
     pos_t, neg_t = CandidateTable(positives), CandidateTable(negatives)
     best = None
+    ties: List[float] = []  # the stage-2 thresholds of the best outcome at the best detector one
     for td in t_dets:
         for tf in t_figs:
             neg = neg_t.point(float(td), float(tf))
             if neg["fp_per_mm2"] > max_fp_per_mm2:
                 continue
             pos = pos_t.point(float(td), float(tf))
-            key = (pos["recall"], -neg["false_positives"], td, tf)
+            key = (pos["recall"], -neg["false_positives"], td)
             if best is None or key > best[0]:
-                best = (key, pos, neg)
+                best, ties = (key, pos, neg), [float(tf)]
+            elif key == best[0]:
+                ties.append(float(tf))
     if best is None:  # nothing meets the bound: the fewest false positives
         td, tf = float(t_dets[-1]), 1.0
         return pos_t.point(td, tf), neg_t.point(td, tf)
-    return best[1], best[2]
+    td = float(best[0][2])
+    # the outcome is monotone in the threshold, so the tied thresholds are one interval of the grid
+    tf = round((min(ties) + max(ties)) / 2, 4)
+    return pos_t.point(td, tf), neg_t.point(td, tf)
 
 
 def with_fusion(images: Sequence[ImageCandidates], fusion: str) -> List[ImageCandidates]:
