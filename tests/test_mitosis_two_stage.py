@@ -406,3 +406,32 @@ def test_stage2_cli_reports_a_bad_checkpoint_by_name(tmp_path, capsys):
     assert rc == 2 and err.startswith("error:") and "detector.pth" in err
     assert "Traceback" not in err
     assert torch.is_grad_enabled()  # the CLI's no-grad mode ends with the call
+
+
+def test_bundle_cli_stdout_is_one_json_document(tmp_path, capsys):
+    """`mitosis_stage2.py bundle > bundle.json` (as reproduce_mitosis.sh does) leaves a file
+    that json.load reads: the validation operating points on stdout, status lines on stderr."""
+    import cv2
+
+    from detector.cli.mitosis_stage2 import main
+
+    _random_bundle(tmp_path, 0.0, 0.4, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+    for name, dark, annotate in (("pos", ((80, 80),), True), ("neg", (), False)):
+        coco = new_coco(FIGURE, ".")
+        cv2.imwrite(str(tmp_path / f"{name}.png"), blob_image(160, 160, dark=dark, grey=()))
+        coco["images"].append(image_entry(1, f"{name}.png", 160, 160, mpp=0.5))
+        if annotate:
+            coco["annotations"].append({"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                                        "bbox": [70, 70, 20, 20], "area": 400})
+        save_coco(coco, str(tmp_path / f"{name}.json"))
+    rc = main(["--device", "cpu", "bundle", "--detector", str(tmp_path / "det.pth"),
+               "--classifier", str(tmp_path / "cls.pth"),
+               "--val-positives", str(tmp_path / "pos.json"),
+               "--val-negatives", str(tmp_path / "neg.json"), "--output", str(tmp_path / "m.pth")])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "wrote" in err and str(tmp_path / "m.pth") in err
+    info = json.loads(out)
+    second = load_checkpoint(str(tmp_path / "m.pth"))["second_stage"]
+    assert info["threshold"] == pytest.approx(second["threshold"])
+    assert info["candidate_threshold"] == pytest.approx(second["candidate_threshold"])
+    assert info["validation"]["max_fp_per_mm2"] == 2.0

@@ -125,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
                  info, fusion)
     print(json.dumps({"candidate_threshold": p_op["t_det"], "threshold": p_op["t_fig"],
                       "fusion": fusion, "validation": info}, indent=1))
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output}", file=sys.stderr)  # stdout stays one JSON document
     return 0
 
 
