@@ -163,3 +163,15 @@ def test_imports_without_cellpose(monkeypatch):
     assert callable(mod.label_to_results) and callable(mod.main)
     with pytest.raises(ImportError):
         mod.cellpose_input(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_draw_weights_are_per_image_of_each_file(bench):
+    """`--train-weights 1 10` draws each image of the second file 10x as often as one of the
+    first, whatever the files' sizes (the meaning of DATASETS.TRAIN_WEIGHTS)."""
+    p = bench.draw_probabilities([514, 13], [1, 10])
+    assert p.shape == (527,) and p.sum() == pytest.approx(1.0)
+    assert p[-1] / p[0] == pytest.approx(10.0)
+    assert p[:514].sum() == pytest.approx(514 / (514 + 130))
+    assert bench.draw_probabilities([514, 13], None) is None
+    with pytest.raises(SystemExit, match="one per file"):
+        bench.draw_probabilities([514, 13], [1])
