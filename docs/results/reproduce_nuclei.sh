@@ -3,9 +3,13 @@
 #
 #   bash docs/results/reproduce_nuclei.sh [OUT]        (default OUT=output/nuclei)
 #   MODELS=maskrcnn TRAIN_THREADS=2 bash docs/results/reproduce_nuclei.sh OUT   (one model alone)
+#   MODELS=cellpose TRAIN_THREADS=2 bash docs/results/reproduce_nuclei.sh OUT   (the peer, alone)
 #
 # MODELS (default "maskrcnn unet unet_contact") picks the learned models; TRAIN_THREADS (default
 # 1) is the torch threads of each training: 1 when three train at once on 2 cores, 2 for one.
+# "cellpose" is the peer (Cellpose 3.x from scratch, benchmarks/bench_cellpose.py; needs
+# `pip install -c constraints.txt -e '.[peer]'`): the same data, split, draw weights and 45
+# minutes, its predictions evaluated beside the others.
 #
 # Steps (each skipped when its output exists, so a killed run goes on where it stopped):
 #   1. data: DSB2018 stage1_train split by experiment (--experiments auto: groups from modality,
@@ -48,13 +52,20 @@ train() {  # name config
         DATASETS.TEST "[$D/dsb_val.json]" OUTPUT_DIR "$OUT/$name" > "$OUT/$name.train.log" 2>&1
     cp "$OUT/$name/model_final.pth" "$OUT/$name.pth"
 }
+cellpose() {  # the peer: same training files, MoNuSeg drawn 10x as in the mixed configs
+    [ -f "$OUT/cellpose/cellpose_model" ] || OMP_NUM_THREADS=${TRAIN_THREADS:-1} "$PY" \
+        benchmarks/bench_cellpose.py train --train "$D/dsb_train.json" "$D/monuseg_train.json" \
+        --val "$D/dsb_val.json" --out "$OUT/cellpose" --minutes 45 --threads "${TRAIN_THREADS:-1}" \
+        --images-per-epoch 80 --train-weights 1 10 > "$OUT/cellpose.train.log" 2>&1
+}
 declare -A CFG=([maskrcnn]=configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml
                 [unet]=configs/nuclei/unet_mixed_cpu.yaml
                 [unet_contact]=configs/nuclei/unet_contact_mixed_cpu.yaml)
 read -r -a models <<< "${MODELS:-maskrcnn unet unet_contact}"
 pids=()
 for m in "${models[@]}"; do
-    [ -n "${CFG[$m]:-}" ] || { echo "MODELS: unknown model $m (maskrcnn, unet, unet_contact)"; exit 2; }
+    if [ "$m" = cellpose ]; then cellpose & pids+=($!); continue; fi
+    [ -n "${CFG[$m]:-}" ] || { echo "MODELS: unknown model $m (maskrcnn, unet, unet_contact, cellpose)"; exit 2; }
     train "$m" "${CFG[$m]}" &
     pids+=($!)
 done
@@ -63,7 +74,7 @@ t_train=$(( $(date +%s) - start ))
 
 say "3. predictions"
 cfgs=()
-for m in "${models[@]}"; do cfgs+=("${CFG[$m]}"); done
+for m in "${models[@]}"; do cfgs+=("${CFG[$m]:-}"); done
 if [ -f configs/nuclei/classical.yaml ]; then
     models+=(classical); cfgs+=(configs/nuclei/classical.yaml)
     [ -f "$OUT/classical.pth" ] || "$PY" tools/train_net.py --config-file configs/nuclei/classical.yaml \
@@ -72,6 +83,13 @@ if [ -f configs/nuclei/classical.yaml ]; then
 fi
 for i in "${!models[@]}"; do
     m=${models[$i]}
+    if [ "$m" = cellpose ]; then
+        [ -f "$OUT/pred/cellpose/predictions_monuseg_test.json" ] || OMP_NUM_THREADS=2 "$PY" \
+            benchmarks/bench_cellpose.py predict --model "$OUT/cellpose/cellpose_model" \
+            --input "$D/dsb_val.json" "$D/dsb_test.json" "$D/monuseg_test.json" \
+            --out "$OUT/pred/cellpose" > "$OUT/pred.cellpose.log" 2>&1
+        continue
+    fi
     [ -f "$OUT/pred/$m/predictions_monuseg_test.json" ] || OMP_NUM_THREADS=2 "$PY" tools/train_net.py \
         --config-file "${cfgs[$i]}" --eval-only MODEL.WEIGHTS "$OUT/$m.pth" \
         DATASETS.TEST "[$D/dsb_val.json, $D/dsb_test.json, $D/monuseg_test.json]" \
