@@ -26,12 +26,13 @@ step on 2 cores, 45 minutes are about 6 passes over the 520 training images, whi
 leave the warm-up (and epoch 0 trains at learning rate 0). ``--images-per-epoch 80`` (10 steps)
 makes epochs short enough for the warm-up to end after a fifth of the budget, with the same
 number of steps; ``--train-weights 1 10`` draws each image of the second file 10x as often, as
-the project's mixed configs do (``DATASETS.TRAIN_WEIGHTS``). ``train_seg`` runs a fixed number of epochs, so the number that fits the budget is
-chosen from the measured time of a few training steps (on a copy of the network, which is then
-thrown away; two to five steps, about 3% of the budget), counting from the start of the command
-(reading and flows included: a budget spent on them leaves no training); a guard stops
-the loop at the deadline if the estimate was short (``stopped_by_budget`` in train.json), and
-the weights are saved either way.
+the project's mixed configs do (``DATASETS.TRAIN_WEIGHTS``). ``train_seg`` runs a fixed
+number of epochs, so the number that fits the budget is estimated from the measured time of a
+few training steps (on a copy of the network, which is then thrown away; two to five steps,
+about 3% of the budget), counting from the start of the command (reading and flows included: a
+budget spent on them leaves no training). Below 100 epochs the schedule does not depend on the
+epoch count, so 99 are planned and a guard stops the loop at the deadline
+(``stopped_by_budget`` in train.json); the weights are saved either way.
 
 Scale. A from-scratch model has no size model, so no diameter estimate per image. The median
 diameter of all training objects (``2 sqrt(area / pi)``, Cellpose's definition) is the network's
@@ -221,6 +222,31 @@ def _time_steps(net: Any, data: List[np.ndarray], flows: List[np.ndarray], batch
     return float(np.median(times))
 
 
+def epochs_that_fit(left: float, epoch_s: float, step_s: float, n_val_batches: int) -> int:
+    """Epochs of ``train_seg`` that fit in ``left`` seconds (95% of it), counting its
+    validation loss at epochs 0, 5, 10, 20, ... (one forward per validation batch, taken as a
+    step); at least 1."""
+    n_epochs = 1
+    if not left > 0 or not epoch_s > 0:
+        return n_epochs
+    while True:
+        n = n_epochs + 1
+        evals = sum(1 for e in range(n) if e == 5 or e % 10 == 0) if n_val_batches else 0
+        if n * epoch_s + evals * n_val_batches * step_s > 0.95 * left:
+            return n_epochs
+        n_epochs = n
+
+
+def planned_epochs(fits: int) -> int:
+    """The ``n_epochs`` handed to ``train_seg``. Its learning-rate schedule is the same for every
+    n_epochs below 100 (a 10-epoch warm-up, then the constant rate; the halvings at the end
+    begin at 100 epochs), so an estimate under 100 plans 99 and the deadline guard ends the
+    loop: a pessimistic step time no longer leaves budget unused (the first 45-min run stopped
+    after 32 min). From 100 epochs on the end of the schedule depends on n_epochs: the estimate
+    is kept."""
+    return 99 if fits < 100 else fits
+
+
 def draw_probabilities(images_per_file: Sequence[int],
                        weights: Optional[Sequence[float]]) -> Optional[np.ndarray]:
     """Per-image draw probabilities for ``train_seg``'s ``train_probs``: every image of the
@@ -295,16 +321,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         logger.warning("the budget was spent reading the data; no training")
     epoch_s = step_s * steps_per_epoch
     left = deadline - time.time()
-    n_epochs = 1
-    if left > 0:  # train_seg's validation loss at epochs 0, 5, 10, 20, ...: a step per batch
-        while True:
-            n = n_epochs + 1
-            evals = sum(1 for e in range(n) if e == 5 or e % 10 == 0) if n_val_batches else 0
-            if n * epoch_s + evals * n_val_batches * step_s > 0.95 * left:
-                break
-            n_epochs = n
+    fits = epochs_that_fit(left, epoch_s, step_s, n_val_batches)
+    n_epochs = planned_epochs(fits)
     logger.info("one step %.2f s, %d steps per epoch: about %.0f s per epoch; %.0f s left -> "
-                "%d epochs", step_s, steps_per_epoch, epoch_s, left, n_epochs)
+                "%d epochs fit, %d planned (the deadline stops the loop)", step_s,
+                steps_per_epoch, epoch_s, left, fits, n_epochs)
 
     state = {"batches": 0, "stopped": False}
 

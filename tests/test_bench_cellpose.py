@@ -175,3 +175,13 @@ def test_draw_weights_are_per_image_of_each_file(bench):
     assert bench.draw_probabilities([514, 13], None) is None
     with pytest.raises(SystemExit, match="one per file"):
         bench.draw_probabilities([514, 13], [1])
+
+
+def test_epoch_plan_uses_the_whole_budget(bench):
+    """Under 100 epochs train_seg's schedule does not depend on n_epochs, so the plan is 99 and
+    the deadline ends training; from 100 on the estimate is kept (its end-of-schedule halvings
+    depend on it)."""
+    assert bench.epochs_that_fit(2614, 60.0, 6.0, 10) == 36
+    assert bench.epochs_that_fit(0, 60.0, 6.0, 10) == 1
+    assert bench.planned_epochs(36) == 99 and bench.planned_epochs(6) == 99
+    assert bench.planned_epochs(150) == 150
