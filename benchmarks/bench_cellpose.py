@@ -180,16 +180,18 @@ def cellpose_input(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1), np.float32)
 
 
-def _load_sets(paths: Sequence[str]) -> Tuple[List[np.ndarray], List[np.ndarray], List[str]]:
-    imgs, labels, files = [], [], []
+def _load_sets(paths: Sequence[str]) -> Tuple[List[np.ndarray], List[np.ndarray], List[int]]:
+    """Cellpose inputs and label images of every image of ``paths``, and how many each file gave
+    (for the per-file draw weights)."""
+    imgs, labels, per_file = [], [], []
     for p in paths:
         recs = coco_to_label_images(p)
         logger.info("%s: %d images", p, len(recs))
         for r in recs:
             imgs.append(cellpose_input(r["image"]))
             labels.append(r["labels"])
-            files.append(r["file"])
-    return imgs, labels, files
+        per_file.append(len(recs))
+    return imgs, labels, per_file
 
 
 def _time_steps(net: Any, data: List[np.ndarray], flows: List[np.ndarray], batch_size: int,
@@ -279,14 +281,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cpu")
 
-    train_imgs, train_labels, train_files = [], [], []
-    per_file = []
-    for path in args.train:  # one file at a time: its images get that file's draw weight
-        imgs, labels, files = _load_sets([path])
-        train_imgs += imgs
-        train_labels += labels
-        train_files += files
-        per_file.append(len(imgs))
+    train_imgs, train_labels, per_file = _load_sets(args.train)
     probs = draw_probabilities(per_file, args.train_weights)
     if probs is not None and not args.images_per_epoch:
         raise SystemExit("--train-weights needs --images-per-epoch (train_seg draws by weight "
