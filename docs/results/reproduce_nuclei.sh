@@ -4,9 +4,13 @@
 #   bash docs/results/reproduce_nuclei.sh [OUT]        (default OUT=output/nuclei)
 #   MODELS=maskrcnn TRAIN_THREADS=2 bash docs/results/reproduce_nuclei.sh OUT   (one model alone)
 #   MODELS=cellpose TRAIN_THREADS=2 bash docs/results/reproduce_nuclei.sh OUT   (the peer, alone)
+#   MODELS=maskrcnn TTA=4 bash docs/results/reproduce_nuclei.sh OUT   (and with test-time augmentation)
 #
 # MODELS (default "maskrcnn unet unet_contact") picks the learned models; TRAIN_THREADS (default
 # 1) is the torch threads of each training: 1 when three train at once on 2 cores, 2 for one.
+# TTA (4 or 8; default off) also predicts and evaluates every learned model with test-time
+# augmentation (TEST.AUG: the flips, or the flips and 90-degree rotations, merged), reported as
+# <model>_tta<N> beside it (N x the prediction time).
 # "cellpose" is the peer (Cellpose 3.x from scratch, benchmarks/bench_cellpose.py; needs
 # `pip install -c constraints.txt -e '.[peer]'`): the same data, split, draw weights and 45
 # minutes, its predictions evaluated beside the others.
@@ -95,6 +99,20 @@ for i in "${!models[@]}"; do
         DATASETS.TEST "[$D/dsb_val.json, $D/dsb_test.json, $D/monuseg_test.json]" \
         OUTPUT_DIR "$OUT/pred/$m" > "$OUT/pred.$m.log" 2>&1
 done
+if [ -n "${TTA:-}" ]; then  # the learned models again with test-time augmentation, as <model>_tta<N>
+    tta=()
+    for i in "${!models[@]}"; do
+        m=${models[$i]}
+        case $m in cellpose|classical) continue ;; esac
+        [ -f "$OUT/pred/${m}_tta$TTA/predictions_monuseg_test.json" ] || OMP_NUM_THREADS=2 "$PY" \
+            tools/train_net.py --config-file "${cfgs[$i]}" --eval-only MODEL.WEIGHTS "$OUT/$m.pth" \
+            TEST.AUG.ENABLED True TEST.AUG.TRANSFORMS "$TTA" \
+            DATASETS.TEST "[$D/dsb_val.json, $D/dsb_test.json, $D/monuseg_test.json]" \
+            OUTPUT_DIR "$OUT/pred/${m}_tta$TTA" > "$OUT/pred.${m}_tta$TTA.log" 2>&1
+        tta+=("${m}_tta$TTA")
+    done
+    models+=("${tta[@]}")
+fi
 
 say "4. evaluation -> $OUT/results"
 preds() { for m in "${models[@]}"; do echo "$OUT/pred/$m/predictions_$1.json"; done; }
