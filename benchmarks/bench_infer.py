@@ -1,7 +1,7 @@
 """Whole-slide inference speed and memory: this tool vs a naive tile loop vs SAHI.
 
     python benchmarks/bench_infer.py [--weights CKPT] [--size 2000] [--tile-size 512]
-        [--overlap 64] [--batch-size 4] [--num-workers 2] [--device auto]
+        [--overlap 64] [--batch-size N] [--num-workers N] [--device auto]
         [--memory-sizes 10000,40000] [--skip-sahi] [--skip-memory]
 
 Part 1 (one table): megapixels of tissue per second on the same image (a mosaic of real MoNuSeg
@@ -329,8 +329,10 @@ def main() -> int:
     p.add_argument("--size", type=int, default=2000, help="side of the speed-test image (px)")
     p.add_argument("--tile-size", type=int, default=512)
     p.add_argument("--overlap", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per model call of this tool (default: the tool's, by device)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="reader workers of this tool (default: the tool's, by device)")
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -373,9 +375,15 @@ def speed_table(model, classes, mpp, name, tmp, args) -> None:
     write_pyramid(path, img, mpp)
     from detector.inference.predictor import autocast_dtype
 
+    from detector.inference.runner import InferenceOptions, loader_layout
+
     amp = autocast_dtype(torch.device(args.device), not args.fp32)
+    batch, workers = loader_layout(InferenceOptions(batch_size=args.batch_size,
+                                                    num_workers=args.num_workers),
+                                   torch.device(args.device).type == "cuda")
     log(f"model: {name}; image {args.size}x{args.size} px at {mpp} um/px; device {args.device}; "
         f"{args.threads} torch threads; tiles {args.tile_size} overlap {args.overlap}; "
+        f"this tool: batches of {batch}, {workers} reader workers; "
         f"this tool in {amp or 'fp32'}; load {os.getloadavg()[0]:.1f}")
     with torch.inference_mode():  # warm-up (allocator, cuDNN autotune)
         model([torch.rand(3, args.tile_size, args.tile_size, device=args.device)])
@@ -402,7 +410,8 @@ def speed_table(model, classes, mpp, name, tmp, args) -> None:
             log("sahi is not installed (pip install 'detector[bench]'); SAHI row skipped")
     base = rows[1][1]
     print(f"\nSpeed: {name}, {args.size}x{args.size} px image, {tissue_mpx:.2f} Mpx of tissue, "
-          f"device {args.device}, this tool in {amp or 'fp32'}, one-piece reference: "
+          f"device {args.device}, this tool in {amp or 'fp32'} (batches of {batch}, {workers} "
+          f"reader workers), one-piece reference: "
           f"{len(ref)} detections, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     sahi_dt = rows[2][1] if len(rows) > 2 else None
     print("| method | seconds | tissue Mpx/s | x naive | x SAHI | F1 vs one-piece | F1 vs naive "
@@ -432,9 +441,11 @@ def memory_table(mpp, tmp, args) -> None:
             write_big_slide(sp, size, tissue, mpp)
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", sp,
                    "--out", os.path.join(tmp, f"mem_{size}"), "--tile-size", str(args.tile_size),
-                   "--overlap", str(args.overlap), "--batch-size", str(args.batch_size),
-                   "--num-workers", str(args.num_workers), "--score-thresh", str(args.score_thresh),
+                   "--overlap", str(args.overlap), "--score-thresh", str(args.score_thresh),
                    "--device", args.device, "--threads", str(args.threads)]
+            for flag, v in (("--batch-size", args.batch_size), ("--num-workers", args.num_workers)):
+                if v is not None:
+                    cmd += [flag, str(v)]
             if args.fp32:
                 cmd.append("--fp32")
             if args.weights:

@@ -358,6 +358,17 @@ def test_cli_end_to_end_with_our_checkpoint(tiny_checkpoint, tmp_path, capsys):
     assert rc == 0 and "1 already finished" in capsys.readouterr().out
 
 
+def test_tile_loader_layout_follows_the_device():
+    """Unset, batch size and reader workers suit the device: on a CPU the model's threads use
+    every core, so no reader process competes with them; given values are kept."""
+    from detector.inference.runner import loader_layout
+
+    assert loader_layout(InferenceOptions(), on_cuda=False) == (1, 0)
+    assert loader_layout(InferenceOptions(), on_cuda=True) == (4, 2)
+    assert loader_layout(InferenceOptions(batch_size=8, num_workers=3), on_cuda=False) == (8, 3)
+    assert loader_layout(InferenceOptions(num_workers=0), on_cuda=True) == (4, 0)
+
+
 def test_cli_rejects_a_checkpoint_that_is_not_ours(tmp_path, caplog):
     from detector.cli.infer_tiles import main
 

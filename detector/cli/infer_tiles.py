@@ -52,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tile side in px at the model's training mpp (default %(default)s)")
     p.add_argument("--overlap", type=int, default=d.overlap,
                    help="tile overlap in px; at least the largest object (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="tiles per model call")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="tiles per model call (default: 4 on CUDA, 1 on a CPU)")
     p.add_argument("--num-workers", type=int, default=d.num_workers,
-                   help="DataLoader workers reading tiles ahead (0: none)")
+                   help="DataLoader workers reading tiles ahead (0: none; default: 2 on CUDA, "
+                        "0 on a CPU, where the model's threads use every core)")
     p.add_argument("--mpp", type=float, default=None,
                    help="slide microns per pixel when the file has none (overrides the file)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda:0'")
@@ -133,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.error("no slides to analyse")
         return 2
     for name, v in (("--tile-size", args.tile_size), ("--batch-size", args.batch_size)):
-        if v <= 0:
+        if v is not None and v <= 0:
             log.error("%s must be > 0, got %s", name, v)
             return 2
     for name, v in (("--mpp", args.mpp), ("--hpf-area", args.hpf_area),

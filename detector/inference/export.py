@@ -403,6 +403,12 @@ def write_density(path: str, density: np.ndarray, cell_px: float, slide_size: Tu
     extent = (0, W, H, 0)
     if thumb is not None:
         gray = cv2.cvtColor(thumb[..., :3], cv2.COLOR_RGB2GRAY)
+        # no larger than the figure: matplotlib's own resampling of a 2048-px thumbnail took
+        # most of this picture's time
+        f = fig_w * fig.dpi / max(gray.shape)
+        if f < 1:
+            gray = cv2.resize(gray, (max(1, round(gray.shape[1] * f)),
+                                     max(1, round(gray.shape[0] * f))), interpolation=cv2.INTER_AREA)
         ax.imshow(gray, cmap="gray", extent=extent, vmin=0, vmax=255)
     vmax = float(np.max(d)) if np.ma.count(d) else 1.0
     im = ax.imshow(d, cmap="inferno", extent=(0, d.shape[1] * cell_px, d.shape[0] * cell_px, 0),
