@@ -30,7 +30,7 @@ from .config.config import get_cfg
 from .device import resolve_device
 from .engine.trainer import Trainer, evaluate_only
 from .errors import DetectorError
-from .inference.runner import InferenceOptions, infer_slide, predict_batch
+from .inference.runner import InferenceOptions, checkpoint_defaults, infer_slide, predict_batch
 from .inference.size import model_nucleus_diameter, predict_normalised
 from .modeling.build import load_model
 from .structures.instances import Instances
@@ -87,6 +87,7 @@ class Detector:
         if unknown:
             raise DetectorError(f"predict_slide: unknown option(s) {sorted(unknown)}; known: "
                                 f"{sorted(InferenceOptions.__dataclass_fields__)}")
+        options = {**checkpoint_defaults(self.cfg), **options}
         return infer_slide(self.model, self.classes, self.mpp, slide, output_dir,
                            InferenceOptions(**options), os.path.abspath(self.weights))
 

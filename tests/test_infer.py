@@ -369,6 +369,44 @@ def test_tile_loader_layout_follows_the_device():
     assert loader_layout(InferenceOptions(num_workers=0), on_cuda=True) == (4, 0)
 
 
+def test_exported_checkpoint_sets_threshold_and_tta_of_slide_runs(tiny_checkpoint, tmp_path,
+                                                                    capsys):
+    """train_net.py --export writes the validated threshold and test-time augmentation into a
+    checkpoint; infer_tiles.py then uses them with no flag, and --score-thresh / --no-tta
+    still override them. Keys that belong to training are refused."""
+    from detector.cli.infer_tiles import main as infer
+    from detector.cli.train_net import main as train_net
+    from detector.checkpoint import load_checkpoint
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("MODEL:\n  BACKBONE:\n    NAME: resnet18\n")
+    dep = str(tmp_path / "deploy.pth")
+    assert train_net(["--config-file", str(cfg_file), "--export", dep, "MODEL.WEIGHTS",
+                      tiny_checkpoint, "TEST.SCORE_THRESH", "0.25", "TEST.AUG.ENABLED", "True",
+                      "TEST.AUG.TRANSFORMS", "4"]) == 0
+    ck, orig = load_checkpoint(dep), load_checkpoint(tiny_checkpoint)
+    assert "optimizer" not in ck and ck["classes"] == orig["classes"] and ck["mpp"] == orig["mpp"]
+    assert all(torch.equal(ck["model"][k], v) for k, v in orig["model"].items())
+    assert train_net(["--config-file", str(cfg_file), "--export", str(tmp_path / "x.pth"),
+                      "MODEL.WEIGHTS", tiny_checkpoint, "SOLVER.BASE_LR", "0.1"]) == 2
+    assert "SOLVER.BASE_LR" in capsys.readouterr().err and not (tmp_path / "x.pth").exists()
+
+    img = tmp_path / "field.png"
+    import cv2
+    cv2.imwrite(str(img), np.full((96, 128, 3), 200, np.uint8))
+    base = ["--weights", dep, "--input", str(img), "--mpp", "2.0", "--tile-size", "128",
+            "--overlap", "16", "--device", "cpu", "--quiet", "--no-tissue-detection"]
+
+    def analysis(out, *flags):
+        assert infer(base + ["--output", str(tmp_path / out), *flags]) == 0
+        return json.loads((tmp_path / out / "field" / "summary.json").read_text())["analysis"]
+
+    a = analysis("defaults")
+    assert a["score_thresh"] == 0.25 and a["tta"] == 4
+    a = analysis("overridden", "--score-thresh", "0.6", "--no-tta")
+    assert a["score_thresh"] == 0.6 and a["tta"] == 0
+
+
 def test_cli_rejects_a_checkpoint_that_is_not_ours(tmp_path, caplog):
     from detector.cli.infer_tiles import main
 

@@ -26,7 +26,7 @@ from ..config.config import cfg_to_yaml
 from ..device import resolve_device
 from ..errors import DetectorError
 from ..inference.journal import weights_identity
-from ..inference.runner import InferenceOptions, run_slides, shard
+from ..inference.runner import InferenceOptions, checkpoint_defaults, run_slides, shard
 from ..inference.second_stage import second_stage_from_checkpoint
 from ..inference.slide import SLIDE_EXTS
 from ..inference.counting import resolve_class_ids
@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes counted as mitotic figures (names or ids, comma-separated); "
                         "default: classes whose name says mitosis")
     p.add_argument("--score-thresh", type=float, default=None,
-                   help=f"drop detections below this score (default: the threshold a two-stage "
-                        f"bundle was built with, else {d.score_thresh})")
+                   help="drop detections below this score (default: the threshold a two-stage "
+                        "bundle was built with, else the checkpoint's TEST.SCORE_THRESH, the "
+                        "threshold it was validated at: 0.5 unless train_net.py --export set it)")
     p.add_argument("--nuclei-weights", default=None,
                    help="a nuclei model run over the same slides and tissue (results in "
                         "<slide>/nuclei/): the mitotic index becomes mitotic figures / nuclei")
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of every tile, merged (TEST.AUG.TRANSFORMS of the checkpoint's config: "
                         "8 views by default, 8x the model time); on by default when the "
                         "checkpoint's config has TEST.AUG.ENABLED")
+    p.add_argument("--no-tta", action="store_true",
+                   help="no test-time augmentation, even when the checkpoint's config has it "
+                        "(8x faster, slightly different detections)")
     p.add_argument("--no-amp", action="store_true", help="fp32 everywhere (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -160,9 +164,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (DetectorError, OSError, ValueError, KeyError) as e:
         log.error("%s", e)
         return 2
+    ckpt_opts = checkpoint_defaults(_cfg)
     if args.score_thresh is None:
-        args.score_thresh = second.threshold if second is not None else \
-            InferenceOptions().score_thresh
+        args.score_thresh = second.threshold if second is not None else ckpt_opts["score_thresh"]
+    if args.tta and args.no_tta:
+        log.error("--tta and --no-tta: choose one")
+        return 2
+    tta = 0 if args.no_tta else int(_cfg.TEST.AUG.TRANSFORMS) if args.tta else ckpt_opts["tta"]
     if second is not None:
         log.info("two-stage bundle: candidates at detector score >= %.2f re-scored by the patch "
                  "classifier (classes %s), kept at >= %.3f", second.candidate_threshold,
@@ -174,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         mitotic_classes=args.mitotic_classes, score_thresh=args.score_thresh,
         nms_thresh=args.nms_thresh, tissue_detection=not args.no_tissue_detection,
         amp=not args.no_amp, resume=args.resume, progress=not args.quiet,
-        tta=int(_cfg.TEST.AUG.TRANSFORMS) if (args.tta or _cfg.TEST.AUG.ENABLED) else 0)
+        tta=tta)
     # fail early on flags that would fail every slide
     try:
         resolve_class_ids(opts.mitotic_classes, classes)

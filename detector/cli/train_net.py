@@ -6,6 +6,8 @@
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/run1/model_final.pth
     python tools/train_net.py --config-file CFG --num-gpus 4      # or: torchrun --nproc_per_node 4
     python tools/train_net.py --config-file configs/nuclei/classical.yaml   # writes the checkpoint
+    python tools/train_net.py --config-file CFG --export out/deploy.pth \
+        MODEL.WEIGHTS out/run1/model_final.pth TEST.SCORE_THRESH 0.33 TEST.AUG.ENABLED True
 
 Trailing ``KEY VALUE`` pairs override the config (values parsed as YAML). ``--num-gpus N`` starts N
 processes with DistributedDataParallel (NCCL on GPUs; with ``MODEL.DEVICE cpu``, N CPU processes
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate MODEL.WEIGHTS on DATASETS.TEST and write the metrics and "
                         "predictions_<name>.json to OUTPUT_DIR")
+    p.add_argument("--export", metavar="PATH", default=None,
+                   help="write checkpoint MODEL.WEIGHTS to PATH with the test-time keys given "
+                        "as KEY VALUE (e.g. TEST.SCORE_THRESH chosen on validation, "
+                        "TEST.AUG.ENABLED True) set in its config, for infer_tiles.py; nothing "
+                        "is trained or evaluated")
     p.add_argument("--num-gpus", type=int, default=1,
                    help="processes to start on this machine (one per GPU; with MODEL.DEVICE "
                         "cpu: CPU processes on gloo)")
@@ -95,6 +102,26 @@ def _run(cfg, resume: bool) -> None:
         Trainer(cfg, resume=resume).train()
 
 
+def export(cfg, keys: List[str], path: str) -> int:
+    """``--export PATH``: MODEL.WEIGHTS with the test-time ``keys`` given on the command line."""
+    from omegaconf import OmegaConf
+
+    from ..engine.checkpoint import export_checkpoint
+    from ..modeling.build import TEST_TIME_KEYS
+
+    if not cfg.MODEL.WEIGHTS:
+        raise ConfigError("--export needs MODEL.WEIGHTS (the checkpoint to export)")
+    other = [k for k in keys if k not in TEST_TIME_KEYS and k not in ("MODEL.WEIGHTS", "OUTPUT_DIR")]
+    if other:
+        raise ConfigError(f"--export sets test-time keys only, not {', '.join(other)} "
+                          f"(test-time keys: {', '.join(TEST_TIME_KEYS)})")
+    settings = {k: OmegaConf.select(cfg, k) for k in keys if k in TEST_TIME_KEYS}
+    export_checkpoint(cfg.MODEL.WEIGHTS, path, settings)
+    shown = ", ".join(f"{k} {v}" for k, v in settings.items()) or "no key changed"
+    print(f"wrote {path} ({shown})")
+    return 0
+
+
 def _user_errors() -> tuple:
     """Errors whose message tells the user what to fix (printed without a traceback)."""
     return (DetectorError, FileNotFoundError)
@@ -108,6 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.resume = args.resume or "--resume" in flags
         args.eval_only = args.eval_only or "--eval-only" in flags
         cfg = get_cfg(args.config_file, opts)
+        if args.export:
+            return export(cfg, opts[0::2], args.export)
         check_output_dir(cfg.OUTPUT_DIR)
         if args.eval_only:
             from ..engine.evaluator import format_metrics

@@ -98,6 +98,30 @@ def save_checkpoint(path: str, model: nn.Module, cfg: Any, classes: List[Dict[st
         torch.save(ckpt, f)
 
 
+def export_checkpoint(src: str, dst: str, settings: Dict[str, Any]) -> None:
+    """``train_net.py --export``: the inference part of checkpoint ``src`` (weights, config,
+    classes, mpp, iteration, extra; no optimizer state) written atomically to ``dst`` with the
+    test-time keys ``settings`` (keys of ``TEST_TIME_KEYS``: e.g. the score threshold chosen
+    on validation, test-time augmentation) set in its config, so that ``infer_tiles.py`` and
+    ``--eval-only`` use them without flags."""
+    from omegaconf import OmegaConf
+
+    from ..config.config import cfg_from_string
+    from ..modeling.build import TEST_TIME_KEYS
+
+    ckpt = load_checkpoint(src)
+    cfg = cfg_from_string(ckpt["config"])
+    for key, value in settings.items():
+        if key not in TEST_TIME_KEYS:
+            raise CheckpointError(f"--export: '{key}' is not a test-time key; a checkpoint keeps "
+                                  f"the config it was trained with except {', '.join(TEST_TIME_KEYS)}")
+        OmegaConf.update(cfg, key, value)
+    out = {k: ckpt[k] for k in ("model", "classes", "mpp", "iteration", "extra") if k in ckpt}
+    out["config"] = _config_text(cfg)
+    with atomic_write(dst, "wb") as f:
+        torch.save(out, f)
+
+
 def write_last_checkpoint(output_dir: str, name: str) -> None:
     """Record ``name`` (a file in ``output_dir``) as the newest checkpoint, atomically."""
     with atomic_write(os.path.join(output_dir, LAST_CHECKPOINT), "w") as f:

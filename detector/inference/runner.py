@@ -117,6 +117,16 @@ class InferenceOptions:
     tta: int = 0
 
 
+def checkpoint_defaults(cfg: Any) -> Dict[str, Any]:
+    """What a checkpoint's config sets for a slide run when the caller does not (the CLI and
+    :meth:`detector.api.Detector.predict_slide`): ``score_thresh`` from ``TEST.SCORE_THRESH``
+    (the threshold it was validated at; 0.5 in every shipped config) and ``tta`` from
+    ``TEST.AUG`` (``train_net.py --export`` writes both into a checkpoint)."""
+    aug = cfg.TEST.AUG
+    return {"score_thresh": float(cfg.TEST.SCORE_THRESH),
+            "tta": int(aug.TRANSFORMS) if aug.ENABLED else 0}
+
+
 # ------------------------------------------------------------------------------- tile reading
 @dataclass
 class SlideGeometry:

@@ -14,6 +14,7 @@ native resolution (times ``INPUT.SCALE``) instead of being resized to 800 px.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -263,6 +264,8 @@ class RCNN(nn.Module):
                 x = x.contiguous(memory_format=torch.channels_last)
             features = m.backbone(x)
             proposals, _ = m.rpn(batch, features)
+            if self.channels_last:  # RoIAlign reads NCHW: one copy per level, not one per head
+                features = OrderedDict((k, v.contiguous()) for k, v in features.items())
             detections, _ = heads(features, proposals, batch.image_sizes)
         finally:
             heads.score_thresh = saved

@@ -29,6 +29,9 @@
 #      each image at the scale its nuclei give, from a first pass).
 #   4. tools/evaluate.py: F1@0.5, DSB score, AJI, PQ per modality with 95% bootstrap CIs, at the
 #      score threshold of best validation F1 -> OUT/results/{test,monuseg}/.
+#   5. OUT/<model>.pth rewritten with what validation chose (train_net.py --export): the score
+#      threshold of best validation F1 and, with TTA, test-time augmentation when it had the
+#      better validation F1; infer_tiles.py --weights OUT/<model>.pth then needs no flag.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-output/nuclei}
@@ -124,4 +127,24 @@ preds() { for m in "${models[@]}"; do echo "$OUT/pred/$m/predictions_$1.json"; d
     --out "$OUT/results/monuseg" | tee "$OUT/results/monuseg.txt"
 "$PY" tools/evaluate.py --gt "$D/dsb_val.json" --pred $(preds dsb_val) --names "${models[@]}" \
     --bootstrap 1000 --group-by modality --out "$OUT/results/val" | tee "$OUT/results/val.txt"
+say "5. deployable checkpoints"
+# each learned model's OUT/<model>.pth gets what validation chose: its score threshold of best
+# validation F1 and, when TTA ran and won on validation F1, test-time augmentation; so that
+# infer_tiles.py --weights OUT/<model>.pth needs no flag (train_net.py --export).
+for m in "${models[@]}"; do
+    case $m in cellpose|classical|*_tta*) continue ;; esac
+    read -r thresh aug < <("$PY" - "$OUT/results/test/metrics.json" "$m" "${TTA:-}" <<'PYEOF'
+import json, sys
+recs = {r["name"]: r["threshold_tuning"] for r in json.load(open(sys.argv[1]))["models"]}
+m, n = sys.argv[2], sys.argv[3]
+best = max([(recs[m]["val_f1"], m, 0)] + ([(recs[f"{m}_tta{n}"]["val_f1"], m, int(n))]
+                                          if n and f"{m}_tta{n}" in recs else []))
+print(f"{recs[m if not best[2] else f'{m}_tta{n}']['score_thresh']:.3f} {best[2]}")
+PYEOF
+)
+    set -- TEST.SCORE_THRESH "$thresh"
+    [ "$aug" != 0 ] && set -- "$@" TEST.AUG.ENABLED True TEST.AUG.TRANSFORMS "$aug"
+    "$PY" tools/train_net.py --config-file "${CFG[$m]}" --export "$OUT/$m.pth" \
+        MODEL.WEIGHTS "$OUT/$m/model_final.pth" "$@"
+done
 say "done in $(( ($(date +%s) - start) / 60 )) min (training $(( t_train / 60 )) min); results in $OUT/results/"
