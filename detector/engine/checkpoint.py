@@ -109,12 +109,14 @@ def export_checkpoint(src: str, dst: str, settings: Dict[str, Any]) -> None:
     from ..config.config import cfg_from_string
     from ..modeling.build import TEST_TIME_KEYS
 
+    other = [k for k in settings if k not in TEST_TIME_KEYS]
+    if other:
+        raise CheckpointError(f"--export sets test-time keys only, not {', '.join(other)}: a "
+                              "checkpoint keeps the config it was trained with, except "
+                              f"{', '.join(TEST_TIME_KEYS)}")
     ckpt = load_checkpoint(src)
     cfg = cfg_from_string(ckpt["config"])
     for key, value in settings.items():
-        if key not in TEST_TIME_KEYS:
-            raise CheckpointError(f"--export: '{key}' is not a test-time key; a checkpoint keeps "
-                                  f"the config it was trained with except {', '.join(TEST_TIME_KEYS)}")
         OmegaConf.update(cfg, key, value)
     out = {k: ckpt[k] for k in ("model", "classes", "mpp", "iteration", "extra") if k in ckpt}
     out["config"] = _config_text(cfg)
