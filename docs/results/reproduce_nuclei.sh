@@ -88,6 +88,14 @@ if [ -f configs/nuclei/classical.yaml ]; then
         OUTPUT_DIR "$OUT/classical" DATASETS.TRAIN "[$D/dsb_train.json]" DATASETS.TEST "[$D/dsb_val.json]" \
         > "$OUT/classical.train.log" 2>&1 && cp "$OUT/classical/model_final.pth" "$OUT/classical.pth"
 fi
+predict() {  # name config model [KEY VALUE ...]: --eval-only predictions of OUT/<model>.pth
+    local name=$1 cfg=$2 m=$3
+    shift 3
+    [ -f "$OUT/pred/$name/predictions_monuseg_test.json" ] || OMP_NUM_THREADS=2 "$PY" \
+        tools/train_net.py --config-file "$cfg" --eval-only MODEL.WEIGHTS "$OUT/$m.pth" "$@" \
+        DATASETS.TEST "[$D/dsb_val.json, $D/dsb_test.json, $D/monuseg_test.json]" \
+        OUTPUT_DIR "$OUT/pred/$name" > "$OUT/pred.$name.log" 2>&1
+}
 for i in "${!models[@]}"; do
     m=${models[$i]}
     if [ "$m" = cellpose ]; then
@@ -97,21 +105,14 @@ for i in "${!models[@]}"; do
             --out "$OUT/pred/cellpose" > "$OUT/pred.cellpose.log" 2>&1
         continue
     fi
-    [ -f "$OUT/pred/$m/predictions_monuseg_test.json" ] || OMP_NUM_THREADS=2 "$PY" tools/train_net.py \
-        --config-file "${cfgs[$i]}" --eval-only MODEL.WEIGHTS "$OUT/$m.pth" \
-        DATASETS.TEST "[$D/dsb_val.json, $D/dsb_test.json, $D/monuseg_test.json]" \
-        OUTPUT_DIR "$OUT/pred/$m" > "$OUT/pred.$m.log" 2>&1
+    predict "$m" "${cfgs[$i]}" "$m"
 done
 if [ -n "${TTA:-}" ]; then  # the learned models again with test-time augmentation, as <model>_tta<N>
     tta=()
     for i in "${!models[@]}"; do
         m=${models[$i]}
         case $m in cellpose|classical) continue ;; esac
-        [ -f "$OUT/pred/${m}_tta$TTA/predictions_monuseg_test.json" ] || OMP_NUM_THREADS=2 "$PY" \
-            tools/train_net.py --config-file "${cfgs[$i]}" --eval-only MODEL.WEIGHTS "$OUT/$m.pth" \
-            TEST.AUG.ENABLED True TEST.AUG.TRANSFORMS "$TTA" \
-            DATASETS.TEST "[$D/dsb_val.json, $D/dsb_test.json, $D/monuseg_test.json]" \
-            OUTPUT_DIR "$OUT/pred/${m}_tta$TTA" > "$OUT/pred.${m}_tta$TTA.log" 2>&1
+        predict "${m}_tta$TTA" "${cfgs[$i]}" "$m" TEST.AUG.ENABLED True TEST.AUG.TRANSFORMS "$TTA"
         tta+=("${m}_tta$TTA")
     done
     models+=("${tta[@]}")
@@ -133,18 +134,19 @@ say "5. deployable checkpoints"
 # infer_tiles.py --weights OUT/<model>.pth needs no flag (train_net.py --export).
 for m in "${models[@]}"; do
     case $m in cellpose|classical|*_tta*) continue ;; esac
+    # evaluate.py's threshold_tuning (validation only) of <model> and <model>_tta<N>
     read -r thresh aug < <("$PY" - "$OUT/results/test/metrics.json" "$m" "${TTA:-}" <<'PYEOF'
 import json, sys
-recs = {r["name"]: r["threshold_tuning"] for r in json.load(open(sys.argv[1]))["models"]}
+tuning = {r["name"]: r["threshold_tuning"] for r in json.load(open(sys.argv[1]))["models"]}
 m, n = sys.argv[2], sys.argv[3]
-best = max([(recs[m]["val_f1"], m, 0)] + ([(recs[f"{m}_tta{n}"]["val_f1"], m, int(n))]
-                                          if n and f"{m}_tta{n}" in recs else []))
-print(f"{recs[m if not best[2] else f'{m}_tta{n}']['score_thresh']:.3f} {best[2]}")
+variants = [(m, 0)] + ([(f"{m}_tta{n}", int(n))] if n and f"{m}_tta{n}" in tuning else [])
+name, aug = max(variants, key=lambda v: tuning[v[0]]["val_f1"])
+print(f"{tuning[name]['score_thresh']:.3f} {aug}")
 PYEOF
 )
-    set -- TEST.SCORE_THRESH "$thresh"
-    [ "$aug" != 0 ] && set -- "$@" TEST.AUG.ENABLED True TEST.AUG.TRANSFORMS "$aug"
+    keys=(TEST.SCORE_THRESH "$thresh")
+    [ "$aug" = 0 ] || keys+=(TEST.AUG.ENABLED True TEST.AUG.TRANSFORMS "$aug")
     "$PY" tools/train_net.py --config-file "${CFG[$m]}" --export "$OUT/$m.pth" \
-        MODEL.WEIGHTS "$OUT/$m/model_final.pth" "$@"
+        MODEL.WEIGHTS "$OUT/$m/model_final.pth" "${keys[@]}"
 done
 say "done in $(( ($(date +%s) - start) / 60 )) min (training $(( t_train / 60 )) min); results in $OUT/results/"
