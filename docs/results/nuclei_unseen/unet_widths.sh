@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# U-Net boundary widths on the experiment-wise validation split (issue 12, item 5): the
+# boundary-band U-Net of configs/nuclei/unet_mixed_cpu.yaml trained with
+# MODEL.UNET.BOUNDARY_WIDTH w for each w of WIDTHS, all at once (one torch thread each), for the
+# iterations the width-2 run had (SOLVER.MAX_ITER 3038, the third session's three-at-once run,
+# so every width gets the same number of updates; the 45-minute cap still applies), then
+# predicted on the validation split and evaluated at each model's best validation threshold
+# (optimistic alike, as the width-2 / contact comparison in docs/results/README.md).
+#
+#   bash docs/results/nuclei_unseen/unet_widths.sh OUT            (widths 2 4 6 8)
+#   WIDTHS="6 8" bash docs/results/nuclei_unseen/unet_widths.sh OUT   (some of them)
+#
+# Widths already trained in OUT are not trained again (so "6 8" first, then "2 4 6 8", trains
+# two at a time and evaluates all four together).
+# OUT/data must hold the files of docs/results/reproduce_nuclei.sh's step 1 (the script makes
+# them when missing). Steps are skipped when their output exists, so a killed run goes on.
+# Results: OUT/results/unet_widths_val{.txt,/}.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+OUT=${1:-output/nuclei}
+SHARED=${SHARED:-../shared/data}
+PY=${PYTHON:-.venv/bin/python}
+D=$OUT/data
+read -r -a widths <<< "${WIDTHS:-2 4 6 8}"
+say() { echo "[$(date +%H:%M:%S)] $*"; }
+[ -f "$D/dsb_val.json" ] || { mkdir -p "$D"; "$PY" tools/convert_to_coco.py --quiet --format dsb \
+    --input "$SHARED/dsb2018/stage1_train" --output "$D/dsb.json" --split train=0.8,val=0.1,test=0.1 \
+    --experiments auto --seed 0; }
+[ -f "$D/monuseg_train.json" ] || "$PY" tools/convert_to_coco.py --quiet --format xml \
+    --input "$SHARED/monuseg_train/labelled" --categories nucleus --modality he \
+    --output "$D/monuseg_train.json"
+CFG=configs/nuclei/unet_mixed_cpu.yaml
+say "training widths ${widths[*]} at once (3038 iterations each)"
+pids=()
+for w in "${widths[@]}"; do
+    n=unet_w$w
+    [ -f "$OUT/$n/model_final.pth" ] || OMP_NUM_THREADS=1 "$PY" tools/train_net.py --resume \
+        --config-file "$CFG" MODEL.UNET.BOUNDARY_WIDTH "$w" SOLVER.MAX_ITER 3038 \
+        DATASETS.TRAIN "[$D/dsb_train.json, $D/monuseg_train.json]" DATASETS.TEST "[$D/dsb_val.json]" \
+        OUTPUT_DIR "$OUT/$n" > "$OUT/$n.train.log" 2>&1 &
+    pids+=($!)
+done
+wait "${pids[@]}"
+say "predictions on the validation split"
+names=() preds=()
+for w in "${widths[@]}"; do
+    n=unet_w$w
+    [ -f "$OUT/pred/$n/predictions_dsb_val.json" ] || OMP_NUM_THREADS=2 "$PY" tools/train_net.py \
+        --config-file "$CFG" --eval-only MODEL.WEIGHTS "$OUT/$n/model_final.pth" \
+        MODEL.UNET.BOUNDARY_WIDTH "$w" DATASETS.TEST "[$D/dsb_val.json]" OUTPUT_DIR "$OUT/pred/$n" \
+        > "$OUT/pred.$n.log" 2>&1
+    names+=("$n") preds+=("$OUT/pred/$n/predictions_dsb_val.json")
+done
+say "evaluation -> $OUT/results/unet_widths_val"
+mkdir -p "$OUT/results"
+"$PY" tools/evaluate.py --gt "$D/dsb_val.json" --pred "${preds[@]}" --names "${names[@]}" \
+    --val-gt "$D/dsb_val.json" --val-pred "${preds[@]}" --bootstrap 1000 --group-by modality \
+    --out "$OUT/results/unet_widths_val" | tee "$OUT/results/unet_widths_val.txt"
+for w in "${widths[@]}"; do
+    grep -h "iterations\|stopped\|time limit" "$OUT/unet_w$w.train.log" | tr '\r' '\n' | tail -2 || true
+done
+say "done"
