@@ -16,7 +16,7 @@
 # minutes, its predictions evaluated beside the others.
 #
 # Steps (each skipped when its output exists, so a killed run goes on where it stopped):
-#   1. data: DSB2018 stage1_train split by experiment (--experiments auto: groups from modality,
+#   1. data (docs/results/nuclei_data.sh): DSB2018 stage1_train split by experiment (--experiments auto: groups from modality,
 #      image size and colour; train/val/test 0.8/0.1/0.1, seed 0); the 13 labelled MoNuSeg
 #      training tiles (H&E) for training; the 4 ../shared/data/monuseg tiles only for the test.
 #   2. training, 45 min cap per model, all three at once (one torch thread each):
@@ -35,7 +35,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-output/nuclei}
-SHARED=${SHARED:-../shared/data}
 PY=${PYTHON:-.venv/bin/python}
 D=$OUT/data
 mkdir -p "$D" "$OUT/results"
@@ -43,13 +42,7 @@ start=$(date +%s)
 say() { echo "[$(date +%H:%M:%S)] $*"; }
 
 say "1. data -> $D"
-conv() { "$PY" tools/convert_to_coco.py --quiet "$@" | grep -E "^wrote|^skipped|groups" || true; }
-[ -f "$D/dsb_test.json" ] || conv --format dsb --input "$SHARED/dsb2018/stage1_train" \
-    --output "$D/dsb.json" --split train=0.8,val=0.1,test=0.1 --experiments auto --seed 0
-[ -f "$D/monuseg_train.json" ] || conv --format xml --input "$SHARED/monuseg_train/labelled" \
-    --categories nucleus --modality he --output "$D/monuseg_train.json"
-[ -f "$D/monuseg_test.json" ] || conv --format xml --input "$SHARED/monuseg" \
-    --categories nucleus --modality he --output "$D/monuseg_test.json"
+bash docs/results/nuclei_data.sh "$OUT"
 
 say "2. training (45 min cap each, all at once)"
 train() {  # name config

@@ -39,8 +39,11 @@ for im in g["images"]:  # detections.json per image -> one COCO results file wit
         print(stem, s["total_detections"], "size", s.get("size_normalisation"))
 print("images by (score threshold, TTA) the tool took from the checkpoint:", dict(seen))
 json.dump(res, open(f"{r}/pred.json", "w"))
+if len(seen) != 1:
+    sys.exit(f"the images were analysed at different settings: {dict(seen)}")
+print(next(iter(seen))[0], file=open(f"{r}/score_thresh", "w"))
 PY
-thresh=$("$PY" -c "import torch,re,sys; print(re.search(r'SCORE_THRESH: ([0-9.]+)', torch.load(sys.argv[1], weights_only=True)['config'].split('TEST:')[-1]).group(1))" "$OUT/maskrcnn.pth")
+thresh=$(cat "$R/score_thresh")  # the threshold the tool took from the checkpoint
 preds=("$R/pred.json"); names=(infer_tiles)
 [ -f "$OUT/pred/maskrcnn_tta8/predictions_$SET.json" ] && \
     preds+=("$OUT/pred/maskrcnn_tta8/predictions_$SET.json") && names+=(eval_only_tta8)

@@ -12,23 +12,17 @@
 #
 # Widths already trained in OUT are not trained again (so "6 8" first, then "2 4 6 8", trains
 # two at a time and evaluates all four together).
-# OUT/data must hold the files of docs/results/reproduce_nuclei.sh's step 1 (the script makes
-# them when missing). Steps are skipped when their output exists, so a killed run goes on.
+# OUT/data: the files of docs/results/nuclei_data.sh (made when missing). Steps are skipped when
+# their output exists, so a killed run goes on.
 # Results: OUT/results/unet_widths_val{.txt,/}.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 OUT=${1:-output/nuclei}
-SHARED=${SHARED:-../shared/data}
 PY=${PYTHON:-.venv/bin/python}
 D=$OUT/data
 read -r -a widths <<< "${WIDTHS:-2 4 6 8}"
 say() { echo "[$(date +%H:%M:%S)] $*"; }
-[ -f "$D/dsb_val.json" ] || { mkdir -p "$D"; "$PY" tools/convert_to_coco.py --quiet --format dsb \
-    --input "$SHARED/dsb2018/stage1_train" --output "$D/dsb.json" --split train=0.8,val=0.1,test=0.1 \
-    --experiments auto --seed 0; }
-[ -f "$D/monuseg_train.json" ] || "$PY" tools/convert_to_coco.py --quiet --format xml \
-    --input "$SHARED/monuseg_train/labelled" --categories nucleus --modality he \
-    --output "$D/monuseg_train.json"
+bash docs/results/nuclei_data.sh "$OUT"
 CFG=configs/nuclei/unet_mixed_cpu.yaml
 say "training widths ${widths[*]} at once (3038 iterations each)"
 pids=()
