@@ -86,33 +86,28 @@ def _float_text(values: np.ndarray) -> List[str]:
 def _points_text(pts: np.ndarray) -> Tuple[bytes, np.ndarray]:
     """``[x,y],`` for every row of the int ``(P, 2)`` ``pts``, as one ASCII buffer, and where each
     point's text starts (``P + 1`` offsets): json's compact text of integer points, written by
-    numpy for all points at once."""
-    v = np.asarray(pts, np.int64).reshape(-1)
+    numpy for all points at once: one fixed-width row of bytes per point (``[``, sign, digits,
+    ``,``, sign, digits, ``]``, ``,``), the unused sign and leading-zero places 0, then the
+    zeros dropped."""
+    v = np.asarray(pts, np.int64).reshape(-1, 2)
     neg = v < 0
     a = np.abs(v)
-    nd = np.ones(len(v), np.int64)
-    for k in range(1, 19):
-        big = a >= 10 ** k
-        if not big.any():
-            break
-        nd += big
-    lens = nd + neg
-    lx, ly = lens[0::2], lens[1::2]
-    plen = lx + ly + 4  # "[" x "," y "],"
-    start = np.cumsum(plen) - plen
-    out = np.empty(int(plen.sum()), np.uint8)
-    out[start] = ord("[")
-    out[start + 1 + lx] = ord(",")
-    out[start + 2 + lx + ly] = ord("]")
-    out[start + 3 + lx + ly] = ord(",")
-    first = np.empty(len(v), np.int64)  # where each number's text starts
-    first[0::2], first[1::2] = start + 1, start + 2 + lx
-    out[first[neg]] = ord("-")
-    last = first + lens - 1  # its last digit
-    for k in range(int(nd.max(initial=1))):
-        sel = nd > k
-        out[last[sel] - k] = 48 + (a[sel] // 10 ** k) % 10
-    return out.tobytes(), np.r_[start, len(out)]
+    width = len(str(int(a.max(initial=0))))  # digits of the largest number
+    x = a.astype(np.uint32 if width <= 9 else np.uint64)
+    rows = np.zeros((len(v), 2 * width + 6), np.uint8)
+    rows[:, 0], rows[:, 2 + width], rows[:, 4 + 2 * width], rows[:, 5 + 2 * width] = 91, 44, 93, 44
+    rows[:, 1], rows[:, 3 + width] = 45 * neg[:, 0], 45 * neg[:, 1]  # "-"
+    nd = np.ones(v.shape, np.int64)  # digits of each number
+    for k in range(width):  # the k-th digit from the right; a leading zero stays 0
+        d = (x % 10).astype(np.uint8) + 48
+        if k:
+            more = x > 0
+            nd += more
+            d[~more] = 0
+        rows[:, 1 + width - k], rows[:, 3 + 2 * width - k] = d[:, 0], d[:, 1]
+        x //= 10
+    plen = 4 + (nd + neg).sum(1)
+    return rows[rows != 0].tobytes(), np.r_[0, np.cumsum(plen)]
 
 
 def geometry_texts(outlines: Outlines) -> List[Optional[str]]:
