@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from ..fileio import atomic_write
 from ..structures.instances import Instances
@@ -93,7 +94,8 @@ def _points_text(pts: np.ndarray) -> Tuple[bytes, np.ndarray]:
     neg = v < 0
     a = np.abs(v)
     width = len(str(int(a.max(initial=0))))  # digits of the largest number
-    x = a.astype(np.uint32 if width <= 9 else np.uint64)
+    x: npt.NDArray[np.unsignedinteger] = (a.astype(np.uint32) if width <= 9
+                                           else a.astype(np.uint64))
     rows = np.zeros((len(v), 2 * width + 6), np.uint8)
     rows[:, 0], rows[:, 2 + width], rows[:, 4 + 2 * width], rows[:, 5 + 2 * width] = 91, 44, 93, 44
     rows[:, 1], rows[:, 3 + width] = 45 * neg[:, 0], 45 * neg[:, 1]  # "-"
