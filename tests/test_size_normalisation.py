@@ -168,3 +168,27 @@ def test_bright_background_images_are_inverted_before_both_models():
             (lambda m, x: m._normalize(x))
         assert torch.allclose(norm(on, bright), norm(off, dark))
         assert torch.allclose(norm(on, dark), norm(off, dark))
+
+
+def test_grey_modality_normalisation_removes_colour_before_the_inversion():
+    """INPUT.GREY: an H&E-coloured field and its grey version look the same to both models
+    (colour no longer tells modalities apart); the bright background is inverted after."""
+    from detector.modeling.build import build_model
+    from detector.modeling.modality import normalise_modality
+
+    rgb = torch.empty((3, 32, 32))
+    rgb[0], rgb[1], rgb[2] = 0.9, 0.7, 0.85  # pink eosin background, grey 0.8167
+    rgb[:, 8:16, 8:16] = torch.tensor([0.3, 0.2, 0.55])[:, None, None]  # a purple nucleus
+    grey = rgb.mean(0, keepdim=True).repeat(3, 1, 1)
+    assert torch.allclose(normalise_modality(rgb, grey=True), grey)
+    assert torch.allclose(normalise_modality(rgb, invert_bright=True, grey=True), 1.0 - grey)
+    assert normalise_modality(rgb) is rgb
+    for arch in ("MaskRCNN", "UNet"):
+        opts = ["MODEL.META_ARCHITECTURE", arch, "MODEL.BACKBONE.NAME", "resnet18",
+                "INPUT.INVERT_BRIGHT_BACKGROUND", "true"]
+        on = build_model(get_cfg(None, opts + ["INPUT.GREY", "true"]), NUCLEUS)
+        off = build_model(get_cfg(None, opts), NUCLEUS)
+        norm = (lambda m, x: m.model.transform.normalize(x)) if arch == "MaskRCNN" else \
+            (lambda m, x: m._normalize(x))
+        assert torch.allclose(norm(on, rgb), norm(off, grey))
+        assert not torch.allclose(norm(off, rgb), norm(off, grey))

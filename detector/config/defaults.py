@@ -235,6 +235,9 @@ class InputConfig:
     # that nuclei are bright on dark in every modality, as in fluorescence
     # (detector/modeling/modality.py).
     INVERT_BRIGHT_BACKGROUND: bool = False
+    # Modality normalisation: every image replaced by its grey (mean of R, G, B) in all three
+    # channels, before the inversion, so colour does not tell modalities apart either.
+    GREY: bool = False
     AUG: AugmentationConfig = field(default_factory=AugmentationConfig)
 
 

@@ -3,8 +3,12 @@
 With ``INPUT.INVERT_BRIGHT_BACKGROUND`` an image whose grey median is above
 :data:`BRIGHT_MEDIAN` (a bright background: brightfield, H&E) is inverted, so that nuclei
 are brighter than their surroundings in every modality, as in fluorescence (what several
-DSB2018 solutions did before training one model on all three). Both the R-CNN and the U-Net
-apply it to each image (or tile) before their pixel normalisation, in training and inference.
+DSB2018 solutions did before training one model on all three). With ``INPUT.GREY`` every image
+is first replaced by its grey (the mean of R, G and B in all three channels), so that colour no
+longer tells the modalities apart either: a grey brightfield field, an H&E tile and a
+fluorescence field then differ only in their intensities. Both the R-CNN and the U-Net apply
+:func:`normalise_modality` to each image (or tile) before their pixel normalisation, in
+training and inference.
 """
 from __future__ import annotations
 
@@ -20,4 +24,15 @@ def invert_bright_background(image: Tensor) -> Tensor:
     grey = image.float().mean(0)
     if grey.numel() and float(grey.median()) > BRIGHT_MEDIAN:
         return 1.0 - image
+    return image
+
+
+def normalise_modality(image: Tensor, invert_bright: bool = False, grey: bool = False) -> Tensor:
+    """``[3, H, W]`` float image in 0..1 with the config's modality normalisation: grey first
+    (``INPUT.GREY``), then the inversion of a bright background
+    (``INPUT.INVERT_BRIGHT_BACKGROUND``); the image itself when both are off."""
+    if grey:
+        image = image.mean(0, keepdim=True).expand_as(image)
+    if invert_bright:
+        image = invert_bright_background(image)
     return image

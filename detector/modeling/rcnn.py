@@ -36,7 +36,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from ..structures.instances import Instances
 from ..structures.masks import CropMask
-from .modality import invert_bright_background
+from .modality import normalise_modality
 
 
 def norm_layers(norm: str, channels: int = 256) -> Tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
@@ -63,16 +63,17 @@ class NativeResolutionTransform(GeneralizedRCNNTransform):
     mapped back to the input image's pixels by the parent's ``postprocess``."""
 
     def __init__(self, scale: float, image_mean: List[float], image_std: List[float],
-                 size_divisible: int = 32, invert_bright: bool = False) -> None:
+                 size_divisible: int = 32, invert_bright: bool = False, grey: bool = False
+                 ) -> None:
         super().__init__(min_size=1, max_size=1, image_mean=image_mean, image_std=image_std,
                          size_divisible=size_divisible)
         self.scale = float(scale)
         self.invert_bright = bool(invert_bright)
+        self.grey = bool(grey)
 
     def normalize(self, image: Tensor) -> Tensor:
-        # INPUT.INVERT_BRIGHT_BACKGROUND: one appearance for all modalities (modality.py)
-        if self.invert_bright:
-            image = invert_bright_background(image)
+        # INPUT.GREY, INPUT.INVERT_BRIGHT_BACKGROUND: one appearance for all modalities
+        image = normalise_modality(image, self.invert_bright, self.grey)
         return super().normalize(image)
 
     def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None
@@ -197,7 +198,7 @@ def build_torchvision_rcnn(cfg: Any, num_classes: int) -> nn.Module:
         raise ValueError(f"build_torchvision_rcnn: {arch!r} is not an R-CNN")
     model.transform = NativeResolutionTransform(
         cfg.INPUT.SCALE, list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD),
-        invert_bright=bool(cfg.INPUT.INVERT_BRIGHT_BACKGROUND))
+        invert_bright=bool(cfg.INPUT.INVERT_BRIGHT_BACKGROUND), grey=bool(cfg.INPUT.GREY))
     return model
 
 

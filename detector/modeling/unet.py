@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from ..data.unet_targets import UNetTargets
 from ..structures.instances import Instances
-from .modality import invert_bright_background
+from .modality import normalise_modality
 from .watershed import instances_from_probabilities
 
 NUM_UNET_CLASSES = 3  # background, nucleus interior, nucleus boundary
@@ -234,6 +234,7 @@ class UNetModel(nn.Module):
         # INPUT.NUCLEUS_DIAMETER: the size normalisation of detector/inference/size.py
         self.nucleus_diameter = float(cfg.INPUT.NUCLEUS_DIAMETER)
         self.invert_bright = bool(cfg.INPUT.INVERT_BRIGHT_BACKGROUND)
+        self.grey = bool(cfg.INPUT.GREY)
         if self.scale <= 0:
             raise ValueError(f"INPUT.SCALE must be > 0, got {cfg.INPUT.SCALE}")
         self.targets_fn = UNetTargets(cfg)
@@ -249,8 +250,7 @@ class UNetModel(nn.Module):
         image = image.to(device=device, dtype=dtype)
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"U-Net expects images of shape (3, H, W), got {tuple(image.shape)}")
-        if self.invert_bright:
-            image = invert_bright_background(image)
+        image = normalise_modality(image, self.invert_bright, self.grey)
         mean = self.pixel_mean.to(dtype)
         std = self.pixel_std.to(dtype)
         return (image - mean) / std
