@@ -57,3 +57,16 @@ def test_round_trip_through_checkpoint_string():
     cfg = get_cfg(None, ["SOLVER.BASE_LR", "0.02", "INPUT.MPP", "0.25"])
     again = cfg_from_string(cfg_to_yaml(cfg))
     assert again == cfg
+
+
+def test_every_shipped_config_loads():
+    """A user starts from a file in configs/: each must load (its _BASE_ chain, keys, types)."""
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    files = sorted(glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True))
+    assert len(files) >= 10
+    for f in files:
+        cfg = get_cfg(f)
+        assert cfg.MODEL.META_ARCHITECTURE, f

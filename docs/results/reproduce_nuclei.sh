@@ -11,6 +11,8 @@
 # TTA (4 or 8; default off) also predicts and evaluates every learned model with test-time
 # augmentation (TEST.AUG: the flips, or the flips and 90-degree rotations, merged), reported as
 # <model>_tta<N> beside it (N x the prediction time).
+# "maskrcnn_grey" is the Mask R-CNN with the grey modality normalisation (INPUT.GREY), the
+# candidate compared with "maskrcnn" on validation.
 # "cellpose" is the peer (Cellpose 3.x from scratch, benchmarks/bench_cellpose.py; needs
 # `pip install -c constraints.txt -e '.[peer]'`): the same data, split, draw weights and 45
 # minutes, its predictions evaluated beside the others.
@@ -59,13 +61,14 @@ cellpose() {  # the peer: same training files, MoNuSeg drawn 10x as in the mixed
         --images-per-epoch 80 --train-weights 1 10 > "$OUT/cellpose.train.log" 2>&1
 }
 declare -A CFG=([maskrcnn]=configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml
+                [maskrcnn_grey]=configs/nuclei/mask_rcnn_R_18_FPN_mixed_grey_cpu.yaml
                 [unet]=configs/nuclei/unet_mixed_cpu.yaml
                 [unet_contact]=configs/nuclei/unet_contact_mixed_cpu.yaml)
 read -r -a models <<< "${MODELS:-maskrcnn unet unet_contact}"
 pids=()
 for m in "${models[@]}"; do
     if [ "$m" = cellpose ]; then cellpose & pids+=($!); continue; fi
-    [ -n "${CFG[$m]:-}" ] || { echo "MODELS: unknown model $m (maskrcnn, unet, unet_contact, cellpose)"; exit 2; }
+    [ -n "${CFG[$m]:-}" ] || { echo "MODELS: unknown model $m (maskrcnn, maskrcnn_grey, unet, unet_contact, cellpose)"; exit 2; }
     train "$m" "${CFG[$m]}" &
     pids+=($!)
 done
