@@ -344,9 +344,16 @@ class Trainer:
                 f.write(cfg_to_yaml(cfg))
         writer = MetricsWriter(self.output_dir, self.start_iter) if main else None
         classifier = cfg.MODEL.META_ARCHITECTURE == "PatchClassifier"
+        if classifier:
+            network = cfg.MODEL.CLASSIFIER.NAME
+        elif cfg.MODEL.META_ARCHITECTURE == "UNet":  # no backbone: its own size
+            network = f"depth {cfg.MODEL.UNET.DEPTH}, {cfg.MODEL.UNET.BASE_CHANNELS} channels"
+        elif cfg.MODEL.META_ARCHITECTURE == "Classical":
+            network = "no network"
+        else:
+            network = cfg.MODEL.BACKBONE.NAME
         logger.info("training %s (%s, %d classes) on %d %s from %s, %d process(es) on %s, "
-                    "iterations %d..%d, %d images per step", cfg.MODEL.META_ARCHITECTURE,
-                    cfg.MODEL.CLASSIFIER.NAME if classifier else cfg.MODEL.BACKBONE.NAME,
+                    "iterations %d..%d, %d images per step", cfg.MODEL.META_ARCHITECTURE, network,
                     len(self.classes), len(self.train_set), "patches" if classifier else "images",
                     ", ".join(cfg.DATASETS.TRAIN), self.world_size, self.device,
                     self.start_iter, max_iter, int(s.IMS_PER_BATCH))
