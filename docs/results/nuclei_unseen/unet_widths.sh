@@ -11,12 +11,14 @@
 #   WIDTHS="6 8" bash docs/results/nuclei_unseen/unet_widths.sh OUT   (some of them)
 #   ITERS=full WIDTHS="2 6" bash docs/results/nuclei_unseen/unet_widths.sh OUT
 #       (the config's own budget instead of 3038 iterations: 45 minutes, the LR annealed by time)
+#   TEST=1 ...   also predicts the test split and the 4 MoNuSeg tiles and evaluates them at each
+#       model's threshold of best validation F1 (reported beside the choice, never used for it)
 #
 # Widths already trained in OUT are not trained again (so "6 8" first, then "2 4 6 8", trains
 # two at a time and evaluates all four together).
 # OUT/data: the files of docs/results/nuclei_data.sh (made when missing). Steps are skipped when
 # their output exists, so a killed run goes on.
-# Results: OUT/results/unet_widths_val{.txt,/}.
+# Results: OUT/results/unet_widths_val{.txt,/} (with TEST=1 also unet_widths_{dsb_test,monuseg_test}).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 OUT=${1:-output/nuclei}
@@ -24,6 +26,9 @@ PY=${PYTHON:-.venv/bin/python}
 D=$OUT/data
 read -r -a widths <<< "${WIDTHS:-2 4 6 8}"
 ITERS=${ITERS:-3038}
+sets=(dsb_val)
+[ -z "${TEST:-}" ] || sets+=(dsb_test monuseg_test)
+list=$(printf "$OUT/data/%s.json, " "${sets[@]}")
 iters=()
 [ "$ITERS" = full ] || iters=(SOLVER.MAX_ITER "$ITERS")
 say() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -40,21 +45,28 @@ for w in "${widths[@]}"; do
     pids+=($!)
 done
 wait "${pids[@]}"
-say "predictions on the validation split"
-names=() preds=()
+say "predictions on ${sets[*]}"
+names=()
 for w in "${widths[@]}"; do
     n=unet_w$w
-    [ -f "$OUT/pred/$n/predictions_dsb_val.json" ] || OMP_NUM_THREADS=2 "$PY" tools/train_net.py \
+    [ -f "$OUT/pred/$n/predictions_${sets[-1]}.json" ] || OMP_NUM_THREADS=2 "$PY" tools/train_net.py \
         --config-file "$CFG" --eval-only MODEL.WEIGHTS "$OUT/$n/model_final.pth" \
-        MODEL.UNET.BOUNDARY_WIDTH "$w" DATASETS.TEST "[$D/dsb_val.json]" OUTPUT_DIR "$OUT/pred/$n" \
+        MODEL.UNET.BOUNDARY_WIDTH "$w" DATASETS.TEST "[${list%, }]" OUTPUT_DIR "$OUT/pred/$n" \
         > "$OUT/pred.$n.log" 2>&1
-    names+=("$n") preds+=("$OUT/pred/$n/predictions_dsb_val.json")
+    names+=("$n")
 done
-say "evaluation -> $OUT/results/unet_widths_val"
+preds() { for n in "${names[@]}"; do echo "$OUT/pred/$n/predictions_$1.json"; done; }
 mkdir -p "$OUT/results"
-"$PY" tools/evaluate.py --gt "$D/dsb_val.json" --pred "${preds[@]}" --names "${names[@]}" \
-    --val-gt "$D/dsb_val.json" --val-pred "${preds[@]}" --bootstrap 1000 --group-by modality \
-    --out "$OUT/results/unet_widths_val" | tee "$OUT/results/unet_widths_val.txt"
+for set in "${sets[@]}"; do
+    res=unet_widths_$set
+    [ "$set" = dsb_val ] && res=unet_widths_val
+    group=(--group-by modality)
+    [ "$set" = monuseg_test ] && group=()
+    say "evaluation -> $OUT/results/$res"
+    "$PY" tools/evaluate.py --gt "$D/$set.json" --pred $(preds "$set") --names "${names[@]}" \
+        --val-gt "$D/dsb_val.json" --val-pred $(preds dsb_val) --bootstrap 1000 "${group[@]}" \
+        --out "$OUT/results/$res" | tee "$OUT/results/$res.txt"
+done
 for w in "${widths[@]}"; do
     grep -h "iterations\|stopped\|time limit" "$OUT/unet_w$w.train.log" | tr '\r' '\n' | tail -2 || true
 done
