@@ -18,9 +18,9 @@
 # minutes, its predictions evaluated beside the others.
 #
 # Steps (each skipped when its output exists, so a killed run goes on where it stopped):
-#   1. data (docs/results/nuclei_data.sh): DSB2018 stage1_train split by experiment (--experiments auto: groups from modality,
-#      image size and colour; train/val/test 0.8/0.1/0.1, seed 0); the 13 labelled MoNuSeg
-#      training tiles (H&E) for training; the 4 ../shared/data/monuseg tiles only for the test.
+#   1. data, by docs/results/nuclei_data.sh: DSB2018 stage1_train split by experiment, the 13
+#      labelled MoNuSeg training tiles (H&E) for training, the 4 ../shared/data/monuseg tiles
+#      only for the test.
 #   2. training, 45 min cap per model, all three at once (one torch thread each):
 #      configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml, configs/nuclei/unet_mixed_cpu.yaml
 #      (class 2 the boundary band of every nucleus) and configs/nuclei/unet_contact_mixed_cpu.yaml
