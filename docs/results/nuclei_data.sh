@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The nuclei data of docs/results/reproduce_nuclei.sh (its step 1), for every script that trains
-# or evaluates on it: DSB2018 stage1_train split by experiment (--experiments auto: groups from
-# modality, image size and colour; train/val/test 0.8/0.1/0.1, seed 0), the 13 labelled MoNuSeg
-# training tiles (H&E) for training, the 4 ../shared/data/monuseg tiles only for the test.
-#   bash docs/results/nuclei_data.sh OUT      -> OUT/data/{dsb_*,monuseg_train,monuseg_test}.json
+# or evaluates on it:
+# - DSB2018 stage1_train split by experiment (--experiments auto: groups from modality, image
+#   size and colour; train/val/test 0.8/0.1/0.1, seed 0) -> dsb_{train,val,test}.json;
+# - the 13 labelled MoNuSeg training tiles (H&E, 40x, one patient each) split by slide, seed 0:
+#   10 for training (monuseg_fit.json) and 3 held out as the 40x H&E validation
+#   (monuseg_val.json: TCGA-50-5931, TCGA-AR-A1AK, TCGA-E2-A1B5), which the DSB2018 validation
+#   does not hold; all 13 in monuseg_train.json (the recipe up to the ninth session);
+# - val.json: dsb_val + monuseg_val, the validation every choice is made on;
+# - the 4 ../shared/data/monuseg tiles only for the test (monuseg_test.json).
+#   bash docs/results/nuclei_data.sh OUT   -> OUT/data/{dsb_*,monuseg_{fit,val,train,test},val}.json
 # A file that exists is not made again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,5 +23,9 @@ conv() { "$PY" tools/convert_to_coco.py --quiet "$@" | grep -E "^wrote|^skipped|
     --output "$D/dsb.json" --split train=0.8,val=0.1,test=0.1 --experiments auto --seed 0
 [ -f "$D/monuseg_train.json" ] || conv --format xml --input "$SHARED/monuseg_train/labelled" \
     --categories nucleus --modality he --output "$D/monuseg_train.json"
+[ -f "$D/monuseg_val.json" ] || conv --format coco --input "$D/monuseg_train.json" \
+    --output "$D/monuseg.json" --split fit=0.77,val=0.23 --seed 0
+[ -f "$D/val.json" ] || conv --format coco --input "$D/dsb_val.json" "$D/monuseg_val.json" \
+    --output "$D/val.json"
 [ -f "$D/monuseg_test.json" ] || conv --format xml --input "$SHARED/monuseg" \
     --categories nucleus --modality he --output "$D/monuseg_test.json"

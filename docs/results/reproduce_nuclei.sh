@@ -18,19 +18,23 @@
 # minutes, its predictions evaluated beside the others.
 #
 # Steps (each skipped when its output exists, so a killed run goes on where it stopped):
-#   1. data, by docs/results/nuclei_data.sh: DSB2018 stage1_train split by experiment, the 13
-#      labelled MoNuSeg training tiles (H&E) for training, the 4 ../shared/data/monuseg tiles
-#      only for the test.
+#   1. data, by docs/results/nuclei_data.sh: DSB2018 stage1_train split by experiment; 10 of the
+#      13 labelled MoNuSeg training tiles (H&E) for training and 3 held out (by slide) beside the
+#      DSB2018 validation experiments, so that validation holds 40x H&E (OUT/data/val.json); the
+#      4 ../shared/data/monuseg tiles only for the test. (Up to the ninth session all 13 tiles
+#      trained and validation was DSB2018 alone; a model of such an OUT folder has seen the
+#      validation tiles, and the script stops rather than evaluate it.)
 #   2. training, 45 min cap per model, all three at once (one torch thread each):
 #      configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml, configs/nuclei/unet_mixed_cpu.yaml
 #      (class 2 the boundary band of every nucleus) and configs/nuclei/unet_contact_mixed_cpu.yaml
 #      (class 2 only where nuclei touch) -> OUT/maskrcnn.pth, OUT/unet.pth, OUT/unet_contact.pth
 #      (what infer_tiles.py --weights takes).
 #   3. predictions of every model (and of the classical baseline, when its config exists) on
-#      the validation split, the test split and the 4 MoNuSeg tiles (train_net.py --eval-only:
+#      the validation images (and the 3 MoNuSeg validation tiles alone), the test split and the
+#      4 MoNuSeg test tiles (train_net.py --eval-only:
 #      each image at the scale its nuclei give, from a first pass).
 #   4. tools/evaluate.py: F1@0.5, DSB score, AJI, PQ per modality with 95% bootstrap CIs, at the
-#      score threshold of best validation F1 -> OUT/results/{test,monuseg}/.
+#      score threshold of best validation F1 -> OUT/results/{test,monuseg,val,monuseg_val}/.
 #   5. OUT/<model>.pth rewritten with what validation chose (train_net.py --export): the score
 #      threshold of best validation F1 and, with TTA, test-time augmentation when it had the
 #      better validation F1; infer_tiles.py --weights OUT/<model>.pth then needs no flag.
@@ -50,14 +54,14 @@ say "2. training (45 min cap each, all at once)"
 train() {  # name config
     local name=$1 cfg=$2
     [ -f "$OUT/$name/model_final.pth" ] || OMP_NUM_THREADS=${TRAIN_THREADS:-1} "$PY" tools/train_net.py --resume \
-        --config-file "$cfg" DATASETS.TRAIN "[$D/dsb_train.json, $D/monuseg_train.json]" \
-        DATASETS.TEST "[$D/dsb_val.json]" OUTPUT_DIR "$OUT/$name" > "$OUT/$name.train.log" 2>&1
+        --config-file "$cfg" DATASETS.TRAIN "[$D/dsb_train.json, $D/monuseg_fit.json]" \
+        DATASETS.TEST "[$D/val.json]" OUTPUT_DIR "$OUT/$name" > "$OUT/$name.train.log" 2>&1
     cp "$OUT/$name/model_final.pth" "$OUT/$name.pth"
 }
 cellpose() {  # the peer: same training files, MoNuSeg drawn 10x as in the mixed configs
     [ -f "$OUT/cellpose/cellpose_model" ] || OMP_NUM_THREADS=${TRAIN_THREADS:-1} "$PY" \
-        benchmarks/bench_cellpose.py train --train "$D/dsb_train.json" "$D/monuseg_train.json" \
-        --val "$D/dsb_val.json" --out "$OUT/cellpose" --minutes 45 --threads "${TRAIN_THREADS:-1}" \
+        benchmarks/bench_cellpose.py train --train "$D/dsb_train.json" "$D/monuseg_fit.json" \
+        --val "$D/val.json" --out "$OUT/cellpose" --minutes 45 --threads "${TRAIN_THREADS:-1}" \
         --images-per-epoch 80 --train-weights 1 10 > "$OUT/cellpose.train.log" 2>&1
 }
 declare -A CFG=([maskrcnn]=configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml
@@ -81,15 +85,17 @@ for m in "${models[@]}"; do cfgs+=("${CFG[$m]:-}"); done
 if [ -f configs/nuclei/classical.yaml ]; then
     models+=(classical); cfgs+=(configs/nuclei/classical.yaml)
     [ -f "$OUT/classical.pth" ] || "$PY" tools/train_net.py --config-file configs/nuclei/classical.yaml \
-        OUTPUT_DIR "$OUT/classical" DATASETS.TRAIN "[$D/dsb_train.json]" DATASETS.TEST "[$D/dsb_val.json]" \
+        OUTPUT_DIR "$OUT/classical" DATASETS.TRAIN "[$D/dsb_train.json]" DATASETS.TEST "[$D/val.json]" \
         > "$OUT/classical.train.log" 2>&1 && cp "$OUT/classical/model_final.pth" "$OUT/classical.pth"
 fi
 predict() {  # name config model [KEY VALUE ...]: --eval-only predictions of OUT/<model>.pth
     local name=$1 cfg=$2 m=$3
     shift 3
+    ! grep -qs monuseg_train.json "$OUT/$m/config.yaml" || {
+        echo "$OUT/$m was trained on all 13 MoNuSeg tiles, the validation tiles among them: use a new OUT"; exit 2; }
     [ -f "$OUT/pred/$name/predictions_monuseg_test.json" ] || OMP_NUM_THREADS=2 "$PY" \
         tools/train_net.py --config-file "$cfg" --eval-only MODEL.WEIGHTS "$OUT/$m.pth" "$@" \
-        DATASETS.TEST "[$D/dsb_val.json, $D/dsb_test.json, $D/monuseg_test.json]" \
+        DATASETS.TEST "[$D/val.json, $D/monuseg_val.json, $D/dsb_test.json, $D/monuseg_test.json]" \
         OUTPUT_DIR "$OUT/pred/$name" > "$OUT/pred.$name.log" 2>&1
 }
 for i in "${!models[@]}"; do
@@ -97,7 +103,7 @@ for i in "${!models[@]}"; do
     if [ "$m" = cellpose ]; then
         [ -f "$OUT/pred/cellpose/predictions_monuseg_test.json" ] || OMP_NUM_THREADS=2 "$PY" \
             benchmarks/bench_cellpose.py predict --model "$OUT/cellpose/cellpose_model" \
-            --input "$D/dsb_val.json" "$D/dsb_test.json" "$D/monuseg_test.json" \
+            --input "$D/val.json" "$D/monuseg_val.json" "$D/dsb_test.json" "$D/monuseg_test.json" \
             --out "$OUT/pred/cellpose" > "$OUT/pred.cellpose.log" 2>&1
         continue
     fi
@@ -117,13 +123,16 @@ fi
 say "4. evaluation -> $OUT/results"
 preds() { for m in "${models[@]}"; do echo "$OUT/pred/$m/predictions_$1.json"; done; }
 "$PY" tools/evaluate.py --gt "$D/dsb_test.json" --pred $(preds dsb_test) --names "${models[@]}" \
-    --val-gt "$D/dsb_val.json" --val-pred $(preds dsb_val) --bootstrap 1000 --group-by modality \
+    --val-gt "$D/val.json" --val-pred $(preds val) --bootstrap 1000 --group-by modality \
     --out "$OUT/results/test" | tee "$OUT/results/test.txt"
 "$PY" tools/evaluate.py --gt "$D/monuseg_test.json" --pred $(preds monuseg_test) --names "${models[@]}" \
-    --val-gt "$D/dsb_val.json" --val-pred $(preds dsb_val) --bootstrap 1000 \
+    --val-gt "$D/val.json" --val-pred $(preds val) --bootstrap 1000 \
     --out "$OUT/results/monuseg" | tee "$OUT/results/monuseg.txt"
-"$PY" tools/evaluate.py --gt "$D/dsb_val.json" --pred $(preds dsb_val) --names "${models[@]}" \
+"$PY" tools/evaluate.py --gt "$D/val.json" --pred $(preds val) --names "${models[@]}" \
     --bootstrap 1000 --group-by modality --out "$OUT/results/val" | tee "$OUT/results/val.txt"
+"$PY" tools/evaluate.py --gt "$D/monuseg_val.json" --pred $(preds monuseg_val) --names "${models[@]}" \
+    --val-gt "$D/val.json" --val-pred $(preds val) --bootstrap 1000 \
+    --out "$OUT/results/monuseg_val" | tee "$OUT/results/monuseg_val.txt"
 say "5. deployable checkpoints"
 # each learned model's OUT/<model>.pth gets what validation chose: its score threshold of best
 # validation F1 and, when TTA ran and won on validation F1, test-time augmentation; so that

@@ -4,8 +4,10 @@
 # MODEL.UNET.BOUNDARY_WIDTH w for each w of WIDTHS, all at once (one torch thread each), for the
 # iterations the width-2 run had (SOLVER.MAX_ITER 3038, the third session's three-at-once run,
 # so every width gets the same number of updates; the 45-minute cap still applies), then
-# predicted on the validation split and evaluated at each model's best validation threshold
-# (optimistic alike, as the width-2 / contact comparison in docs/results/README.md).
+# predicted on the validation images (OUT/data/val.json: the DSB2018 validation experiments and
+# the 3 held-out 40x MoNuSeg tiles, see docs/results/nuclei_data.sh) and evaluated at each
+# model's best validation threshold (optimistic alike, as the width-2 / contact comparison in
+# docs/results/README.md); the 3 MoNuSeg tiles are also reported alone.
 #
 #   bash docs/results/nuclei_unseen/unet_widths.sh OUT            (widths 2 4 6 8)
 #   WIDTHS="6 8" bash docs/results/nuclei_unseen/unet_widths.sh OUT   (some of them)
@@ -18,7 +20,10 @@
 # two at a time and evaluates all four together).
 # OUT/data: the files of docs/results/nuclei_data.sh (made when missing). Steps are skipped when
 # their output exists, so a killed run goes on.
-# Results: OUT/results/unet_widths_val{.txt,/} (with TEST=1 also unet_widths_{dsb_test,monuseg_test}).
+# Results: OUT/results/unet_widths_{val,monuseg_val}{.txt,/} (with TEST=1 also
+# unet_widths_{dsb_test,monuseg_test}).
+# A model trained on all 13 MoNuSeg tiles (monuseg_train.json, OUT folders of the ninth session
+# and before) has seen the validation tiles: the script stops rather than evaluate it.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 OUT=${1:-output/nuclei}
@@ -26,7 +31,7 @@ PY=${PYTHON:-.venv/bin/python}
 D=$OUT/data
 read -r -a widths <<< "${WIDTHS:-2 4 6 8}"
 ITERS=${ITERS:-3038}
-sets=(dsb_val)
+sets=(val monuseg_val)
 [ -z "${TEST:-}" ] || sets+=(dsb_test monuseg_test)
 list=$(printf "$OUT/data/%s.json, " "${sets[@]}")
 iters=()
@@ -40,7 +45,7 @@ for w in "${widths[@]}"; do
     n=unet_w$w
     [ -f "$OUT/$n/model_final.pth" ] || OMP_NUM_THREADS=1 "$PY" tools/train_net.py --resume \
         --config-file "$CFG" MODEL.UNET.BOUNDARY_WIDTH "$w" "${iters[@]}" \
-        DATASETS.TRAIN "[$D/dsb_train.json, $D/monuseg_train.json]" DATASETS.TEST "[$D/dsb_val.json]" \
+        DATASETS.TRAIN "[$D/dsb_train.json, $D/monuseg_fit.json]" DATASETS.TEST "[$D/val.json]" \
         OUTPUT_DIR "$OUT/$n" > "$OUT/$n.train.log" 2>&1 &
     pids+=($!)
 done
@@ -49,6 +54,8 @@ say "predictions on ${sets[*]}"
 names=()
 for w in "${widths[@]}"; do
     n=unet_w$w
+    ! grep -q monuseg_train.json "$OUT/$n/config.yaml" || {
+        echo "$OUT/$n was trained on all 13 MoNuSeg tiles, the validation tiles among them: use a new OUT"; exit 2; }
     [ -f "$OUT/pred/$n/predictions_${sets[-1]}.json" ] || OMP_NUM_THREADS=2 "$PY" tools/train_net.py \
         --config-file "$CFG" --eval-only MODEL.WEIGHTS "$OUT/$n/model_final.pth" \
         MODEL.UNET.BOUNDARY_WIDTH "$w" DATASETS.TEST "[${list%, }]" OUTPUT_DIR "$OUT/pred/$n" \
@@ -59,12 +66,11 @@ preds() { for n in "${names[@]}"; do echo "$OUT/pred/$n/predictions_$1.json"; do
 mkdir -p "$OUT/results"
 for set in "${sets[@]}"; do
     res=unet_widths_$set
-    [ "$set" = dsb_val ] && res=unet_widths_val
     group=(--group-by modality)
-    [ "$set" = monuseg_test ] && group=()
+    case $set in monuseg_*) group=() ;; esac
     say "evaluation -> $OUT/results/$res"
     "$PY" tools/evaluate.py --gt "$D/$set.json" --pred $(preds "$set") --names "${names[@]}" \
-        --val-gt "$D/dsb_val.json" --val-pred $(preds dsb_val) --bootstrap 1000 "${group[@]}" \
+        --val-gt "$D/val.json" --val-pred $(preds val) --bootstrap 1000 "${group[@]}" \
         --out "$OUT/results/$res" | tee "$OUT/results/$res.txt"
 done
 for w in "${widths[@]}"; do
