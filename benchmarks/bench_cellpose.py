@@ -2,11 +2,11 @@
 wall-clock budget, its predictions written as COCO results for ``tools/evaluate.py``.
 
     pip install -c constraints.txt -e ".[peer]"      (cellpose>=3,<4; a benchmark extra only)
-    python benchmarks/bench_cellpose.py train --train D/dsb_train.json D/monuseg_train.json \
-        --val D/dsb_val.json --out OUT/cellpose --minutes 45 --threads 2 \
+    python benchmarks/bench_cellpose.py train --train D/dsb_train.json D/monuseg_fit.json \
+        --val D/val.json --out OUT/cellpose --minutes 45 --threads 2 \
         --images-per-epoch 80 --train-weights 1 10
     python benchmarks/bench_cellpose.py predict --model OUT/cellpose/cellpose_model \
-        --input D/dsb_val.json D/dsb_test.json D/monuseg_test.json --out OUT/pred/cellpose
+        --input D/val.json D/dsb_test.json D/monuseg_test.json --out OUT/pred/cellpose
     python tools/evaluate.py --gt D/dsb_test.json --pred OUT/pred/cellpose/predictions_dsb_test.json
 
 Data. Every image of the COCO files is read with the project's reader (H x W x 3 RGB uint8) and
