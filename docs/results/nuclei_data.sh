@@ -10,7 +10,9 @@
 # - val.json: dsb_val + monuseg_val, the validation every choice is made on;
 # - the 4 ../shared/data/monuseg tiles only for the test (monuseg_test.json).
 #   bash docs/results/nuclei_data.sh OUT   -> OUT/data/{dsb_*,monuseg_{fit,val,train,test},val}.json
-# A file that exists is not made again.
+# A file that exists is not made again. A model already in OUT that was trained on all 13 tiles
+# (monuseg_train.json: OUT folders of the ninth session and before) has seen the validation
+# tiles: the script stops, and with it every script that calls it, rather than evaluate it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-output/nuclei}
@@ -18,6 +20,11 @@ SHARED=${SHARED:-../shared/data}
 PY=${PYTHON:-.venv/bin/python}
 D=$OUT/data
 mkdir -p "$D"
+for c in "$OUT"/*/config.yaml; do
+    ! grep -qs monuseg_train.json "$c" || {
+        echo "${c%/config.yaml} was trained on all 13 MoNuSeg tiles, the validation tiles among them: use a new OUT" >&2
+        exit 2; }
+done
 conv() { "$PY" tools/convert_to_coco.py --quiet "$@" | grep -E "^wrote|^skipped|groups" || true; }
 [ -f "$D/dsb_test.json" ] || conv --format dsb --input "$SHARED/dsb2018/stage1_train" \
     --output "$D/dsb.json" --split train=0.8,val=0.1,test=0.1 --experiments auto --seed 0
