@@ -12,13 +12,17 @@ Steps (every figure comes from this run; nothing is read from elsewhere):
    iterations after the first 20 % (warm-up excluded) and peak GPU memory, from ``metrics.json``;
 3. a ``GPU_CHECK_SLIDE`` px square pyramidal TIFF (20000; JPEG tiles, every tile tissue) written
    with tifffile tile by tile from a synthetic field;
-4. ``infer_tiles.py`` on it (Mpx/s of slide), and, on a ``GPU_CHECK_NAIVE_SLIDE`` px slide
-   (4096) of the same tissue, this tool against the naive per-tile loop of
-   ``bench_infer.py`` (one tile at a time, torchvision's forward, fp32) in the same process.
+4. on a ``GPU_CHECK_NAIVE_SLIDE`` px slide (4096) of the same tissue, this tool against the
+   naive per-tile loop of ``bench_infer.py`` (one tile at a time, torchvision's forward, fp32)
+   in this process after one warm-up forward; then ``infer_tiles.py`` on the big slide (Mpx/s
+   of slide). Each figure is logged as soon as it is measured, so a run cut short by its time
+   limit still leaves the earlier ones.
 
 Environment: ``GPU_CHECK_DEVICE`` (cuda, or cpu with GPU_CHECK_TINY), ``GPU_CHECK_ITERS``,
 ``GPU_CHECK_SLIDE``, ``GPU_CHECK_NAIVE_SLIDE``, ``GPU_CHECK_BATCH`` (training images per step,
-8), ``GPU_CHECK_TILE`` (512), ``GPU_CHECK_OUT`` (a temporary folder).
+8), ``GPU_CHECK_TILE`` (512), ``GPU_CHECK_OUT`` (a temporary folder), ``GPU_CHECK_PROFILE`` (a
+folder: cProfile listings of 40 more training iterations (at most GPU_CHECK_ITERS) and of this tool on the small slide,
+``train_profile.txt`` and ``infer_profile.txt``, to see where the host spends the time).
 """
 from __future__ import annotations
 
@@ -82,6 +86,32 @@ def write_tissue_slide(path: str, size: int, texture: np.ndarray, mpp: float) ->
     bench_infer.write_tiled_pyramid(path, size, tiles, levels, mpp)
 
 
+def write_listing(prof: str, path: str) -> None:
+    """The cProfile listing of ``prof`` by own time and by cumulative time, as text."""
+    import io
+    import pstats
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("tottime").print_stats(45)
+    st.sort_stats("cumulative").print_stats(60)
+    with open(path, "w") as f:
+        f.write(buf.getvalue())
+    log(f"profile: {path}")
+
+
+def profile_listing(fn, path: str) -> None:
+    import cProfile
+
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    pr.dump_stats(path + ".prof")
+    write_listing(path + ".prof", path)
+
+
 def training_figures(out_dir: str, batch: int) -> Dict[str, float]:
     recs = []
     with open(os.path.join(out_dir, "metrics.json")) as f:
@@ -140,19 +170,54 @@ def main() -> int:
     t_train = run([py, "tools/train_net.py", "--config-file",
                    "configs/nuclei/mask_rcnn_R_50_FPN.yaml", *opts])
     tr = training_figures(train_dir, batch)
+    if os.environ.get("GPU_CHECK_PROFILE"):
+        prof = os.path.join(out, "train.prof")
+        run([py, "-m", "cProfile", "-o", prof, "tools/train_net.py", "--config-file",
+             "configs/nuclei/mask_rcnn_R_50_FPN.yaml", *opts, "SOLVER.MAX_ITER", str(min(40, iters)),
+             "OUTPUT_DIR", train_dir + "_prof"])
+        write_listing(prof, os.path.join(os.environ["GPU_CHECK_PROFILE"], "train_profile.txt"))
     weights = os.path.join(train_dir, "model_final.pth")
+
+    log(f"training: {tr['images_per_s']:.1f} images/s ({tr['s_per_iter']:.3f} s/it), "
+        f"{tr['memory_mb']:.0f} MB peak, {t_train:.0f} s with start-up")
 
     # 3. slides
     texture = render_field(np.random.default_rng(1), size=(1024, 1024), kind="he").image
     big = os.path.join(out, f"slide_{slide_px}.tif")
     small = os.path.join(out, f"slide_{naive_px}.tif")
     t = time.perf_counter()
-    write_tissue_slide(big, slide_px, texture, 0.5)
     write_tissue_slide(small, naive_px, texture, 0.5)
+    write_tissue_slide(big, slide_px, texture, 0.5)
     log(f"slides written in {time.perf_counter() - t:.0f} s")
 
-    # 4. inference: the CLI on the big slide, then tool vs naive loop on the small one
+    # 4. this tool against the naive loop on the small slide first (in this process, after a
+    # warm-up forward: allocator, cuDNN autotune), then the CLI on the big slide
+    import bench_infer as B
+
+    from detector.modeling.build import load_model
+
     workers = "2" if TINY else "4"
+    model, _cfg, classes, mpp = load_model(weights, device)
+    with torch.inference_mode():
+        model([torch.rand(3, tile, tile, device=device)])
+    args = argparse.Namespace(tile_size=tile, overlap=64, batch_size=8 if not TINY else 2,
+                              num_workers=int(workers), score_thresh=0.3, fp32=False)
+    dt_tool, boxes_tool, tissue_mpx = B.run_tool(model, classes, mpp, small,
+                                                 os.path.join(out, "tool"), args)
+    dt_naive, boxes_naive = B.run_naive(model, classes, mpp, small, args)
+    prof_dir = os.environ.get("GPU_CHECK_PROFILE")
+    if prof_dir:
+        profile_listing(lambda m=model: B.run_tool(m, classes, mpp, small, os.path.join(out, "tool_p"),
+                                           args), os.path.join(prof_dir, "infer_profile.txt"))
+    f1 = B.box_f1(boxes_naive, boxes_tool)
+    mpx_small = naive_px * naive_px / 1e6
+    log(f"{naive_px} px slide: this tool {mpx_small / dt_tool:.3g} Mpx/s, naive loop "
+        f"{mpx_small / dt_naive:.3g} Mpx/s ({dt_naive / dt_tool:.2f}x), F1 vs naive {f1:.3f}, "
+        f"{len(boxes_tool)} detections ({len(boxes_tool) / mpx_small:.0f} per Mpx)")
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
     t_big = run([py, "tools/infer_tiles.py", "--weights", weights, "--input", big, "--output",
                  os.path.join(out, "infer"), "--device", device, "--tile-size", str(tile),
                  "--batch-size", "8" if not TINY else "2", "--overlap", "64",
@@ -162,20 +227,7 @@ def main() -> int:
         summary = json.load(f)
     model_s = summary["analysis"]["seconds"]
 
-    import bench_infer as B
-
-    from detector.modeling.build import load_model
-
-    model, _cfg, classes, mpp = load_model(weights, device)
-    args = argparse.Namespace(tile_size=tile, overlap=64, batch_size=8 if not TINY else 2,
-                              num_workers=int(workers), score_thresh=0.3, fp32=False)
-    dt_tool, boxes_tool, tissue_mpx = B.run_tool(model, classes, mpp, small,
-                                                 os.path.join(out, "tool"), args)
-    dt_naive, boxes_naive = B.run_naive(model, classes, mpp, small, args)
-    f1 = B.box_f1(boxes_naive, boxes_tool)
-
     mpx_big = slide_px * slide_px / 1e6
-    mpx_small = naive_px * naive_px / 1e6
     total = time.perf_counter() - t_all
     print(f"\nGPU check on {gpu} (device {device}), torch {torch.__version__}"
           + (" -- CPU DRY RUN AT TINY SIZES, not a GPU measurement" if TINY else ""))
@@ -186,12 +238,14 @@ def main() -> int:
           f"{tr['memory_mb']:.0f} MB peak |")
     print(f"| infer_tiles.py (CLI, incl. start-up) | {slide_px} x {slide_px} px | {t_big:.0f} | "
           f"{mpx_big / t_big:.3g} Mpx/s ({mpx_big / model_s:.3g} in infer_slide) | "
-          f"{summary['total_detections']} detections |")
+          f"{summary['total_detections']} detections "
+          f"({summary['total_detections'] / mpx_big:.0f} per Mpx) |")
     print(f"| infer_slide (library) | {naive_px} x {naive_px} px | {dt_tool:.1f} | "
           f"{mpx_small / dt_tool:.3g} Mpx/s, {dt_naive / dt_tool:.2f}x naive | F1 vs naive "
           f"{f1:.3f} |")
     print(f"| naive per-tile loop (fp32) | {naive_px} x {naive_px} px | {dt_naive:.1f} | "
-          f"{mpx_small / dt_naive:.3g} Mpx/s | {len(boxes_naive)} detections |")
+          f"{mpx_small / dt_naive:.3g} Mpx/s | {len(boxes_naive)} detections "
+          f"({len(boxes_naive) / mpx_small:.0f} per Mpx) |")
     print(f"(whole check: {total / 60:.1f} min; outputs in {out})")
     for path in glob.glob(os.path.join(out, "slide_*.tif")):
         os.unlink(path)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..structures.instances import Instances
-from ..structures.masks import CropMask
+from ..structures.masks import CropMask, masks_to_json
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Journal:
             "boxes": np.round(inst.boxes.astype(np.float64), 3).tolist(),
             "scores": [float(s) for s in inst.scores],
             "labels": [int(v) for v in inst.labels],
-            "masks": None if inst.masks is None else [m.to_json() for m in inst.masks],
+            "masks": None if inst.masks is None else masks_to_json(inst.masks),
         }
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, separators=(",", ":")) + "\n")

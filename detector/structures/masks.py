@@ -269,9 +269,8 @@ class CropMask:
 
     def to_json(self) -> Dict[str, Any]:
         """JSON-ready dict: ``{"x0", "y0", "image_size": [H, W], "size": [h, w], "counts"}``
-        (``size``/``counts``: the crop's compressed COCO RLE)."""
-        return {"x0": self.x0, "y0": self.y0, "image_size": list(self.image_size),
-                "size": list(self.crop_size), "counts": self.rle["counts"].decode("ascii")}
+        (``size``/``counts``: the crop's compressed COCO RLE); :func:`masks_to_json` for many."""
+        return masks_to_json([self])[0]
 
     @staticmethod
     def from_json(d: Dict[str, Any]) -> "CropMask":
@@ -348,6 +347,61 @@ def _crop_runs(masks: Sequence[CropMask]) -> _Runs:
     hr = h[rep]
     ps, pe = np.maximum(s[rep], col * hr), np.minimum(e[rep], (col + 1) * hr)
     return _Runs(obj[rep], col, ps - col * hr, pe - ps)
+
+
+def masks_from_crops(stack: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                     x0: np.ndarray, y0: np.ndarray, image_size: Sequence[int]) -> List[CropMask]:
+    """:meth:`CropMask.from_crop` for many crops in numpy passes: crop ``i`` is
+    ``stack[i, :heights[i], :widths[i]]`` (``stack`` ``(N, h, w)`` bool, padded) placed at
+    ``(x0[i], y0[i])`` of an image of ``image_size``; the same masks as ``N`` calls of
+    ``from_crop`` (clipped to the image, trimmed to the object's pixels)."""
+    H, W = int(image_size[0]), int(image_size[1])
+    stack = np.asarray(stack, bool)
+    n, lh, lw = stack.shape
+    if n == 0:
+        return []
+    hs, ws = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    xs, ys = np.asarray(x0, np.int64), np.asarray(y0, np.int64)
+    r, c = np.arange(lh), np.arange(lw)
+    ry, cx = r[None] + ys[:, None], c[None] + xs[:, None]
+    keep_r = (r[None] < hs[:, None]) & (ry >= 0) & (ry < H)  # inside the crop and the image
+    keep_c = (c[None] < ws[:, None]) & (cx >= 0) & (cx < W)
+    m: np.ndarray = stack & keep_r[:, :, None] & keep_c[:, None, :]
+    rows = np.asarray(m.any(axis=2))
+    cols = np.asarray(m.any(axis=1))
+    full = np.asarray(rows.any(axis=1))
+    r0, r1 = rows.argmax(1), lh - rows[:, ::-1].argmax(1)
+    c0, c1 = cols.argmax(1), lw - cols[:, ::-1].argmax(1)
+    # each tight crop column-major (as COCO), all crops one after the other
+    win = (((c[None] >= c0[:, None]) & (c[None] < c1[:, None]))[:, :, None]
+           & ((r[None] >= r0[:, None]) & (r[None] < r1[:, None]))[:, None, :] & full[:, None, None])
+    flat = m.transpose(0, 2, 1)[win]
+    sizes = np.where(full, (r1 - r0) * (c1 - c0), 0)
+    starts = np.cumsum(sizes) - sizes
+    edge = np.zeros(len(flat) + 1, bool)
+    edge[1:-1] = flat[1:] != flat[:-1]
+    edge[starts[full]] = True
+    edge[-1] = True
+    pos = np.flatnonzero(edge)
+    counts = np.diff(pos)
+    first_fg = pos[:-1][flat[pos[:-1]]]  # runs that open a crop with object pixels
+    lead = first_fg[np.isin(first_fg, starts[full])]
+    run_of = np.searchsorted(starts[full], pos[:-1], side="right") - 1  # index among non-empty
+    nruns = np.bincount(run_of, minlength=int(full.sum()))
+    if len(lead):  # COCO counts start with background: a 0 before those crops' first run
+        at = np.searchsorted(pos[:-1], lead)
+        counts = np.insert(counts, at, 0)
+        nruns = nruns + np.isin(starts[full], lead)
+    parts = np.split(counts, np.cumsum(nruns)[:-1]) if len(nruns) else []
+    out: List[CropMask] = []
+    it = iter(parts)
+    for i in range(n):
+        if not full[i]:
+            out.append(CropMask.empty((H, W)))
+            continue
+        out.append(CropMask(next(it), (int(r1[i] - r0[i]), int(c1[i] - c0[i])),
+                            int(xs[i] + c0[i]), int(ys[i] + r0[i]), (H, W)))
+    return out
 
 
 def _ints(masks: Sequence[CropMask], attr: str) -> np.ndarray:
@@ -456,6 +510,20 @@ def coco_counts_strings(masks: Sequence[CropMask]) -> List[bytes]:
     if drop.any():
         counts = np.delete(counts, tail_at[drop])
     return _encode_counts(counts, lengths)
+
+
+def masks_to_json(masks: Sequence[CropMask]) -> List[Dict[str, Any]]:
+    """:meth:`CropMask.to_json` of each mask, the crops' compressed counts encoded in one numpy
+    pass (:func:`_encode_counts`) instead of one pycocotools call per mask."""
+    n = len(masks)
+    if n == 0:
+        return []
+    counts = [m.counts for m in masks]
+    lens = np.fromiter(map(len, counts), np.int64, n)
+    strings = _encode_counts(np.concatenate(counts), lens)
+    return [{"x0": m.x0, "y0": m.y0, "image_size": list(m.image_size),
+             "size": list(m.crop_size), "counts": c.decode("ascii")}
+            for m, c in zip(masks, strings)]
 
 
 def _encode_counts(counts: np.ndarray, lengths: np.ndarray) -> List[bytes]:
