@@ -148,19 +148,17 @@ def get_model(weights: str, device: str) -> Tuple[Any, List[Dict[str, Any]], flo
 
 
 def box_f1(ref, other, thr: float = 0.5) -> float:
-    """One-to-one (Hungarian) box matching at IoU >= thr."""
-    import torch
-    from scipy.optimize import linear_sum_assignment
-    from torchvision.ops import box_iou
+    """F1 of a one-to-one box matching at IoU >= thr: the project's sparse matching
+    (``evaluation.matching``: overlapping pairs only, Hungarian per conflicting group), so that
+    tens of thousands of detections need no dense IoU matrix."""
+    from detector.evaluation.matching import iou_pairs, match_pairs
 
     if len(ref) == 0 and len(other) == 0:
         return 1.0
     if len(ref) == 0 or len(other) == 0:
         return 0.0
-    iou = box_iou(torch.as_tensor(ref, dtype=torch.float32),
-                  torch.as_tensor(other, dtype=torch.float32)).numpy()
-    r, c = linear_sum_assignment(-iou)
-    tp = int((iou[r, c] >= thr).sum())
+    r, c, iou = iou_pairs(np.asarray(ref, np.float64), np.asarray(other, np.float64))
+    tp = len(match_pairs(r, c, iou, iou >= thr))
     return 2 * tp / (len(ref) + len(other))
 
 
