@@ -30,9 +30,9 @@
 #      (class 2 only where nuclei touch) -> OUT/maskrcnn.pth, OUT/unet.pth, OUT/unet_contact.pth
 #      (what infer_tiles.py --weights takes).
 #   3. predictions of every model (and of the classical baseline, when its config exists) on
-#      the validation images (and the 3 MoNuSeg validation tiles alone), the test split and the
-#      4 MoNuSeg test tiles (train_net.py --eval-only:
-#      each image at the scale its nuclei give, from a first pass).
+#      the validation images, the test split and the 4 MoNuSeg test tiles (train_net.py
+#      --eval-only: each image at the scale its nuclei give, from a first pass); those of the 3
+#      MoNuSeg validation tiles alone are cut out of the validation predictions (val_subset).
 #   4. tools/evaluate.py: F1@0.5, DSB score, AJI, PQ per modality with 95% bootstrap CIs, at the
 #      score threshold of best validation F1 -> OUT/results/{test,monuseg,val,monuseg_val}/.
 #   5. OUT/<model>.pth rewritten with what validation chose (train_net.py --export): the score
@@ -91,21 +91,41 @@ if [ -f configs/nuclei/classical.yaml ]; then
         OUTPUT_DIR "$OUT/classical" DATASETS.TRAIN "[$D/dsb_train.json]" DATASETS.TEST "[$D/val.json]" \
         > "$OUT/classical.train.log" 2>&1 && cp "$OUT/classical/model_final.pth" "$OUT/classical.pth"
 fi
+val_subset() {  # DIR: predictions_monuseg_val.json cut out of predictions_val.json (the 3 MoNuSeg
+    # validation tiles are in val.json; predicting them twice cost about 5 minutes with TTA)
+    [ -f "$1/predictions_monuseg_val.json" ] || "$PY" - "$D/val.json" "$D/monuseg_val.json" \
+        "$1/predictions_val.json" "$1/predictions_monuseg_val.json" <<'PYEOF'
+import json, os, sys
+val, sub, pred, out = sys.argv[1:]
+name = {im["id"]: os.path.basename(im["file_name"]) for im in json.load(open(val))["images"]}
+ids = {os.path.basename(im["file_name"]): im["id"] for im in json.load(open(sub))["images"]}
+missing = set(ids) - set(name.values())
+if missing:
+    sys.exit(f"{val} lacks images of {sub}: {sorted(missing)}")
+res = [dict(r, image_id=ids[name[r["image_id"]]]) for r in json.load(open(pred))
+       if name.get(r["image_id"]) in ids]
+with open(out + ".tmp", "w") as f:
+    json.dump(res, f)
+os.replace(out + ".tmp", out)
+PYEOF
+}
 predict() {  # name config model [KEY VALUE ...]: --eval-only predictions of OUT/<model>.pth
     local name=$1 cfg=$2 m=$3
     shift 3
     [ -f "$OUT/pred/$name/predictions_monuseg_test.json" ] || OMP_NUM_THREADS=2 "$PY" \
         tools/train_net.py --config-file "$cfg" --eval-only MODEL.WEIGHTS "$OUT/$m.pth" "$@" \
-        DATASETS.TEST "[$D/val.json, $D/monuseg_val.json, $D/dsb_test.json, $D/monuseg_test.json]" \
+        DATASETS.TEST "[$D/val.json, $D/dsb_test.json, $D/monuseg_test.json]" \
         OUTPUT_DIR "$OUT/pred/$name" > "$OUT/pred.$name.log" 2>&1
+    val_subset "$OUT/pred/$name"
 }
 for i in "${!models[@]}"; do
     m=${models[$i]}
     if [ "$m" = cellpose ]; then
         [ -f "$OUT/pred/cellpose/predictions_monuseg_test.json" ] || OMP_NUM_THREADS=2 "$PY" \
             benchmarks/bench_cellpose.py predict --model "$OUT/cellpose/cellpose_model" \
-            --input "$D/val.json" "$D/monuseg_val.json" "$D/dsb_test.json" "$D/monuseg_test.json" \
+            --input "$D/val.json" "$D/dsb_test.json" "$D/monuseg_test.json" \
             --out "$OUT/pred/cellpose" > "$OUT/pred.cellpose.log" 2>&1
+        val_subset "$OUT/pred/cellpose"
         continue
     fi
     predict "$m" "${cfgs[$i]}" "$m"
