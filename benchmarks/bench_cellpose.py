@@ -27,8 +27,8 @@ makes epochs short enough for more than 100 of them to fit (about 190 at 6.6 s a
 the warm-up ends early and ``train_seg``'s own final decay (the learning rate halved every 5
 epochs over the last 50, from 100 epochs on) runs within the budget, with the same number of
 steps; validation-loss passes (``--val``) cost about 10 steps each and are left out of the
-reproduction for that reason; ``--train-weights 1 10`` draws each image of the second file 10x as often, as
-the project's mixed configs do (``DATASETS.TRAIN_WEIGHTS``). ``train_seg`` runs a fixed
+reproduction for that reason; ``--train-weights 1 10`` draws each image of the second file 10x
+as often, as the project's mixed configs do (``DATASETS.TRAIN_WEIGHTS``). ``train_seg`` runs a fixed
 number of epochs, so the number that fits the budget is estimated from the measured time of a
 few training steps (on a copy of the network, which is then thrown away; two to five steps,
 about 3% of the budget), counting from the start of the command (reading and flows included: a

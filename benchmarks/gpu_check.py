@@ -21,8 +21,9 @@ Steps (every figure comes from this run; nothing is read from elsewhere):
 Environment: ``GPU_CHECK_DEVICE`` (cuda, or cpu with GPU_CHECK_TINY), ``GPU_CHECK_ITERS``,
 ``GPU_CHECK_SLIDE``, ``GPU_CHECK_NAIVE_SLIDE``, ``GPU_CHECK_BATCH`` (training images per step,
 8), ``GPU_CHECK_TILE`` (512), ``GPU_CHECK_OUT`` (a temporary folder), ``GPU_CHECK_PROFILE`` (a
-folder: cProfile listings of 40 more training iterations (at most GPU_CHECK_ITERS) and of this tool on the small slide,
-``train_profile.txt`` and ``infer_profile.txt``, to see where the host spends the time).
+folder: cProfile listings of 40 more training iterations (at most GPU_CHECK_ITERS) and of this
+tool on the small slide, ``train_profile.txt`` and ``infer_profile.txt``, to see where the host
+spends the time).
 """
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ def main() -> int:
     tile = env_int("GPU_CHECK_TILE", 512, 256)
     fields = env_int("GPU_CHECK_FIELDS", 48, 4)
     out = os.environ.get("GPU_CHECK_OUT") or tempfile.mkdtemp(prefix="gpu_check_")
+    prof_dir = os.environ.get("GPU_CHECK_PROFILE")
     py = sys.executable
     t_all = time.perf_counter()
     import torch
@@ -170,12 +172,12 @@ def main() -> int:
     t_train = run([py, "tools/train_net.py", "--config-file",
                    "configs/nuclei/mask_rcnn_R_50_FPN.yaml", *opts])
     tr = training_figures(train_dir, batch)
-    if os.environ.get("GPU_CHECK_PROFILE"):
+    if prof_dir:
         prof = os.path.join(out, "train.prof")
         run([py, "-m", "cProfile", "-o", prof, "tools/train_net.py", "--config-file",
              "configs/nuclei/mask_rcnn_R_50_FPN.yaml", *opts, "SOLVER.MAX_ITER", str(min(40, iters)),
              "OUTPUT_DIR", train_dir + "_prof"])
-        write_listing(prof, os.path.join(os.environ["GPU_CHECK_PROFILE"], "train_profile.txt"))
+        write_listing(prof, os.path.join(prof_dir, "train_profile.txt"))
     weights = os.path.join(train_dir, "model_final.pth")
 
     log(f"training: {tr['images_per_s']:.1f} images/s ({tr['s_per_iter']:.3f} s/it), "
@@ -205,7 +207,6 @@ def main() -> int:
     dt_tool, boxes_tool, tissue_mpx = B.run_tool(model, classes, mpp, small,
                                                  os.path.join(out, "tool"), args)
     dt_naive, boxes_naive = B.run_naive(model, classes, mpp, small, args)
-    prof_dir = os.environ.get("GPU_CHECK_PROFILE")
     if prof_dir:
         profile_listing(lambda m=model: B.run_tool(m, classes, mpp, small, os.path.join(out, "tool_p"),
                                            args), os.path.join(prof_dir, "infer_profile.txt"))

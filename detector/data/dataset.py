@@ -359,10 +359,9 @@ class CocoInstanceDataset(Dataset):
         h, w = image.shape[-2:]
         if "masks" in target:
             masks = target["masks"]
-            keep = (masks.as_subclass(torch.Tensor).flatten(1).bool().view(torch.uint8).amax(dim=1) > 0
-                    if len(masks) and masks[0].numel() else torch.zeros(len(masks), dtype=torch.bool))
-            masks = masks[keep]
             boxes = masks_to_boxes_xyxy(masks)
+            keep = boxes[:, 2] > boxes[:, 0]  # an empty mask has the box [0, 0, 0, 0]
+            masks, boxes = masks[keep], boxes[keep]
             target["masks"] = tv_tensors.Mask(masks.as_subclass(torch.Tensor).to(torch.uint8))
         else:
             b = target["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4).clone()

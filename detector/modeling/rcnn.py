@@ -132,9 +132,8 @@ def paste_masks_in_boxes(probs: Tensor, boxes: Tensor, image_size: Tuple[int, in
     dev = probs.device
     with torch.autocast(dev.type, enabled=False):
         p = probs[:, 0].float()
-        side = wh.max(1).values.cpu().numpy()
         wh_c, xy_c = wh.cpu().numpy(), boxes[:, :2].cpu().numpy()
-        size_class = -(-np.maximum(side, 1) // 16)  # boxes in 16-px steps of their longer side
+        size_class = -(-wh_c.max(1) // 16)  # boxes in 16-px steps of their longer side
         order = np.argsort(size_class, kind="stable")
         cls_sorted = size_class[order]
         bounds = np.flatnonzero(np.diff(cls_sorted)) + 1
@@ -142,7 +141,7 @@ def paste_masks_in_boxes(probs: Tensor, boxes: Tensor, image_size: Tuple[int, in
         for a, b in zip(np.r_[0, bounds], np.r_[bounds, n]):
             cap = max(1, chunk_px // (16 * int(cls_sorted[a])) ** 2)
             groups += [(i, min(i + cap, b)) for i in range(int(a), int(b), cap)]
-        masks: List[Optional[CropMask]] = [None] * n
+        in_order: List[CropMask] = []  # the masks in the order of ``order``
         for i, j in groups:
             idx = order[i:j]
             sel = torch.as_tensor(idx, device=dev)
@@ -150,10 +149,9 @@ def paste_masks_in_boxes(probs: Tensor, boxes: Tensor, image_size: Tuple[int, in
             ry = _bilinear_weights(wh[sel, 1], int(h.max()), p.shape[1])
             rx = _bilinear_weights(wh[sel, 0], int(w.max()), p.shape[2])
             crops = torch.bmm(torch.bmm(ry, p[sel]), rx.transpose(1, 2)) > threshold
-            for k, m in zip(idx, masks_from_crops(crops.cpu().numpy(), h, w, xy_c[idx, 0],
-                                                  xy_c[idx, 1], image_size)):
-                masks[k] = m
-    return [m for m in masks if m is not None]
+            in_order += masks_from_crops(crops.cpu().numpy(), h, w, xy_c[idx, 0], xy_c[idx, 1],
+                                         image_size)
+    return [in_order[k] for k in np.argsort(order)]
 
 
 def _bilinear_weights(out_len: Tensor, length: int, n_in: int) -> Tensor:

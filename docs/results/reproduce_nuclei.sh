@@ -60,7 +60,7 @@ train() {  # name config
 }
 cellpose() {  # the peer: same training files, MoNuSeg drawn 10x as in the mixed configs;
     # epochs of 16 images (2 steps) and no validation-loss passes, so that more than 100 epochs
-    # fit the 45 minutes (8.7 s a step on 2 cores: about 150) and train_seg's own
+    # fit the 45 minutes (6.6 s a step on 2 cores in the eleventh session: 186) and train_seg's own
     # learning-rate decay (its last 50 epochs) runs within the budget
     [ -f "$OUT/cellpose/cellpose_model" ] || OMP_NUM_THREADS=${TRAIN_THREADS:-1} "$PY" \
         benchmarks/bench_cellpose.py train --train "$D/dsb_train.json" "$D/monuseg_fit.json" \
