@@ -27,6 +27,7 @@ F1 column then only shows that tiling is consistent, not accuracy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -163,6 +164,20 @@ def box_f1(ref, other, thr: float = 0.5) -> float:
 
 
 # ------------------------------------------------------------------------------- methods
+@contextlib.contextmanager
+def plain_torchvision(model):
+    """The baselines run torchvision's own modules: the R-CNN's RoIAlign split over threads
+    (``ParallelRoIAlign.parallel``) is switched back to torchvision's one-thread forward."""
+    mods = [m for m in model.modules() if hasattr(m, "parallel")]
+    for m in mods:
+        m.parallel = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.parallel = True
+
+
 def run_tool(model, classes, mpp, path, out, args) -> Tuple[float, np.ndarray, float]:
     from detector.inference.runner import InferenceOptions, infer_slide
 
@@ -181,7 +196,13 @@ def run_tool(model, classes, mpp, path, out, args) -> Tuple[float, np.ndarray, f
 
 
 def run_naive(model, classes, mpp, path, args) -> Tuple[float, np.ndarray]:
-    """The same tiles, one at a time, read in this process right before the model."""
+    """The same tiles, one at a time, read in this process right before the model, by
+    torchvision's own modules (:func:`plain_torchvision`)."""
+    with plain_torchvision(model):
+        return _run_naive(model, mpp, path, args)
+
+
+def _run_naive(model, mpp, path, args) -> Tuple[float, np.ndarray]:
     import torch
 
     from detector.inference.merge import drop_cut, merge_detections, tile_to_slide
@@ -277,13 +298,14 @@ def run_sahi(model, img, args) -> Tuple[float, np.ndarray]:
                                    category_mapping={"1": "nucleus", "2": "mitotic figure"},
                                    load_at_init=True)
     ratio = args.overlap / args.tile_size
-    t = time.perf_counter()
-    res = get_sliced_prediction(img, sm, slice_height=args.tile_size, slice_width=args.tile_size,
-                                overlap_height_ratio=ratio, overlap_width_ratio=ratio,
-                                perform_standard_pred=False, postprocess_type="NMS",
-                                postprocess_match_metric="IOU", postprocess_match_threshold=0.5,
-                                verbose=0)
-    dt = time.perf_counter() - t
+    with plain_torchvision(model):
+        t = time.perf_counter()
+        res = get_sliced_prediction(img, sm, slice_height=args.tile_size, slice_width=args.tile_size,
+                                    overlap_height_ratio=ratio, overlap_width_ratio=ratio,
+                                    perform_standard_pred=False, postprocess_type="NMS",
+                                    postprocess_match_metric="IOU", postprocess_match_threshold=0.5,
+                                    verbose=0)
+        dt = time.perf_counter() - t
     boxes = np.array([p.bbox.to_xyxy() for p in res.object_prediction_list]).reshape(-1, 4)
     return dt, boxes
 

@@ -295,3 +295,58 @@ def test_crop_masks_equal_torchvision_full_image_paste_on_a_real_image(mask_mode
     np.testing.assert_array_equal(high.scores, ours.scores[keep])
     assert [m.to_coco_rle()["counts"] for m in high.masks] == \
         [m["counts"] for m, k in zip(expect, keep) if k]
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "bf16_autocast"])
+def test_roi_align_split_over_threads_is_torchvisions_bit_for_bit(mode, monkeypatch):
+    """On a CPU in inference the R-CNN's RoIAlign pools parts of the boxes in parallel threads
+    (torchvision's CPU kernel uses one core): the same tensor as torchvision's
+    MultiScaleRoIAlign, boxes of several images in their order, also under inference_mode and
+    bf16 autocast (thread-local states the threads must take over); training keeps the
+    original forward."""
+    import threading
+    from collections import OrderedDict
+
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from detector.modeling.rcnn import ParallelRoIAlign
+
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if mode == "bf16_autocast" else torch.float32
+    feats = OrderedDict((k, torch.randn(2, 8, s, s, generator=g).to(dtype))
+                        for k, s in zip("0123", (64, 32, 16, 8)))
+    boxes = []
+    for n in (300, 170):
+        xy = torch.rand(n, 2, generator=g) * 200
+        wh = torch.rand(n, 2, generator=g) ** 2 * 150 + 2  # sizes on every FPN level
+        boxes.append(torch.cat([xy, torch.clamp(xy + wh, max=255.0)], 1))
+    shapes = [(256, 256), (256, 256)]
+    ref_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    pool = ParallelRoIAlign(["0", "1", "2", "3"], 7, 2)
+    seen = set()
+    original = MultiScaleRoIAlign.forward
+
+    def recording(self, *a, **k):
+        seen.add(threading.current_thread().name.split("_")[0])
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(MultiScaleRoIAlign, "forward", recording)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "bf16_autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[mode]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with torch.no_grad(), ctx():
+            ref = ref_pool(feats, boxes, shapes)
+            pool(feats, boxes, shapes)  # the first call sets the level scales
+            seen.clear()
+            out = pool(feats, boxes, shapes)
+        assert seen == {"roi"}, seen  # only the worker threads pooled
+        assert out.dtype == ref.dtype and out.shape == (470, 8, 7, 7)
+        assert torch.equal(out, ref)
+        seen.clear()
+        feats_grad = OrderedDict((k, v.float().requires_grad_()) for k, v in feats.items())
+        pool(feats_grad, boxes, shapes).sum().backward()  # training: the original forward
+        assert seen == {"MainThread"}
+    finally:
+        torch.set_num_threads(prev)
