@@ -135,3 +135,83 @@ def test_api_load_and_predict_an_image_array(tmp_path):
         det.predict(rgb.astype(np.float32))
     with pytest.raises(DetectorError, match="unknown option"):
         det.predict_slide("x.svs", str(tmp_path), tile_sise=256)
+
+
+def _monuseg_detections():
+    """The ground-truth nuclei of a real H&E tile as detections (two classes, scores), with
+    an empty mask among them."""
+    from detector.data.coco import annotation_to_mask
+    from detector.data.converters.imagescope import convert_xml
+
+    coco = convert_xml(str(shared_path("monuseg", "TCGA-2Z-A9J9-01A-01-TS1.xml")),
+                       progress=False).coco
+    h, w = int(coco["images"][0]["height"]), int(coco["images"][0]["width"])
+    masks = [CropMask.from_full(m) for m in
+             (annotation_to_mask(a, h, w) for a in coco["annotations"]) if m is not None]
+    masks.insert(7, CropMask.empty((h, w)))
+    rng = np.random.default_rng(0)
+    boxes = np.array([m.bbox for m in masks], np.float32)
+    return Instances((h, w), boxes, rng.random(len(masks)).astype(np.float32),
+                     rng.choice([1, 2], len(masks)), masks)
+
+
+def test_detection_files_written_by_several_processes_are_the_same_bytes(tmp_path, monkeypatch,
+                                                                         caplog):
+    """A slide with many detections has its GeoJSON, COCO and CSV files written by forked
+    processes, each taking a part of the detections: the files are byte for byte those one
+    process writes (real MoNuSeg nuclei, an empty mask, masks and boxes alone), the outlines
+    come back for the overlay as one process traces them, the empty mask is reported once; a
+    failing process is an ExportError and leaves no file."""
+    from detector.inference import export
+
+    monkeypatch.setattr(export, "PARALLEL_MIN_DETECTIONS", 100)  # 576 detections: 3 parts
+    inst = _monuseg_detections()
+    assert len(inst) > 500
+    classes = [{"id": 1, "name": "nucleus"}, {"id": 2, "name": "mitotic figure, \"odd\""}]
+    cents, areas = inst.centroids(), inst.areas()
+    files = ("detections.geojson", "detections.json", "detections.csv")
+    for masks in (inst.masks, None):
+        one = Instances(inst.image_size, inst.boxes, inst.scores, inst.labels, masks)
+        a, b = tmp_path / f"one{masks is None}", tmp_path / f"many{masks is None}"
+        outlines = export.write_detections(str(a), one, classes, 0.25, cents, areas, [2], 1)
+        caplog.clear()
+        many = export.write_detections(str(b), one, classes, 0.25, cents, areas, [2], 3)
+        if masks is None:
+            assert outlines is None and many is None
+        else:  # the parts' outlines joined: those of one process
+            for k in ("points", "ring_start", "poly_start", "mask_start"):
+                assert np.array_equal(getattr(outlines, k), getattr(many, k)), k
+        for f in files:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+        assert sorted(os.listdir(b)) == sorted(files)  # no part files left
+        if masks is not None:
+            assert [r.message.count("1 detections with an empty mask") for r in caplog.records] == [1]
+    assert len(json.loads((a / files[0]).read_text())["features"]) == len(inst)  # boxes: all
+
+    real = export.csv_rows
+
+    def failing(sub, *args, first_id=1, **kw):
+        if first_id > 1:  # the forked processes' parts
+            raise RuntimeError("disk full")
+        return real(sub, *args, first_id=first_id, **kw)
+
+    monkeypatch.setattr(export, "csv_rows", failing)
+    with pytest.raises(export.ExportError, match="2 of 3 processes failed"):
+        export.write_detections(str(tmp_path / "bad"), inst, classes, 0.25, cents, areas, [2], 3)
+    assert os.listdir(tmp_path / "bad") == []
+
+
+def test_overlay_traces_only_the_outlines_it_draws(tmp_path):
+    """Without the outlines of every mask (written by several processes), overlay.png traces
+    those it draws itself: the same picture."""
+    from detector.inference.export import write_overlay
+    from detector.structures.masks import mask_outlines
+
+    inst = _monuseg_detections()
+    thumb = np.full((250, 250, 3), 200, np.uint8)
+    classes = [{"id": 1, "name": "nucleus"}, {"id": 2, "name": "mitotic figure"}]
+    for scale in (4.0, 1.5):  # few / most nuclei big enough for an outline
+        a, b = tmp_path / f"a{scale}.png", tmp_path / f"b{scale}.png"
+        write_overlay(str(a), thumb, scale, inst, classes, [2], outlines=mask_outlines(inst.masks))
+        write_overlay(str(b), thumb, scale, inst, classes, [2])
+        assert a.read_bytes() == b.read_bytes()

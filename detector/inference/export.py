@@ -11,12 +11,19 @@ import io
 import json
 import logging
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import DetectorError
 from ..fileio import atomic_write
 from ..structures.instances import Instances
 from ..structures.masks import Outlines, coco_counts_strings, mask_outlines
@@ -144,6 +151,24 @@ def write_geojson(path: str, inst: Instances, classes: Sequence[Dict[str, Any]],
     {score, area_um2}. Every geometry is valid (shapely ``is_valid``); a detection with an empty
     mask has no feature (the slide run drops such detections before counting). ``outlines``:
     :func:`mask_outlines` of ``inst.masks`` when the caller has them already."""
+    text, skipped = geojson_features(inst, classes, mpp, areas_px, mitotic_ids, outlines)
+    with atomic_write(path, "wb") as f:
+        f.write(GEOJSON_HEAD + text[1:] + GEOJSON_TAIL)
+    if skipped:
+        log.warning("%s: %d detections with an empty mask left out", path, skipped)
+
+
+GEOJSON_HEAD = b'{"type": "FeatureCollection", "features": [\n'
+GEOJSON_TAIL = b"]}\n"
+
+
+def geojson_features(inst: Instances, classes: Sequence[Dict[str, Any]], mpp: float,
+                     areas_px: Optional[np.ndarray] = None, mitotic_ids: Sequence[int] = (),
+                     outlines: Optional[Outlines] = None, first_id: int = 1
+                     ) -> Tuple[bytes, int]:
+    """The features of :func:`write_geojson`, one line each, every line starting with a comma
+    (the file's first drops it), ids from ``first_id`` (``det-<id>``), and the number of
+    detections left out (empty masks)."""
     names = {int(c["id"]): str(c["name"]) for c in classes}
     colours = class_colours(classes, mitotic_ids)
     if areas_px is None:
@@ -163,29 +188,30 @@ def write_geojson(path: str, inst: Instances, classes: Sequence[Dict[str, Any]],
     scores = _float_text(np.asarray([round(v, 5) for v in inst.scores.astype(np.float64).tolist()]))
     areas = _float_text(np.asarray([round(v, 3) for v in
                                     (np.asarray(areas_px, np.float64) * mpp * mpp).tolist()]))
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        f.write('{"type": "FeatureCollection", "features": [\n')
-        first, skipped = True, 0
-        lines = []
-        for i, geom in enumerate(geoms):
-            if geom is None:  # an empty mask: nothing to draw, no feature
-                skipped += 1
-                continue
-            lines.append(('' if first else ',') + '{"type":"Feature","id":"det-' + str(i + 1)
-                         + '","geometry":' + geom + ',"properties":{"objectType":"detection",'
-                         '"classification":' + classification[labels[i]] + ',"measurements":'
-                         '{"score":' + scores[i] + ',"area_um2":' + areas[i] + '}}}\n')
-            first = False
-        f.write("".join(lines))
-        f.write("]}\n")
-    if skipped:
-        log.warning("%s: %d detections with an empty mask left out", path, skipped)
+    lines = []
+    skipped = 0
+    for i, geom in enumerate(geoms):
+        if geom is None:  # an empty mask: nothing to draw, no feature
+            skipped += 1
+            continue
+        lines.append(',{"type":"Feature","id":"det-' + str(i + first_id) + '","geometry":' + geom
+                     + ',"properties":{"objectType":"detection","classification":'
+                     + classification[labels[i]] + ',"measurements":{"score":' + scores[i]
+                     + ',"area_um2":' + areas[i] + '}}}\n')
+    return "".join(lines).encode("utf-8"), skipped
 
 
 def write_coco_results(path: str, inst: Instances, image_id: int = 1) -> None:
     """``detections.json``: COCO results (bbox XYWH, score, category_id, segmentation RLE of
     the level-0 slide size) for ``image_id``: the text ``json.dump`` writes for
     :meth:`Instances.to_coco_results`, written from arrays of all detections at once."""
+    with atomic_write(path, "wb") as f:
+        f.write(b"[" + coco_results_text(inst, image_id) + b"]")
+
+
+def coco_results_text(inst: Instances, image_id: int = 1) -> bytes:
+    """The results of :func:`write_coco_results` without the enclosing brackets, ``", "``
+    between them."""
     b = inst.boxes.astype(np.float64).reshape(-1, 4)
     x0, y0 = _float_text(b[:, 0]), _float_text(b[:, 1])
     w, h = _float_text(b[:, 2] - b[:, 0]), _float_text(b[:, 3] - b[:, 1])
@@ -202,35 +228,161 @@ def write_coco_results(path: str, inst: Instances, image_id: int = 1) -> None:
         segs = ["}"] * len(inst)
     items = [head + str(int(labels[i])) + ', "bbox": [' + x0[i] + ", " + y0[i] + ", " + w[i]
              + ", " + h[i] + '], "score": ' + scores[i] + segs[i] for i in range(len(inst))]
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        f.write("[" + ", ".join(items) + "]")
+    return ", ".join(items).encode("utf-8")
+
+
+CSV_HEADER = ("id,class,score,x_px,y_px,x_um,y_um,area_px,area_um2,box_x0,box_y0,box_x1,"
+              "box_y1\r\n").encode("utf-8")
 
 
 def write_csv(path: str, inst: Instances, classes: Sequence[Dict[str, Any]], mpp: float,
               centroids: np.ndarray, areas_px: np.ndarray) -> None:
     """``detections.csv``: id, class, score, centroid (px and um), area (px and um^2), box."""
+    with atomic_write(path, "wb") as f:
+        f.write(CSV_HEADER + csv_rows(inst, classes, mpp, centroids, areas_px))
+
+
+def csv_rows(inst: Instances, classes: Sequence[Dict[str, Any]], mpp: float,
+             centroids: np.ndarray, areas_px: np.ndarray, first_id: int = 1) -> bytes:
+    """The rows of :func:`write_csv` (ids from ``first_id``), formatted as the f-strings of
+    one row did, each class name as ``csv`` quotes it."""
     names = {int(c["id"]): str(c["name"]) for c in classes}
-    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "class", "score", "x_px", "y_px", "x_um", "y_um", "area_px", "area_um2",
-                    "box_x0", "box_y0", "box_x1", "box_y1"])
-        # each class name as csv quotes it; rows formatted as the f-strings of one row did
-        cell = io.StringIO()
-        quoted = {}
-        for lab in set(inst.labels.tolist()):
-            cell.seek(0)
-            cell.truncate()
-            csv.writer(cell, lineterminator="").writerow([names.get(lab, lab)])
-            quoted[lab] = cell.getvalue().replace("%", "%%")
-        c = np.asarray(centroids, np.float64).reshape(-1, 2)
-        a = np.asarray(areas_px, np.float64).reshape(-1)
-        cols = zip(range(1, len(inst) + 1), inst.labels.tolist(), inst.scores.tolist(),
-                   c[:, 0].tolist(), c[:, 1].tolist(), (c[:, 0] * mpp).tolist(),
-                   (c[:, 1] * mpp).tolist(), a.tolist(), (a * mpp * mpp).tolist(),
-                   *inst.boxes.reshape(-1, 4).T.tolist())
-        tail = ",%.5f,%.2f,%.2f,%.3f,%.3f,%.0f,%.3f,%.1f,%.1f,%.1f,%.1f\r\n"
-        fmt = {lab: "%d," + q + tail for lab, q in quoted.items()}
-        f.write("".join([fmt[r[1]] % (r[0], *r[2:]) for r in cols]))
+    cell = io.StringIO()
+    quoted = {}
+    for lab in set(inst.labels.tolist()):
+        cell.seek(0)
+        cell.truncate()
+        csv.writer(cell, lineterminator="").writerow([names.get(lab, lab)])
+        quoted[lab] = cell.getvalue().replace("%", "%%")
+    c = np.asarray(centroids, np.float64).reshape(-1, 2)
+    a = np.asarray(areas_px, np.float64).reshape(-1)
+    cols = zip(range(first_id, len(inst) + first_id), inst.labels.tolist(), inst.scores.tolist(),
+               c[:, 0].tolist(), c[:, 1].tolist(), (c[:, 0] * mpp).tolist(),
+               (c[:, 1] * mpp).tolist(), a.tolist(), (a * mpp * mpp).tolist(),
+               *inst.boxes.reshape(-1, 4).T.tolist())
+    tail = ",%.5f,%.2f,%.2f,%.3f,%.3f,%.0f,%.3f,%.1f,%.1f,%.1f,%.1f\r\n"
+    fmt = {lab: "%d," + q + tail for lab, q in quoted.items()}
+    return "".join([fmt[r[1]] % (r[0], *r[2:]) for r in cols]).encode("utf-8")
+
+
+# The three detection files of a large slide are written by several processes: fewer
+# detections than this go through one (forking costs more than it saves).
+PARALLEL_MIN_DETECTIONS = 4000
+
+
+class ExportError(RuntimeError, DetectorError):
+    """Writing a slide's files failed; the message names them."""
+
+
+def write_detections(out_dir: str, inst: Instances, classes: Sequence[Dict[str, Any]],
+                     mpp: float, centroids: np.ndarray, areas_px: np.ndarray,
+                     mitotic_ids: Sequence[int] = (), workers: int = 1) -> Optional[Outlines]:
+    """``detections.geojson``, ``detections.json`` and ``detections.csv`` of ``inst`` in
+    ``out_dir`` (:func:`write_geojson`, :func:`write_coco_results`, :func:`write_csv`).
+
+    With ``workers`` > 1 and at least :data:`PARALLEL_MIN_DETECTIONS` detections, that many
+    processes (this one and forked children) each trace and format a contiguous part of the
+    detections into part files, joined in order into the same bytes one process writes: the
+    masks' outlines, the JSON and CSV text are per detection, so a slide's 10^5-10^6 of them
+    spread over the cores. Returns the outlines of every mask (None for box-only detections),
+    traced once, also when several processes traced them."""
+    n = len(inst)
+    paths = [os.path.join(out_dir, f) for f in
+             ("detections.geojson", "detections.json", "detections.csv")]
+    workers = min(int(workers), n // (PARALLEL_MIN_DETECTIONS // 2) or 1)
+    if workers < 2 or n < PARALLEL_MIN_DETECTIONS:
+        outlines = mask_outlines(inst.masks) if inst.masks is not None else None
+        write_geojson(paths[0], inst, classes, mpp, areas_px, mitotic_ids, outlines)
+        write_coco_results(paths[1], inst)
+        write_csv(paths[2], inst, classes, mpp, centroids, areas_px)
+        return outlines
+    bounds = np.linspace(0, n, workers + 1).round().astype(np.int64).tolist()
+    areas = np.asarray(areas_px, np.float64).reshape(-1)
+    cents = np.asarray(centroids, np.float64).reshape(-1, 2)
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".parts-") as tmp:
+        def part(k: int) -> None:
+            lo, hi = bounds[k], bounds[k + 1]
+            sub = inst[lo:hi]
+            outl = mask_outlines(sub.masks) if sub.masks is not None else None
+            geo, skipped = geojson_features(sub, classes, mpp, areas[lo:hi], mitotic_ids, outl,
+                                            first_id=lo + 1)
+            if outl is not None:  # for the overlay
+                np.savez(os.path.join(tmp, f"{k}.npz"), points=outl.points,
+                         ring_start=outl.ring_start, poly_start=outl.poly_start,
+                         mask_start=outl.mask_start)
+            for ext, data in (("geojson", geo), ("json", coco_results_text(sub)),
+                              ("csv", csv_rows(sub, classes, mpp, cents[lo:hi], areas[lo:hi],
+                                               first_id=lo + 1)),
+                              ("skipped", str(skipped).encode())):
+                with open(os.path.join(tmp, f"{k}.{ext}"), "wb") as f:
+                    f.write(data)
+
+        run_forked(part, workers, "writing " + ", ".join(paths))
+        files = {ext: [os.path.join(tmp, f"{k}.{ext}") for k in range(workers)]
+                 for ext in ("geojson", "json", "csv")}
+        _join_parts(paths[0], files["geojson"], GEOJSON_HEAD, b"", GEOJSON_TAIL, skip_first=1)
+        _join_parts(paths[1], files["json"], b"[", b", ", b"]")
+        _join_parts(paths[2], files["csv"], CSV_HEADER, b"", b"")
+        skipped = 0
+        for k in range(workers):
+            with open(os.path.join(tmp, f"{k}.skipped"), "rb") as f:
+                skipped += int(f.read())
+        outlines = None
+        if inst.masks is not None:
+            parts = []
+            for k in range(workers):
+                with np.load(os.path.join(tmp, f"{k}.npz")) as z:
+                    parts.append(Outlines(z["points"], z["ring_start"], z["poly_start"],
+                                          z["mask_start"]))
+            outlines = Outlines.cat(parts)
+    if skipped:
+        log.warning("%s: %d detections with an empty mask left out", paths[0], skipped)
+    return outlines
+
+
+def run_forked(task: Callable[[int], None], n: int, what: str) -> None:
+    """``task(0)`` in this process and ``task(1)`` .. ``task(n - 1)`` in forked child processes
+    at the same time (they share this process's memory as it was, copy-on-write: nothing is
+    pickled); raises :class:`ExportError` naming ``what`` when any of them fails."""
+    ctx = multiprocessing.get_context("fork")
+    for stream in (sys.stdout, sys.stderr):  # else a child flushes their buffered text again
+        stream.flush()
+    with warnings.catch_warnings():  # fork with threads alive: the children run numpy/OpenCV only
+        warnings.simplefilter("ignore", DeprecationWarning)
+        procs = [ctx.Process(target=task, args=(k,), daemon=True) for k in range(1, n)]
+        for p in procs:
+            p.start()
+    try:
+        task(0)
+    finally:
+        for p in procs:
+            p.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise ExportError(f"{what}: {len(failed)} of {n} processes failed (exit codes {failed}; "
+                          "their error is printed above). The slide's journal is kept: run "
+                          "again with --resume to write the files without predicting again")
+
+
+def _join_parts(path: str, parts: Sequence[str], head: bytes, sep: bytes, tail: bytes,
+                skip_first: int = 0) -> None:
+    """``head``, the non-empty part files in order with ``sep`` between them (the first
+    without its first ``skip_first`` bytes), ``tail``, into ``path`` (atomically)."""
+    with atomic_write(path, "wb") as f:
+        f.write(head)
+        first = True
+        for p in parts:
+            if os.path.getsize(p) == 0:
+                continue
+            with open(p, "rb") as g:
+                if first:
+                    g.seek(skip_first)
+                else:
+                    f.write(sep)
+                shutil.copyfileobj(g, f, 1 << 22)
+            first = False
+        f.write(tail)
 
 
 def _dot_offsets() -> Tuple[np.ndarray, np.ndarray]:
@@ -269,14 +421,22 @@ def write_overlay(path: str, thumb: np.ndarray, scale: float, inst: Instances,
     kind = np.where(mit, 3, np.where(big, 1 if inst.masks is not None else 2, 0))
     labels = inst.labels[order]
     rings: List[np.ndarray] = []
-    obj_rings = np.zeros(len(inst) + 1, np.int64)
+    obj_rings = n_rings = np.zeros(len(inst), np.int64)
     if inst.masks is not None and (kind == 1).any():
-        if outlines is None:
-            outlines = mask_outlines(inst.masks)
+        if outlines is None:  # trace only the masks drawn as outlines
+            drawn = np.sort(order[kind == 1])
+            outlines = mask_outlines([inst.masks[i] for i in drawn.tolist()])
+            at = np.zeros(len(inst), np.int64)  # each detection's mask among the traced ones
+            at[drawn] = np.arange(len(drawn))
+        else:
+            at = np.arange(len(inst))
         pts, rstart = outlines.closed_points()
         thumb_pts = np.round(pts / scale).astype(np.int32)
         rings = np.split(thumb_pts.reshape(-1, 1, 2), rstart[1:-1])
-        obj_rings = outlines.poly_start[outlines.mask_start]  # rings of mask i: [i]:[i + 1]
+        first_ring = outlines.poly_start[outlines.mask_start]
+        # rings of detection i: obj_rings[i]:obj_rings[i] + n_rings[i]
+        obj_rings = first_ring[at]
+        n_rings = (first_ring[1:] - first_ring[:-1])[at]
     dy, dx = _dot_offsets()
     h, w = img.shape[:2]
     # within a run of one colour the order of outlines, boxes and dots does not change a pixel;
@@ -295,7 +455,7 @@ def write_overlay(path: str, thumb: np.ndarray, scale: float, inst: Instances,
             continue
         if (k == 1).any():
             cv2.polylines(img, [rings[r] for i in order[a:e][k == 1].tolist()
-                                for r in range(int(obj_rings[i]), int(obj_rings[i + 1]))],
+                                for r in range(int(obj_rings[i]), int(obj_rings[i] + n_rings[i]))],
                           True, col, 1)
         for j in (a + np.flatnonzero(k == 2)).tolist():
             bj = b[j]

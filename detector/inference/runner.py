@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 import os
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -44,7 +45,6 @@ from ..device import get_rank, get_world_size
 from ..errors import DetectorError
 from ..modeling.unet import mirror_indices
 from ..structures.instances import Instances
-from ..structures.masks import mask_outlines
 from . import counting, export, predictor
 from .journal import JOURNAL_NAME, WEIGHTS_KEY, Journal, finished_weights, weights_identity
 from .merge import drop_cut, merge_detections, tile_to_slide
@@ -115,6 +115,9 @@ class InferenceOptions:
     # merged (4 or 8; 0 = off; TEST.AUG of the checkpoint's config, or --tta). See
     # predictor.predict_tta.
     tta: int = 0
+    # Processes that write the detection files of a slide with many detections (None: the CPUs
+    # this process may use, at most 8; see export.write_detections).
+    export_workers: Optional[int] = None
 
 
 def checkpoint_defaults(cfg: Any) -> Dict[str, Any]:
@@ -633,33 +636,28 @@ def export_slide(out_dir: str, dets: Detections, grid: AnalysisGrid,
                  timings: Optional[Dict[str, float]] = None) -> None:
     """Stage 7: write ``detections.geojson``, ``detections.json``, ``detections.csv``,
     ``overlay.png``, ``density.png`` and, last, ``summary.json`` into ``out_dir``. Every mask
-    is traced once (:func:`mask_outlines`), for the GeoJSON and the overlay. ``timings``, when
-    given, receives the CPU seconds of this process (``time.process_time``: other work on a
-    shared machine does not count) of each part ("outlines", "geojson", "coco", "csv",
-    "overlay", "density", "summary")."""
+    is traced once (:func:`mask_outlines`), for the GeoJSON and the overlay; a slide with many
+    detections has the three detection files written by several processes
+    (:func:`export.write_detections`, ``opts.export_workers``). ``timings``, when given,
+    receives the CPU seconds of each part ("detections", "overlay", "density", "summary"):
+    of this process and of the processes it forked (``time.process_time`` and
+    ``RUSAGE_CHILDREN``: other work on a shared machine does not count)."""
     merged, centroids, areas = dets.instances, dets.centroids, dets.areas
     mpp, thumb, t = grid.mpp, grid.thumbnail, grid.level0_per_thumbnail
     H0, W0 = grid.slide_size
     mitotic_ids = counting.resolve_class_ids(opts.mitotic_classes, classes)
     hs = summary["mitotic_figures"]["hotspot"]
-    clock = [time.process_time()]
+    clock = [cpu_seconds()]
 
     def lap(name: str) -> None:
-        now = time.process_time()
+        now = cpu_seconds()
         if timings is not None:
             timings[name] = timings.get(name, 0.0) + now - clock[0]
         clock[0] = now
 
-    outlines = mask_outlines(merged.masks) if merged.masks is not None else None
-    lap("outlines")
-    export.write_geojson(os.path.join(out_dir, "detections.geojson"), merged, classes, mpp,
-                         areas, mitotic_ids, outlines)
-    lap("geojson")
-    export.write_coco_results(os.path.join(out_dir, "detections.json"), merged)
-    lap("coco")
-    export.write_csv(os.path.join(out_dir, "detections.csv"), merged, classes, mpp,
-                     centroids, areas)
-    lap("csv")
+    outlines = export.write_detections(out_dir, merged, classes, mpp, centroids, areas,
+                                       mitotic_ids, export_workers(opts))
+    lap("detections")
     export.write_overlay(os.path.join(out_dir, "overlay.png"), thumb, t, merged, classes,
                          mitotic_ids, hs, grid.roi, grid.region, outlines)
     lap("overlay")
@@ -676,6 +674,23 @@ def export_slide(out_dir: str, dets: Detections, grid: AnalysisGrid,
     lap("density")
     export.write_json(os.path.join(out_dir, "summary.json"), summary)
     lap("summary")
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that ended (forked writers)."""
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ch.ru_utime + ch.ru_stime
+
+
+def export_workers(opts: InferenceOptions) -> int:
+    """``opts.export_workers``, or the CPUs this process may use, at most 8."""
+    if opts.export_workers is not None:
+        return max(1, int(opts.export_workers))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
 
 
 def journal_header(grid: AnalysisGrid, opts: InferenceOptions, weights_id: str
