@@ -2,7 +2,7 @@
 
     python benchmarks/bench_infer.py [--weights CKPT] [--size 2000] [--tile-size 512]
         [--overlap 64] [--batch-size N] [--num-workers N] [--device auto]
-        [--memory-sizes 10000,40000] [--skip-sahi] [--skip-memory]
+        [--memory-sizes 10000,40000] [--repeats 3] [--skip-sahi] [--skip-memory]
 
 Part 1 (one table): megapixels of tissue per second on the same image (a mosaic of real MoNuSeg
 H&E tiles written as a pyramidal TIFF) and the same model, for
@@ -361,6 +361,8 @@ def main() -> int:
                    help="side (px) of the tissue placed on the memory-test slides")
     p.add_argument("--fp32", action="store_true",
                    help="this tool in fp32 (default: bf16 autocast where the device has it)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of the speed test (the methods in turn); the median of each")
     p.add_argument("--skip-sahi", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
@@ -410,26 +412,43 @@ def speed_table(model, classes, mpp, name, tmp, args) -> None:
 
     log("one-piece reference ...")
     ref = one_piece(model, img, args)
-    rows = []
-    log("naive loop ...")
-    dt, naive = run_naive(model, classes, mpp, path, args)
-    rows.append(("naive loop (1 tile, no prefetch)", dt, box_f1(ref, naive), len(naive), 1.0))
-    log("infer_tiles ...")
-    dt, boxes, tissue_mpx = run_tool(model, classes, mpp, path, os.path.join(tmp, "tool"), args)
-    rows.insert(0, ("infer_tiles (this tool)", dt, box_f1(ref, boxes), len(boxes),
-                    box_f1(naive, boxes)))
-    if not args.skip_sahi:
-        try:
-            import sahi  # noqa: F401
-
-            log("SAHI ...")
-            dt, boxes = run_sahi(model, img, args)
-            rows.append((f"SAHI {sahi.__version__} get_sliced_prediction", dt, box_f1(ref, boxes),
-                         len(boxes), box_f1(naive, boxes)))
-        except ImportError:
+    try:
+        import sahi
+    except ImportError:
+        sahi = None
+        if not args.skip_sahi:
             log("sahi is not installed (pip install 'detector[bench]'); SAHI row skipped")
+    use_sahi = sahi is not None and not args.skip_sahi
+    # the methods one after the other, --repeats rounds: each time is the median of its rounds,
+    # so that a slow spell of a shared machine does not fall on one method only
+    times: Dict[str, List[float]] = {"naive": [], "tool": [], "sahi": []}
+    for r in range(max(1, args.repeats)):
+        tag = f" (round {r + 1} of {args.repeats})" if args.repeats > 1 else ""
+        log("naive loop ..." + tag)
+        dt, naive = run_naive(model, classes, mpp, path, args)
+        times["naive"].append(dt)
+        log("infer_tiles ..." + tag)
+        dt, boxes, tissue_mpx = run_tool(model, classes, mpp, path,
+                                         os.path.join(tmp, f"tool{r}"), args)
+        times["tool"].append(dt)
+        if use_sahi:
+            log("SAHI ..." + tag)
+            dt, sahi_boxes = run_sahi(model, img, args)
+            times["sahi"].append(dt)
+    med = {k: float(np.median(v)) for k, v in times.items() if v}
+    if args.repeats > 1:
+        log("seconds of each round: " + "; ".join(
+            f"{k} " + ", ".join(f"{t:.1f}" for t in v) for k, v in times.items() if v))
+    rows = [("infer_tiles (this tool)", med["tool"], box_f1(ref, boxes), len(boxes),
+             box_f1(naive, boxes)),
+            ("naive loop (1 tile, no prefetch)", med["naive"], box_f1(ref, naive), len(naive),
+             1.0)]
+    if use_sahi:
+        rows.append((f"SAHI {sahi.__version__} get_sliced_prediction", med["sahi"],
+                     box_f1(ref, sahi_boxes), len(sahi_boxes), box_f1(naive, sahi_boxes)))
     base = rows[1][1]
-    print(f"\nSpeed: {name}, {args.size}x{args.size} px image, {tissue_mpx:.2f} Mpx of tissue, "
+    rounds = f", median of {args.repeats} rounds" if args.repeats > 1 else ""
+    print(f"\nSpeed{rounds}: {name}, {args.size}x{args.size} px image, {tissue_mpx:.2f} Mpx of tissue, "
           f"device {args.device}, this tool in {amp or 'fp32'} (batches of {batch}, {workers} "
           f"reader workers), one-piece reference: "
           f"{len(ref)} detections, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
