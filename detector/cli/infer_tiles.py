@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=d.num_workers,
                    help="DataLoader workers reading tiles ahead (0: none; default: 2 on CUDA, "
                         "0 on a CPU, where the model's threads use every core)")
+    p.add_argument("--export-workers", type=int, default=d.export_workers,
+                   help="processes writing the detection files of a slide with 4,000 or more "
+                        "detections (default: the CPUs, at most 8; 1: this process alone)")
     p.add_argument("--mpp", type=float, default=None,
                    help="slide microns per pixel when the file has none (overrides the file)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda:0'")
@@ -182,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         mitotic_classes=args.mitotic_classes, score_thresh=args.score_thresh,
         nms_thresh=args.nms_thresh, tissue_detection=not args.no_tissue_detection,
         amp=not args.no_amp, resume=args.resume, progress=not args.quiet,
-        tta=tta)
+        tta=tta, export_workers=args.export_workers)
     # fail early on flags that would fail every slide
     try:
         resolve_class_ids(opts.mitotic_classes, classes)
