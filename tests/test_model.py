@@ -299,11 +299,12 @@ def test_crop_masks_equal_torchvision_full_image_paste_on_a_real_image(mask_mode
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "bf16_autocast"])
 def test_roi_align_split_over_threads_is_torchvisions_bit_for_bit(mode, monkeypatch):
-    """On a CPU in inference the R-CNN's RoIAlign pools parts of the boxes in parallel threads
+    """On a CPU the R-CNN's RoIAlign pools parts of the boxes in parallel threads
     (torchvision's CPU kernel uses one core): the same tensor as torchvision's
     MultiScaleRoIAlign, boxes of several images in their order, also under inference_mode and
-    bf16 autocast (thread-local states the threads must take over); training keeps the
-    original forward."""
+    bf16 autocast (thread-local states the threads must take over); in training the same
+    output and, computed per part in threads and summed, the same feature gradients up to
+    float rounding."""
     import threading
     from collections import OrderedDict
 
@@ -344,9 +345,21 @@ def test_roi_align_split_over_threads_is_torchvisions_bit_for_bit(mode, monkeypa
         assert seen == {"roi"}, seen  # only the worker threads pooled
         assert out.dtype == ref.dtype and out.shape == (470, 8, 7, 7)
         assert torch.equal(out, ref)
+        if mode == "bf16_autocast":
+            return
+        feats_grad = OrderedDict((k, v.clone().requires_grad_()) for k, v in feats.items())
+        feats_ref = OrderedDict((k, v.clone().requires_grad_()) for k, v in feats.items())
+        w = torch.randn(470, 8, 7, 7, generator=g)
         seen.clear()
-        feats_grad = OrderedDict((k, v.float().requires_grad_()) for k, v in feats.items())
-        pool(feats_grad, boxes, shapes).sum().backward()  # training: the original forward
-        assert seen == {"MainThread"}
+        out = pool(feats_grad, boxes, shapes)
+        (out * w).sum().backward()  # training: parts in threads, forward and backward
+        assert seen == {"roi"}, seen
+        ref = ref_pool(feats_ref, boxes, shapes)
+        (ref * w).sum().backward()
+        assert torch.equal(out, ref)
+        assert sum(float(feats_grad[k].grad.abs().sum()) > 0 for k in "0123") >= 2
+        for k in "0123":
+            torch.testing.assert_close(feats_grad[k].grad, feats_ref[k].grad, rtol=1e-5,
+                                       atol=1e-6)
     finally:
         torch.set_num_threads(prev)

@@ -194,13 +194,14 @@ def _resnet_backbone(cfg: Any) -> nn.Module:
 
 
 class ParallelRoIAlign(MultiScaleRoIAlign):
-    """torchvision's ``MultiScaleRoIAlign``, its boxes split over threads in inference on a
-    CPU: torchvision's CPU RoIAlign runs on one core (0.04 s for 1,000 boxes on 64 channels
-    here with 1 or 2 torch threads), and each box's output depends on that box alone, so
-    contiguous parts of the boxes pooled in parallel threads give the same tensor, bit for bit
-    (1.6-1.9x on 2 cores). Training, CUDA, a single torch thread, few boxes or
-    ``parallel = False`` (what a plain torchvision model does, for baselines) run the original
-    forward."""
+    """torchvision's ``MultiScaleRoIAlign``, its boxes split over threads on a CPU:
+    torchvision's CPU RoIAlign, forward and backward, runs on one core (0.04 s for 1,000 boxes
+    on 64 channels here with 1 or 2 torch threads; in CPU training its backward was 15 % of a
+    step). Each box's output depends on that box alone, so contiguous parts of the boxes pooled
+    in parallel threads give the same tensor, bit for bit (1.6-1.9x on 2 cores). In training
+    the parts' gradients are computed in parallel threads too and summed (the same up to the
+    order of float additions). CUDA, a single torch thread, few boxes or ``parallel = False``
+    (what a plain torchvision model does, for baselines) run the original forward."""
 
     min_boxes_per_thread = 32
 
@@ -214,27 +215,78 @@ class ParallelRoIAlign(MultiScaleRoIAlign):
         total = sum(sizes)
         threads = min(torch.get_num_threads(), total // self.min_boxes_per_thread)
         dev = next(iter(x.values())).device if x else torch.device("cpu")
-        if (not self.parallel or threads < 2 or dev.type != "cpu" or torch.is_grad_enabled()
+        if (not self.parallel or threads < 2 or dev.type != "cpu"
                 or self.scales is None):  # the first call sets the level scales, in this thread
             return super().forward(x, boxes, image_shapes)
-        # thread-local states the worker threads do not inherit
-        inference = torch.is_inference_mode_enabled()
-        amp = torch.is_autocast_enabled("cpu")
-        amp_dtype = torch.get_autocast_dtype("cpu")
-
-        def part(sub: List[Tensor]) -> Tensor:
-            with torch.inference_mode(inference), torch.no_grad(), \
-                    torch.autocast("cpu", dtype=amp_dtype, enabled=amp):
-                return MultiScaleRoIAlign.forward(self, x, sub, image_shapes)
-
         # contiguous ranges of the boxes in their concatenated order (image after image), so
         # that the parts' outputs concatenate into the original order
         bounds = np.linspace(0, total, threads + 1).round().astype(np.int64)
         starts = np.cumsum([0] + sizes[:-1])
-        parts = [[b[int(np.clip(a - o, 0, n)):int(np.clip(e - o, 0, n))]
+        parts = [[b.detach()[int(np.clip(a - o, 0, n)):int(np.clip(e - o, 0, n))]
                   for b, o, n in zip(boxes, starts, sizes)]
                  for a, e in zip(bounds[:-1], bounds[1:])]
-        return torch.cat(list(_roi_pool_threads(threads).map(part, parts)))
+        names = list(x.keys())
+        if torch.is_grad_enabled() and any(v.requires_grad for v in x.values()):
+            return _RoIAlignParts.apply(self, parts, image_shapes, names, *x.values())
+        return torch.cat(_pool_parts(self, dict(x), parts, image_shapes))
+
+
+def _pool_parts(pool: MultiScaleRoIAlign, x: Dict[str, Tensor], parts: List[List[Tensor]],
+                image_shapes: List[Tuple[int, int]]) -> List[Tensor]:
+    """torchvision's pooling of each part of the boxes, in parallel threads, without gradients
+    (with this thread's inference mode and CPU autocast, which threads do not inherit)."""
+    inference = torch.is_inference_mode_enabled()
+    amp = torch.is_autocast_enabled("cpu")
+    amp_dtype = torch.get_autocast_dtype("cpu")
+
+    def part(sub: List[Tensor]) -> Tensor:
+        with torch.inference_mode(inference), torch.no_grad(), \
+                torch.autocast("cpu", dtype=amp_dtype, enabled=amp):
+            return MultiScaleRoIAlign.forward(pool, x, sub, image_shapes)
+
+    return list(_roi_pool_threads(len(parts)).map(part, parts))
+
+
+class _RoIAlignParts(torch.autograd.Function):
+    """:class:`ParallelRoIAlign` in training: the parts pooled in threads, and in the backward
+    pass each part's pooling run again with gradients in its thread (the forward is a small
+    share of RoIAlign's cost on a CPU; the backward scatters into the whole feature maps), the
+    parts' feature gradients summed in order."""
+
+    @staticmethod
+    def forward(ctx: Any, pool: MultiScaleRoIAlign, parts: List[List[Tensor]],
+                image_shapes: List[Tuple[int, int]], names: List[str], *feats: Tensor) -> Tensor:
+        ctx.pool, ctx.parts, ctx.shapes, ctx.names = pool, parts, image_shapes, names
+        ctx.amp = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        ctx.save_for_backward(*feats)
+        return torch.cat(_pool_parts(pool, dict(zip(names, feats)), parts, image_shapes))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        feats = ctx.saved_tensors
+        sizes = [sum(int(b.shape[0]) for b in sub) for sub in ctx.parts]
+        amp, amp_dtype = ctx.amp
+
+        def part(args: Tuple[List[Tensor], Tensor]) -> Tuple[Optional[Tensor], ...]:
+            sub, g = args
+            with torch.enable_grad(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp):
+                leaves = [f.detach().requires_grad_(f.requires_grad) for f in feats]
+                out = MultiScaleRoIAlign.forward(ctx.pool, dict(zip(ctx.names, leaves)), sub,
+                                                 ctx.shapes)
+                wanted = [v for v in leaves if v.requires_grad]
+                got = iter(torch.autograd.grad(out, wanted, g, allow_unused=True))
+                return tuple(next(got) if v.requires_grad else None for v in leaves)
+
+        results = list(_roi_pool_threads(len(ctx.parts)).map(
+            part, zip(ctx.parts, torch.split(grad, sizes))))
+        total: List[Optional[Tensor]] = []
+        for level in zip(*results):
+            acc = None
+            for gr in level:
+                if gr is not None:
+                    acc = gr if acc is None else acc + gr
+            total.append(acc)
+        return (None, None, None, None, *total)
 
 
 @functools.lru_cache(maxsize=4)
