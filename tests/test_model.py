@@ -363,3 +363,39 @@ def test_roi_align_split_over_threads_is_torchvisions_bit_for_bit(mode, monkeypa
                                        atol=1e-6)
     finally:
         torch.set_num_threads(prev)
+
+
+def test_detections_dropped_before_the_mask_head_are_those_a_slide_drops_after(mask_model):
+    """A slide's tile leaves detections cut by an interior tile edge to its neighbour: the
+    R-CNN drops them before the mask head (no mask computed), and what remains is exactly what
+    predicting everything and dropping them afterwards gives, masks included."""
+    import numpy as np
+    import tifffile
+
+    from detector.inference.tiling import touches_edges
+    from tests.conftest import shared_path
+
+    he = tifffile.imread(str(shared_path("monuseg", "TCGA-2Z-A9J9-01A-01-TS1.tif")))
+    x = torch.from_numpy(np.ascontiguousarray(he[:200, :260, :3])).permute(2, 0, 1).float() / 255
+    edges = (True, True, False, True)
+
+    def cut(boxes, size):
+        return touches_edges(boxes, size[1], size[0], edges, 25.0)
+
+    rois = []
+    hook = mask_model.model.roi_heads.mask_roi_pool.register_forward_hook(
+        lambda mod, inp, out: rois.append(int(out.shape[0])))
+    mask_model.eval()
+    try:
+        with torch.no_grad():
+            full = mask_model.predict([x])[0]
+            dropped = mask_model.predict([x], drop=[cut])[0]
+    finally:
+        hook.remove()
+    after = full[~cut(full.boxes, full.image_size)]
+    assert 0 < len(after) < len(full) and rois == [len(full), len(after)]
+    np.testing.assert_array_equal(dropped.boxes, after.boxes)
+    np.testing.assert_array_equal(dropped.scores, after.scores)
+    np.testing.assert_array_equal(dropped.labels, after.labels)
+    assert [m.to_json() for m in dropped.masks] == [m.to_json() for m in after.masks]
+    assert "postprocess_detections" not in vars(mask_model.model.roi_heads)  # restored

@@ -27,6 +27,8 @@ slide raster.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 import math
 import os
@@ -52,7 +54,7 @@ from .second_stage import SecondStage
 from .size import equivalent_mpp, model_nucleus_diameter, slide_scale
 from .slide import SlideReadError, SlideReader, choose_level, open_slide
 from .tiling import (Tile, bounded_tile_size, check_tile_memory, grid_shape, interior_edges,
-                     region_size, tile_cores, tile_grid, tiles_in_mask)
+                     region_size, tile_cores, tile_grid, tiles_in_mask, touches_edges)
 from .tissue import parse_roi, points_in_roi, roi_mask, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -256,23 +258,29 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def predict_batch(model: torch.nn.Module, images: List[torch.Tensor], amp: bool = True,
                   tiles: Optional[Sequence[Tile]] = None, cores: Optional[Sequence[Tile]] = None,
-                  context: int = 0, score_thresh: float = 0.0, tta: int = 0) -> List[Instances]:
+                  context: int = 0, score_thresh: float = 0.0, tta: int = 0,
+                  drop: Optional[Sequence[Optional[Callable[..., np.ndarray]]]] = None
+                  ) -> List[Instances]:
     """Run the model on uint8 ``(3, H, W)`` tiles: float 0..1 on the model's device, bf16
     autocast on CUDA and bf16 CPUs (:mod:`.predictor`), no gradients. Returns one Instances
     per tile (tile px). With ``context``
     (a model with ``slide_context``, the U-Net) the images hold that many px around each tile
     and the model keeps the objects whose centroid lies in the tile's core (analysis px, like
     ``tiles``; :func:`tile_cores`). ``tta`` (4 or 8) runs the model on that many flipped /
-    rotated views and merges them (:func:`predictor.predict_tta`)."""
+    rotated views and merges them (:func:`predictor.predict_tta`). ``drop``: per image, a
+    function of the boxes and the image size giving detections to leave out before the mask
+    head, for a model whose ``predict`` takes it (the R-CNN; :meth:`RCNN.predict`); others
+    return them and the caller drops them after."""
     dev = model_device(model)
     x = [im.to(dev, non_blocking=True).float().div_(255.0) for im in images]
     with torch.inference_mode(), predictor.autocast(dev, amp):
-        out = _forward(model, x, tiles, cores, context, score_thresh, tta)
+        out = _forward(model, x, tiles, cores, context, score_thresh, tta, drop)
     return list(out)
 
 
 def _forward(model: torch.nn.Module, x: List[torch.Tensor], tiles: Optional[Sequence[Tile]],
-             cores: Optional[Sequence[Tile]], context: int, score_thresh: float, tta: int = 0
+             cores: Optional[Sequence[Tile]], context: int, score_thresh: float, tta: int = 0,
+             drop: Optional[Sequence[Optional[Callable[..., np.ndarray]]]] = None
              ) -> List[Instances]:
     local = None
     if context:
@@ -283,7 +291,11 @@ def _forward(model: torch.nn.Module, x: List[torch.Tensor], tiles: Optional[Sequ
     if not context:
         # R-CNN: low-scoring detections dropped before the mask head
         predict = getattr(model, "predict", None)
-        return predict(x, score_thresh) if callable(predict) else model(x)
+        if not callable(predict):
+            return model(x)
+        if drop is not None and "drop" in inspect.signature(predict).parameters:
+            return predict(x, score_thresh, drop=drop)
+        return predict(x, score_thresh)
     assert tiles is not None and local is not None
     return getattr(model, "predict_slide_tiles")(x, [t[:2] for t in tiles], local, context)
 
@@ -512,10 +524,15 @@ def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOpt
             log.warning("tile %d of %s skipped: %s", k, path, v)
         parts: List[Instances] = []
         if good:
+            # detections cut by an interior tile edge are the neighbour's: dropped before the
+            # mask head (the same ones drop_cut drops below)
+            cut = None if context else [
+                functools.partial(_cut_by, edges=interior_edges(b["index"], rows, cols, selected),
+                                  margin=opts.edge_margin) for b in good]
             preds = predict_batch(model, [b["image"] for b in good], opts.amp,
                                   [b["tile"] for b in good],
                                   [cores[b["index"]] for b in good] if cores else None, context,
-                                  opts.score_thresh, opts.tta)
+                                  opts.score_thresh, opts.tta, drop=cut)
             for b, inst in zip(good, preds):
                 keep = inst.scores >= opts.score_thresh
                 if inst.masks is not None:  # an empty mask is not an object
@@ -534,6 +551,12 @@ def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOpt
     bar.close()
     ds.close()
     return TilePredictions(journal.instances(), dict(journal.failed), time.time() - t_model)
+
+
+def _cut_by(boxes: np.ndarray, size: Tuple[int, int], edges: Tuple[bool, bool, bool, bool],
+            margin: float) -> np.ndarray:
+    """Which detections of a tile of ``size`` (h, w) :func:`drop_cut` drops."""
+    return touches_edges(boxes, int(size[1]), int(size[0]), edges, margin)
 
 
 def merge_tiles(preds: TilePredictions, grid: AnalysisGrid, opts: InferenceOptions

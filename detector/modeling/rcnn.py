@@ -17,7 +17,7 @@ import functools
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -396,18 +396,26 @@ class RCNN(nn.Module):
             return self.model([im.as_subclass(Tensor) for im in images], tv_targets)
         return self.predict(images)
 
-    def predict(self, images: List[Tensor], score_thresh: float = 0.0) -> List[Instances]:
+    def predict(self, images: List[Tensor], score_thresh: float = 0.0,
+                drop: Optional[Sequence[Optional[DropFn]]] = None) -> List[Instances]:
         """Eval-mode prediction: one :class:`Instances` per ``[3, H, W]`` image (0..1), in its
         px. Detections scoring below ``score_thresh`` (besides the config's
         ``ROI_HEADS.SCORE_THRESH_TEST``) are dropped before the mask head, and masks are
         pasted into their boxes' crops (:func:`paste_masks_in_boxes`): the detections at or
-        above the threshold are those of torchvision's forward, pixel for pixel."""
+        above the threshold are those of torchvision's forward, pixel for pixel. ``drop``: per
+        image, None or a function of the boxes (``(N, 4)`` XYXY in the image's px, as returned)
+        and the image's ``(height, width)`` giving the detections to leave out, before the
+        mask head (a slide's tile leaves those cut by an interior tile edge to its
+        neighbour: no mask is computed for them)."""
         m = self.model
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         heads = m.roi_heads
         saved = heads.score_thresh
         # torchvision keeps scores > thresh; a caller's threshold keeps scores >= it
         heads.score_thresh = max(saved, float(np.nextafter(np.float32(score_thresh), -1)))
+        if drop is not None and any(f is not None for f in drop):
+            heads.postprocess_detections = _dropping(heads.postprocess_detections, list(drop),
+                                                     sizes)
         try:
             batch, _ = m.transform([im.as_subclass(Tensor) for im in images])
             x = batch.tensors
@@ -420,6 +428,7 @@ class RCNN(nn.Module):
             detections, _ = heads(features, proposals, batch.image_sizes)
         finally:
             heads.score_thresh = saved
+            heads.__dict__.pop("postprocess_detections", None)  # the class's method again
         out = []
         for det, resized, size in zip(detections, batch.image_sizes, sizes):
             det["boxes"] = resize_boxes(det["boxes"], resized, size)
@@ -439,6 +448,32 @@ class RCNN(nn.Module):
             labels=labels.cpu().numpy(),
             masks=masks,
         )
+
+
+#: ``f(boxes (N, 4) float32 XYXY image px, (height, width)) -> (N,) bool``: detections to drop.
+DropFn = Callable[[np.ndarray, Tuple[int, int]], np.ndarray]
+
+
+def _dropping(postprocess: Callable[..., Any], drop: List[Optional[DropFn]],
+              sizes: List[Tuple[int, int]]) -> Callable[..., Any]:
+    """torchvision's ``RoIHeads.postprocess_detections`` followed by ``drop`` of each image,
+    applied to the boxes as :meth:`RCNN.predict` returns them (back in the image's px), so that
+    the mask head never sees the detections dropped."""
+
+    def run(class_logits: Tensor, box_regression: Tensor, proposals: List[Tensor],
+            image_shapes: List[Tuple[int, int]]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        boxes, scores, labels = postprocess(class_logits, box_regression, proposals, image_shapes)
+        for i, (f, resized, size) in enumerate(zip(drop, image_shapes, sizes)):
+            if f is None or len(boxes[i]) == 0:
+                continue
+            shown = resize_boxes(boxes[i], resized, size).detach().float().cpu().numpy()
+            cut = np.asarray(f(shown, size), bool)
+            if cut.any():
+                keep = torch.from_numpy(~cut).to(boxes[i].device)
+                boxes[i], scores[i], labels[i] = boxes[i][keep], scores[i][keep], labels[i][keep]
+        return boxes, scores, labels
+
+    return run
 
 
 def build_rcnn(cfg: Any, classes: List[Dict[str, Any]]) -> RCNN:
