@@ -290,7 +290,7 @@ def write_detections(out_dir: str, inst: Instances, classes: Sequence[Dict[str, 
     paths = [os.path.join(out_dir, f) for f in
              ("detections.geojson", "detections.json", "detections.csv")]
     workers = min(int(workers), n // (PARALLEL_MIN_DETECTIONS // 2) or 1)
-    if workers < 2 or n < PARALLEL_MIN_DETECTIONS:
+    if workers < 2 or n < PARALLEL_MIN_DETECTIONS or not can_fork():
         outlines = mask_outlines(inst.masks) if inst.masks is not None else None
         write_geojson(paths[0], inst, classes, mpp, areas_px, mitotic_ids, outlines)
         write_coco_results(paths[1], inst)
@@ -339,6 +339,13 @@ def write_detections(out_dir: str, inst: Instances, classes: Sequence[Dict[str, 
     if skipped:
         log.warning("%s: %d detections with an empty mask left out", paths[0], skipped)
     return outlines
+
+
+def can_fork() -> bool:
+    """Whether this process may fork children: a POSIX system, and not itself a daemonic
+    multiprocessing worker (those may not have children)."""
+    return ("fork" in multiprocessing.get_all_start_methods()
+            and not multiprocessing.current_process().daemon)
 
 
 def run_forked(task: Callable[[int], None], n: int, what: str) -> None:

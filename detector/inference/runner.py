@@ -32,7 +32,6 @@ import inspect
 import logging
 import math
 import os
-import resource
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -701,6 +700,10 @@ def export_slide(out_dir: str, dets: Detections, grid: AnalysisGrid,
 
 def cpu_seconds() -> float:
     """CPU seconds of this process and of its children that ended (forked writers)."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return time.process_time()
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + ch.ru_utime + ch.ru_stime
 
