@@ -20,7 +20,8 @@ Steps (every figure comes from this run; nothing is read from elsewhere):
 
 Environment: ``GPU_CHECK_DEVICE`` (cuda, or cpu with GPU_CHECK_TINY), ``GPU_CHECK_ITERS``,
 ``GPU_CHECK_SLIDE``, ``GPU_CHECK_NAIVE_SLIDE``, ``GPU_CHECK_BATCH`` (training images per step,
-8), ``GPU_CHECK_TILE`` (512), ``GPU_CHECK_OUT`` (a temporary folder), ``GPU_CHECK_PROFILE`` (a
+8), ``GPU_CHECK_WORKERS`` (the training's data workers; the config's 4 when unset),
+``GPU_CHECK_TILE`` (512), ``GPU_CHECK_OUT`` (a temporary folder), ``GPU_CHECK_PROFILE`` (a
 folder: cProfile listings of 40 more training iterations (at most GPU_CHECK_ITERS) and of this
 tool on the small slide, ``train_profile.txt`` and ``infer_profile.txt``, to see where the host
 spends the time).
@@ -169,6 +170,8 @@ def main() -> int:
             "SOLVER.AMP.DTYPE", "bf16", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", train_dir]
     if TINY:
         opts += ["INPUT.CROP_SIZE", "96", "DATALOADER.NUM_WORKERS", "0"]
+    elif os.environ.get("GPU_CHECK_WORKERS"):  # data workers of the training (config: 4)
+        opts += ["DATALOADER.NUM_WORKERS", str(int(os.environ["GPU_CHECK_WORKERS"]))]
     t_train = run([py, "tools/train_net.py", "--config-file",
                    "configs/nuclei/mask_rcnn_R_50_FPN.yaml", *opts])
     tr = training_figures(train_dir, batch)
