@@ -8,8 +8,9 @@ converter) stand in for a model's masks. The tile is repeated over a virtual sli
 ``--overlap``) and each tile's "prediction" is the ground-truth objects it contains (cut at the
 tile border, as a model sees them), with a score per object. Building those per-tile outputs is
 not timed; from there on the timed part is what ``infer_slide`` does after ``predict_batch``,
-stage by stage (export file by file), in CPU seconds of this process and the processes it forks (``time.process_time``,
-so that the other work on a shared 2-core machine does not count) and, in total, wall clock.
+stage by stage (export file by file), in CPU seconds of this process and the processes it
+forks (``time.process_time`` and ``RUSAGE_CHILDREN``, so that the other work on a shared
+2-core machine does not count) and, in total, wall clock.
 
     python benchmarks/bench_postprocess.py                        # 6000 px: ~15,000 objects
     python benchmarks/bench_postprocess.py --slide-size 10000     # ~43,000 objects
@@ -177,7 +178,8 @@ def run_new(outputs, tiles, shape, size, out_dir, mpp, opts_kw, heads=None):
 
 def cpu_seconds() -> float:
     """CPU seconds of this process and of the child processes it waited for (the slide run's
-    forked writers of the detection files)."""
+    forked writers of the detection files). The benchmark's own clock, like the runner's
+    ``cpu_seconds``: a ``--baseline`` checkout may predate that one."""
     import resource
 
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)

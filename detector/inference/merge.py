@@ -30,8 +30,14 @@ def drop_cut(inst: Instances, edges: Tuple[bool, bool, bool, bool], margin: floa
     edge ``(left, top, right, bottom)``: those are taken from the neighbouring tile."""
     if len(inst) == 0 or not any(edges):
         return inst
-    h, w = inst.image_size
-    return inst[~touches_edges(inst.boxes, w, h, edges, margin)]
+    return inst[~cut_by_edges(inst.boxes, inst.image_size, edges, margin)]
+
+
+def cut_by_edges(boxes: np.ndarray, size: Tuple[int, int], edges: Tuple[bool, bool, bool, bool],
+                 margin: float = 2.0) -> np.ndarray:
+    """``(N,)`` bool: which of a tile's boxes (tile px, the tile ``size`` (h, w)) :func:`drop_cut`
+    drops."""
+    return touches_edges(boxes, int(size[1]), int(size[0]), edges, margin)
 
 
 def tile_to_slide(inst: Instances, origin: Tuple[float, float], level0_per_analysis: float,

@@ -48,12 +48,12 @@ from ..modeling.unet import mirror_indices
 from ..structures.instances import Instances
 from . import counting, export, predictor
 from .journal import JOURNAL_NAME, WEIGHTS_KEY, Journal, finished_weights, weights_identity
-from .merge import drop_cut, merge_detections, tile_to_slide
+from .merge import cut_by_edges, drop_cut, merge_detections, tile_to_slide
 from .second_stage import SecondStage
 from .size import equivalent_mpp, model_nucleus_diameter, slide_scale
 from .slide import SlideReadError, SlideReader, choose_level, open_slide
 from .tiling import (Tile, bounded_tile_size, check_tile_memory, grid_shape, interior_edges,
-                     region_size, tile_cores, tile_grid, tiles_in_mask, touches_edges)
+                     region_size, tile_cores, tile_grid, tiles_in_mask)
 from .tissue import parse_roi, points_in_roi, roi_mask, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -524,22 +524,21 @@ def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOpt
         parts: List[Instances] = []
         if good:
             # detections cut by an interior tile edge are the neighbour's: dropped before the
-            # mask head (the same ones drop_cut drops below)
+            # mask head by a model that can (drop_cut drops them below for the others)
+            edges = [interior_edges(b["index"], rows, cols, selected) for b in good]
             cut = None if context else [
-                functools.partial(_cut_by, edges=interior_edges(b["index"], rows, cols, selected),
-                                  margin=opts.edge_margin) for b in good]
+                functools.partial(cut_by_edges, edges=e, margin=opts.edge_margin) for e in edges]
             preds = predict_batch(model, [b["image"] for b in good], opts.amp,
                                   [b["tile"] for b in good],
                                   [cores[b["index"]] for b in good] if cores else None, context,
                                   opts.score_thresh, opts.tta, drop=cut)
-            for b, inst in zip(good, preds):
+            for b, e, inst in zip(good, edges, preds):
                 keep = inst.scores >= opts.score_thresh
                 if inst.masks is not None:  # an empty mask is not an object
                     keep &= np.asarray([not m.is_empty for m in inst.masks], bool)
                 inst = inst[keep]
                 if not context:  # else each object came from the tile owning its centroid
-                    edges = interior_edges(b["index"], rows, cols, selected)
-                    inst = drop_cut(inst, edges, opts.edge_margin)
+                    inst = drop_cut(inst, e, opts.edge_margin)
                 parts.append(tile_to_slide(inst, b["tile"][:2], geom.level0_per_analysis,
                                            (H0, W0)))
                 if has_masks is None:
@@ -550,12 +549,6 @@ def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOpt
     bar.close()
     ds.close()
     return TilePredictions(journal.instances(), dict(journal.failed), time.time() - t_model)
-
-
-def _cut_by(boxes: np.ndarray, size: Tuple[int, int], edges: Tuple[bool, bool, bool, bool],
-            margin: float) -> np.ndarray:
-    """Which detections of a tile of ``size`` (h, w) :func:`drop_cut` drops."""
-    return touches_edges(boxes, int(size[1]), int(size[0]), edges, margin)
 
 
 def merge_tiles(preds: TilePredictions, grid: AnalysisGrid, opts: InferenceOptions

@@ -585,16 +585,17 @@ class Outlines:
         if not items:
             z = np.zeros(1, np.int64)
             return Outlines(np.zeros((0, 2), np.int64), z, z, z)
-        pts = np.concatenate([o.points for o in items])
-        p_off = np.cumsum([0] + [len(o.points) for o in items[:-1]])
-        r_off = np.cumsum([0] + [len(o.ring_start) - 1 for o in items[:-1]])
-        q_off = np.cumsum([0] + [len(o.poly_start) - 1 for o in items[:-1]])
-        rings = np.concatenate([o.ring_start[:-1] + d for o, d in zip(items, p_off)] + [[len(pts)]])
-        polys = np.concatenate([o.poly_start[:-1] + d for o, d in zip(items, r_off)]
-                               + [[int(r_off[-1]) + len(items[-1].ring_start) - 1]])
-        masks = np.concatenate([o.mask_start[:-1] + d for o, d in zip(items, q_off)]
-                               + [[int(q_off[-1]) + len(items[-1].poly_start) - 1]])
-        return Outlines(pts, rings.astype(np.int64), polys.astype(np.int64), masks.astype(np.int64))
+
+        def starts(name: str) -> np.ndarray:
+            # each item's starts shifted by the entries of the items before it (the last start
+            # of an item is its count of the entries indexed)
+            arrs = [getattr(o, name) for o in items]
+            shift = np.cumsum([0] + [int(a[-1]) for a in arrs])
+            return np.concatenate([a[:-1] + d for a, d in zip(arrs, shift)]
+                                  + [shift[-1:]]).astype(np.int64)
+
+        return Outlines(np.concatenate([o.points for o in items]), starts("ring_start"),
+                        starts("poly_start"), starts("mask_start"))
 
     def polygons(self, i: int) -> List[Polygon]:
         """Mask ``i``'s polygons as closed ``[[x, y], ...]`` rings (:meth:`CropMask.polygons`)."""
