@@ -167,15 +167,16 @@ def box_f1(ref, other, thr: float = 0.5) -> float:
 @contextlib.contextmanager
 def plain_torchvision(model):
     """The baselines run torchvision's own modules: the R-CNN's RoIAlign split over threads
-    (``ParallelRoIAlign.parallel``) is switched back to torchvision's one-thread forward."""
-    mods = [m for m in model.modules() if hasattr(m, "parallel")]
+    (``ParallelRoIAlign``) and its GroupNorm's channels-last CPU path (``layers.GroupNorm``)
+    are switched back to torch's and torchvision's own kernels (their ``fast`` flag)."""
+    mods = [m for m in model.modules() if hasattr(m, "fast")]
     for m in mods:
-        m.parallel = False
+        m.fast = False
     try:
         yield
     finally:
         for m in mods:
-            m.parallel = True
+            m.fast = True
 
 
 def run_tool(model, classes, mpp, path, out, args) -> Tuple[float, np.ndarray, float]:
@@ -183,7 +184,8 @@ def run_tool(model, classes, mpp, path, out, args) -> Tuple[float, np.ndarray, f
 
     opts = InferenceOptions(tile_size=args.tile_size, overlap=args.overlap,
                             batch_size=args.batch_size, num_workers=args.num_workers,
-                            score_thresh=args.score_thresh, progress=False, amp=not args.fp32)
+                            streams=args.streams, score_thresh=args.score_thresh,
+                            progress=False, amp=not args.fp32)
     t = time.perf_counter()
     s = infer_slide(model, classes, mpp, path, out, opts)
     dt = time.perf_counter() - t
@@ -330,7 +332,8 @@ def memory_child(args) -> None:
     model, classes, mpp, _ = get_model(args.weights, args.device)
     opts = InferenceOptions(tile_size=args.tile_size, overlap=args.overlap,
                             batch_size=args.batch_size, num_workers=args.num_workers,
-                            score_thresh=args.score_thresh, progress=False, amp=not args.fp32)
+                            streams=args.streams, score_thresh=args.score_thresh,
+                            progress=False, amp=not args.fp32)
     t = time.perf_counter()
     s = infer_slide(model, classes, mpp, args.memory_child, args.out, opts)
     dt = time.perf_counter() - t
@@ -353,6 +356,8 @@ def main() -> int:
                    help="tiles per model call of this tool (default: the tool's, by device)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="reader workers of this tool (default: the tool's, by device)")
+    p.add_argument("--streams", type=int, default=None,
+                   help="CPU streams of this tool (default: the tool's, by device)")
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -400,12 +405,12 @@ def speed_table(model, classes, mpp, name, tmp, args) -> None:
     from detector.inference.runner import InferenceOptions, loader_layout
 
     amp = autocast_dtype(torch.device(args.device), not args.fp32)
-    batch, workers = loader_layout(InferenceOptions(batch_size=args.batch_size,
-                                                    num_workers=args.num_workers),
-                                   torch.device(args.device).type == "cuda")
+    batch, workers, streams = loader_layout(
+        InferenceOptions(batch_size=args.batch_size, num_workers=args.num_workers,
+                         streams=args.streams), torch.device(args.device).type == "cuda")
     log(f"model: {name}; image {args.size}x{args.size} px at {mpp} um/px; device {args.device}; "
         f"{args.threads} torch threads; tiles {args.tile_size} overlap {args.overlap}; "
-        f"this tool: batches of {batch}, {workers} reader workers; "
+        f"this tool: batches of {batch}, {workers} reader workers, {streams} streams; "
         f"this tool in {amp or 'fp32'}; load {os.getloadavg()[0]:.1f}")
     with torch.inference_mode():  # warm-up (allocator, cuDNN autotune)
         model([torch.rand(3, args.tile_size, args.tile_size, device=args.device)])
@@ -450,7 +455,7 @@ def speed_table(model, classes, mpp, name, tmp, args) -> None:
     rounds = f", median of {args.repeats} rounds" if args.repeats > 1 else ""
     print(f"\nSpeed{rounds}: {name}, {args.size}x{args.size} px image, {tissue_mpx:.2f} Mpx of tissue, "
           f"device {args.device}, this tool in {amp or 'fp32'} (batches of {batch}, {workers} "
-          f"reader workers), one-piece reference: "
+          f"reader workers, {streams} streams), one-piece reference: "
           f"{len(ref)} detections, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     sahi_dt = rows[2][1] if len(rows) > 2 else None
     print("| method | seconds | tissue Mpx/s | x naive | x SAHI | F1 vs one-piece | F1 vs naive "

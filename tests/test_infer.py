@@ -359,14 +359,66 @@ def test_cli_end_to_end_with_our_checkpoint(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_tile_loader_layout_follows_the_device():
-    """Unset, batch size and reader workers suit the device: on a CPU the model's threads use
-    every core, so no reader process competes with them; given values are kept."""
+    """Unset, batch size, reader workers and streams suit the device: on a CPU the model's
+    threads use every core, so no reader process competes with them, and two streams share
+    them where there are two or more; given values are kept (CUDA: one stream)."""
     from detector.inference.runner import loader_layout
 
-    assert loader_layout(InferenceOptions(), on_cuda=False) == (1, 0)
-    assert loader_layout(InferenceOptions(), on_cuda=True) == (4, 2)
-    assert loader_layout(InferenceOptions(batch_size=8, num_workers=3), on_cuda=False) == (8, 3)
-    assert loader_layout(InferenceOptions(num_workers=0), on_cuda=True) == (4, 0)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert loader_layout(InferenceOptions(), on_cuda=False) == (1, 0, 2)
+        assert loader_layout(InferenceOptions(), on_cuda=True) == (4, 2, 1)
+        assert loader_layout(InferenceOptions(batch_size=8, num_workers=3, streams=3),
+                             on_cuda=False) == (8, 3, 3)
+        assert loader_layout(InferenceOptions(num_workers=0, streams=2), on_cuda=True) == (4, 0, 1)
+        torch.set_num_threads(1)
+        assert loader_layout(InferenceOptions(), on_cuda=False) == (1, 0, 1)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_cpu_streams_give_the_detections_of_one_stream(tmp_path):
+    """On a CPU two batches go through the model at once, each in its own thread with half of
+    torch's threads: a Mask R-CNN's slide run (score threshold, the drops of each tile's cut
+    detections before the mask head, journal, merge) writes the same detections as one stream
+    whose model runs with that many threads, and the tiles were predicted in two threads."""
+    import threading
+
+    from detector.config.config import get_cfg
+    from detector.modeling.build import build_model
+
+    torch.manual_seed(0)
+    cfg = get_cfg(None, ["MODEL.BACKBONE.NAME", "resnet18", "MODEL.BACKBONE.OUT_CHANNELS", "32",
+                         "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", "30",
+                         "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST",
+                         "100"])
+    model = build_model(cfg, CLASSES).eval()
+    seen = set()
+    predict = model.predict
+
+    def recording(*a, **k):
+        seen.add(threading.current_thread().name.split("_")[0])
+        return predict(*a, **k)
+
+    model.predict = recording
+    files = {}
+    prev = torch.get_num_threads()
+    try:
+        for streams in (1, 2):
+            seen.clear()
+            torch.set_num_threads(streams)  # one torch thread per stream
+            s = infer_slide(model, CLASSES, 1.0, str(shared_path(*MONUSEG)),
+                            str(tmp_path / str(streams)),
+                            _opts(tile_size=96, overlap=24, score_thresh=0.05, streams=streams))
+            assert s["analysis"]["tiles_total"] == 16  # 250 px: 4 x 4
+            files[streams] = (tmp_path / str(streams) / "TCGA-2Z-A9J9-01A-01-TS1" /
+                              "detections.json").read_text()
+            assert seen == ({"MainThread"} if streams == 1 else {"stream"}), seen
+    finally:
+        torch.set_num_threads(prev)
+    assert len(json.loads(files[1])) > 20
+    assert files[2] == files[1]
 
 
 def test_exported_checkpoint_sets_threshold_and_tta_of_slide_runs(tiny_checkpoint, tmp_path,

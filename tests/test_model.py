@@ -398,4 +398,106 @@ def test_detections_dropped_before_the_mask_head_are_those_a_slide_drops_after(m
     np.testing.assert_array_equal(dropped.scores, after.scores)
     np.testing.assert_array_equal(dropped.labels, after.labels)
     assert [m.to_json() for m in dropped.masks] == [m.to_json() for m in after.masks]
-    assert "postprocess_detections" not in vars(mask_model.model.roi_heads)  # restored
+    assert "postprocess_detections" not in vars(mask_model.model.roi_heads)  # module unchanged
+
+
+def test_group_norm_channels_last_path_matches_torch(monkeypatch):
+    """The models' GroupNorm takes its own CPU path for channels-last float32 maps of groups
+    of at most 2 channels (the R-CNN heads: RoIs x 64 channels x 7 x 7 px, where torch's
+    kernel is slow): the same normalisation as torch's within float rounding, as accurate as
+    torch's channels-last kernel also for maps of a large mean (where both take E[x^2] -
+    E[x]^2 and are off by 1e-3), the channels-last layout kept, gradients too; other inputs
+    (NCHW, single small maps, bf16) go to torch's own kernel unchanged, as
+    with ``fast = False``."""
+    from detector.modeling.layers import GroupNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = GroupNorm(32, 64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+        norm.bias.copy_(torch.randn(64, generator=g))
+    import torch.nn.functional as F
+
+    calls = []
+    original = F.group_norm
+
+    def counting(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    for shape, offset in (((300, 64, 7, 7), 0.0), ((40, 64, 14, 14), 30.0)):
+        x = torch.randn(*shape, generator=g) * 2 + offset
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            exact = F.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double())
+            torch_cl = nn.GroupNorm.forward(norm, x)  # torch's channels-last kernel
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(F, "group_norm", counting)
+            out = norm(x)
+        assert not calls  # its own path
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        err, err_torch = [float((o.detach().double() - exact).abs().max()) for o in (out, torch_cl)]
+        assert err <= max(2e-5, 2 * err_torch), (err, err_torch)
+        xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        w = torch.randn(*shape, generator=g)
+        (norm(xg) * w).sum().backward()
+        (nn.GroupNorm.forward(norm, xr.contiguous()) * w).sum().backward()
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-3, atol=1e-3)
+    x = torch.randn(300, 64, 7, 7, generator=g)
+    for other in (x, x[:1].contiguous(memory_format=torch.channels_last),
+                  x.contiguous(memory_format=torch.channels_last).bfloat16()):
+        assert torch.equal(norm(other), nn.GroupNorm.forward(norm, other))
+    norm.fast = False
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(norm(x), nn.GroupNorm.forward(norm, x))
+
+
+def test_predict_is_safe_to_call_from_several_threads(mask_model):
+    """The slide runner's CPU streams predict with one model from two threads at once: a
+    call's score threshold and drops are its own even when another call, with others, starts
+    and ends in the middle of it (forced here: the second call runs inside the first's
+    backbone). Each gives what it gives alone."""
+    import threading
+
+    import numpy as np
+    import tifffile
+
+    from detector.inference.tiling import touches_edges
+    from tests.conftest import shared_path
+
+    he = tifffile.imread(str(shared_path("monuseg", "TCGA-2Z-A9J9-01A-01-TS1.tif")))
+    x = torch.from_numpy(np.ascontiguousarray(he[:200, :260, :3])).permute(2, 0, 1).float() / 255
+
+    def cut(boxes, size):
+        return touches_edges(boxes, size[1], size[0], (True, True, False, True), 25.0)
+
+    def signature(inst):
+        return inst.boxes.tolist(), inst.scores.tolist(), [m.to_json() for m in inst.masks]
+
+    mask_model.eval()
+    with torch.no_grad():
+        alone_a = mask_model.predict([x], 0.0, drop=[cut])[0]
+        alone_b = mask_model.predict([x], 0.02)[0]
+    assert len(alone_a) != len(alone_b)  # the two calls differ: the test can fail
+    inner = {}
+
+    def call_b():
+        with torch.no_grad():
+            inner["b"] = mask_model.predict([x], 0.02)[0]
+
+    def in_backbone(mod, inp):
+        if not inner:
+            inner["started"] = True
+            t = threading.Thread(target=call_b)
+            t.start()
+            t.join()
+
+    hook = mask_model.model.backbone.register_forward_pre_hook(in_backbone)
+    try:
+        with torch.no_grad():
+            a = mask_model.predict([x], 0.0, drop=[cut])[0]
+    finally:
+        hook.remove()
+    assert signature(a) == signature(alone_a)
+    assert signature(inner["b"]) == signature(alone_b)

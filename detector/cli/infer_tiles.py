@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=d.num_workers,
                    help="DataLoader workers reading tiles ahead (0: none; default: 2 on CUDA, "
                         "0 on a CPU, where the model's threads use every core)")
+    p.add_argument("--streams", type=int, default=d.streams,
+                   help="batches predicted at once on a CPU, each in a thread with its share of "
+                        "the torch threads (default: 2 with 2 or more threads; 1 on CUDA)")
     p.add_argument("--export-workers", type=int, default=d.export_workers,
                    help="processes writing the detection files of a slide with 4,000 or more "
                         "detections (default: the CPUs, at most 8; 1: this process alone)")
@@ -180,7 +183,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                  ", ".join(c["name"] for c in second.classes), args.score_thresh)
     opts = InferenceOptions(
         tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-        num_workers=args.num_workers, mpp=args.mpp, roi=args.roi, hpf_area=args.hpf_area,
+        num_workers=args.num_workers, streams=args.streams, mpp=args.mpp, roi=args.roi,
+        hpf_area=args.hpf_area,
         hotspot_shape=args.hotspot_shape, hotspot_area=args.hotspot_area,
         mitotic_classes=args.mitotic_classes, score_thresh=args.score_thresh,
         nms_thresh=args.nms_thresh, tissue_detection=not args.no_tissue_detection,

@@ -26,6 +26,8 @@ slide raster.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -33,8 +35,10 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 import cv2
 import numpy as np
@@ -84,6 +88,11 @@ class InferenceOptions:
     # process takes one from them.
     batch_size: Optional[int] = None
     num_workers: Optional[int] = None
+    # Batches predicted at once on a CPU, each in its own thread with the process's torch
+    # threads shared out between them (None: 2 where torch has 2 or more threads, else 1;
+    # always 1 on CUDA): one batch's one-core parts (NMS, Python) overlap the other's
+    # convolutions. See :func:`loader_layout`.
+    streams: Optional[int] = None
     # Slide mpp when the file has none (or to override it).
     mpp: Optional[float] = None
     # Region of interest: "x0,y0,x1,y1" (level-0 px) or a GeoJSON file of polygons.
@@ -407,8 +416,9 @@ def analysis_grid(slide_path: str, model_mpp: Optional[float], opts: InferenceOp
                                                                   geom.level0_per_analysis))
         overlap = min(opts.overlap, tile_size - 1)
         try:
-            check_tile_memory(tile_size, *loader_layout(opts, gpu_free is not None),
-                              1.0 / geom.analysis_per_level, gpu_available=gpu_free)
+            batch, workers, streams = loader_layout(opts, gpu_free is not None)
+            check_tile_memory(tile_size, batch, workers, 1.0 / geom.analysis_per_level,
+                              gpu_available=gpu_free, streams=streams)
         except ValueError as e:
             raise SlideError(f"{slide_path}: {e}") from None
         tiles = tile_grid(aw, ah, tile_size, overlap)
@@ -475,14 +485,57 @@ def size_normalised_grid(model: torch.nn.Module, grid: AnalysisGrid, opts: Infer
     return regrid, info
 
 
-def loader_layout(opts: InferenceOptions, on_cuda: bool) -> Tuple[int, int]:
-    """Tiles per model call and reader workers: ``opts.batch_size`` / ``opts.num_workers``, or
-    where None by device: 4 and 2 on CUDA (reading overlaps the GPU); 1 and 0 on a CPU, where
-    the model's torch threads use every core: on 2 cores a reader worker and batches of 4 made
-    ``benchmarks/bench_infer.py`` 1.56x and 1.27x the naive loop, against 1.74x for 1 and 0."""
+def loader_layout(opts: InferenceOptions, on_cuda: bool) -> Tuple[int, int, int]:
+    """Tiles per model call, reader workers and CPU streams: ``opts.batch_size`` /
+    ``opts.num_workers`` / ``opts.streams``, or where None by device: 4, 2 and 1 on CUDA
+    (reading overlaps the GPU); 1, 0 and 2 on a CPU with 2 or more torch threads. There a
+    reader worker and batches of 4 made ``benchmarks/bench_infer.py`` 1.56x and 1.27x the
+    naive loop on 2 cores, against 1.74x for 1 and 0 (the model's threads use every core);
+    two streams of one torch thread each instead of one of two made the model 1.2x faster
+    (one tile's NMS, RoIAlign and Python, which run on one core, overlap the other's
+    convolutions)."""
     batch = opts.batch_size if opts.batch_size is not None else (4 if on_cuda else 1)
     workers = opts.num_workers if opts.num_workers is not None else (2 if on_cuda else 0)
-    return int(batch), int(workers)
+    if on_cuda:
+        streams = 1
+    elif opts.streams is not None:
+        streams = max(1, int(opts.streams))
+    else:
+        streams = 2 if torch.get_num_threads() >= 2 else 1
+    return int(batch), int(workers), streams
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (each stream's share)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _in_streams(fn: Callable[[Any], Any], items: Iterable[Any], streams: int) -> Iterator[Any]:
+    """``map(fn, items)`` in order, with up to ``streams`` calls running at once in threads,
+    each with its share of torch's threads; ``items`` is read in this thread (the slide
+    reader stays in the thread that opened it)."""
+    if streams <= 1:
+        yield from map(fn, items)
+        return
+    with _torch_threads(torch.get_num_threads() // streams), \
+            ThreadPoolExecutor(streams, thread_name_prefix="stream") as pool:
+        pending: Deque[Future] = collections.deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= streams:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOptions,
@@ -505,7 +558,7 @@ def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOpt
              if context else None)
     ds = TileDataset(path, geom, grid.tiles, todo, context)
     on_cuda = model_device(model).type == "cuda"
-    batch_size, workers = loader_layout(opts, on_cuda)
+    batch_size, workers, streams = loader_layout(opts, on_cuda)
     ahead = workers > 0 and len(todo) > batch_size
     # no pin_memory: a batch of uint8 tiles is a few MB (a pageable copy is about a ms), and
     # with the loader's pinning thread the end of each slide's loop waited 4.9 s on an H200
@@ -514,35 +567,40 @@ def predict_tiles(model: torch.nn.Module, grid: AnalysisGrid, opts: InferenceOpt
                         collate_fn=_collate, prefetch_factor=2 if ahead else None)
     bar = tqdm(total=len(sel_idx), initial=len(sel_idx) - len(todo), unit="tile",
                desc=slide_stem(path), disable=not opts.progress, dynamic_ncols=True)
-    has_masks: Optional[bool] = None
     t_model = time.time()
-    for batch in loader:
+
+    def run(batch: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[Instances]]:
+        """One batch through the model; its tiles' detections in slide px."""
         good = [b for b in batch if b["image"] is not None]
+        if not good:
+            return batch, []
+        # detections cut by an interior tile edge are the neighbour's: dropped before the
+        # mask head by a model that can (drop_cut drops them below for the others)
+        edges = [interior_edges(b["index"], rows, cols, selected) for b in good]
+        cut = None if context else [
+            functools.partial(cut_by_edges, edges=e, margin=opts.edge_margin) for e in edges]
+        preds = predict_batch(model, [b["image"] for b in good], opts.amp,
+                              [b["tile"] for b in good],
+                              [cores[b["index"]] for b in good] if cores else None, context,
+                              opts.score_thresh, opts.tta, drop=cut)
+        parts = []
+        for b, e, inst in zip(good, edges, preds):
+            keep = inst.scores >= opts.score_thresh
+            if inst.masks is not None:  # an empty mask is not an object
+                keep &= np.asarray([not m.is_empty for m in inst.masks], bool)
+            inst = inst[keep]
+            if not context:  # else each object came from the tile owning its centroid
+                inst = drop_cut(inst, e, opts.edge_margin)
+            parts.append(tile_to_slide(inst, b["tile"][:2], geom.level0_per_analysis, (H0, W0)))
+        return batch, parts
+
+    has_masks: Optional[bool] = None
+    for batch, parts in _in_streams(run, loader, streams):
         failed = {b["index"]: b["error"] for b in batch if b["image"] is None}
         for k, v in failed.items():
             log.warning("tile %d of %s skipped: %s", k, path, v)
-        parts: List[Instances] = []
-        if good:
-            # detections cut by an interior tile edge are the neighbour's: dropped before the
-            # mask head by a model that can (drop_cut drops them below for the others)
-            edges = [interior_edges(b["index"], rows, cols, selected) for b in good]
-            cut = None if context else [
-                functools.partial(cut_by_edges, edges=e, margin=opts.edge_margin) for e in edges]
-            preds = predict_batch(model, [b["image"] for b in good], opts.amp,
-                                  [b["tile"] for b in good],
-                                  [cores[b["index"]] for b in good] if cores else None, context,
-                                  opts.score_thresh, opts.tta, drop=cut)
-            for b, e, inst in zip(good, edges, preds):
-                keep = inst.scores >= opts.score_thresh
-                if inst.masks is not None:  # an empty mask is not an object
-                    keep &= np.asarray([not m.is_empty for m in inst.masks], bool)
-                inst = inst[keep]
-                if not context:  # else each object came from the tile owning its centroid
-                    inst = drop_cut(inst, e, opts.edge_margin)
-                parts.append(tile_to_slide(inst, b["tile"][:2], geom.level0_per_analysis,
-                                           (H0, W0)))
-                if has_masks is None:
-                    has_masks = inst.masks is not None
+        if parts and has_masks is None:
+            has_masks = parts[0].masks is not None
         batch_inst = Instances.cat(parts, (H0, W0)) if parts else _empty((H0, W0), has_masks)
         journal.append([b["index"] for b in batch], batch_inst, failed)
         bar.update(len(batch))

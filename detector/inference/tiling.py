@@ -124,16 +124,17 @@ def bounded_tile_size(tile_size: int, region_size: Tuple[int, int]) -> int:
 
 
 def tile_memory_bytes(tile_size: int, batch_size: int, num_workers: int = 0,
-                      level_per_analysis: float = 1.0) -> Tuple[int, int]:
+                      level_per_analysis: float = 1.0, streams: int = 1) -> Tuple[int, int]:
     """Estimated peak memory of a slide run's tiles in flight, ``(model, reading)`` bytes: one
-    batch inside the model (:data:`MODEL_BYTES_PER_PX`; on the GPU when the model is there),
-    and the batches the DataLoader reads ahead (two per worker, plus the one in use), each tile
-    read at its pyramid level (``level_per_analysis`` level px per analysis px) as RGB and
-    converted (host memory)."""
+    batch inside the model per CPU stream (:data:`MODEL_BYTES_PER_PX`; on the GPU when the
+    model is there), and the batches the DataLoader reads ahead (two per worker, plus those
+    in use), each tile read at its pyramid level (``level_per_analysis`` level px per
+    analysis px) as RGB and converted (host memory)."""
     px = float(tile_size) ** 2
     read_px = 3.0 * max(1.0, level_per_analysis) ** 2 + 6.0
-    queued = (2 * max(0, num_workers) + 1) * batch_size
-    return int(batch_size * px * MODEL_BYTES_PER_PX), int(queued * px * read_px)
+    streams = max(1, int(streams))
+    queued = (2 * max(0, num_workers) + streams) * batch_size
+    return int(streams * batch_size * px * MODEL_BYTES_PER_PX), int(queued * px * read_px)
 
 
 def available_memory_bytes() -> Optional[int]:
@@ -153,13 +154,14 @@ def available_memory_bytes() -> Optional[int]:
 
 def check_tile_memory(tile_size: int, batch_size: int, num_workers: int = 0,
                       level_per_analysis: float = 1.0, available: Optional[int] = None,
-                      gpu_available: Optional[int] = None) -> int:
+                      gpu_available: Optional[int] = None, streams: int = 1) -> int:
     """Raise ValueError, naming the flags to change, when the :func:`tile_memory_bytes`
     estimate exceeds :data:`MEMORY_FRACTION` of the available host memory (or, with
     ``gpu_available``, the free GPU memory for the model's part). Checked before any tile is
     read, so that a run stops with a message instead of being killed by the kernel. Returns
     the estimate in bytes."""
-    model, reading = tile_memory_bytes(tile_size, batch_size, num_workers, level_per_analysis)
+    model, reading = tile_memory_bytes(tile_size, batch_size, num_workers, level_per_analysis,
+                                       streams)
     host = reading if gpu_available is not None else model + reading
     avail = available_memory_bytes() if available is None else available
     for need, free, where in ((host, avail, "memory"), (model if gpu_available is not None
@@ -168,10 +170,11 @@ def check_tile_memory(tile_size: int, batch_size: int, num_workers: int = 0,
             fits = int(tile_size * math.sqrt(MEMORY_FRACTION * free / need))
             raise ValueError(
                 f"tiles of {tile_size} px (--tile-size, at most the region analysed) with "
-                f"--batch-size {batch_size} and --num-workers {num_workers} need about "
+                f"--batch-size {batch_size}, --num-workers {num_workers} and --streams "
+                f"{max(1, int(streams))} need about "
                 f"{need / 2 ** 30:.1f} GiB of {where}, but {free / 2 ** 30:.1f} GiB is "
                 f"available; use a smaller --tile-size (at most about {max(64, fits // 64 * 64)}"
-                " here; 512-2048 is usual) or --batch-size")
+                " here; 512-2048 is usual), --batch-size or --streams")
     return model + reading
 
 

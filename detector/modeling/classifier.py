@@ -21,13 +21,15 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from .layers import GroupNorm
 
-def group_norm(num_channels: int, *args: Any, **kwargs: Any) -> nn.GroupNorm:
+
+def group_norm(num_channels: int, *args: Any, **kwargs: Any) -> GroupNorm:
     """GroupNorm for any torchvision model's ``norm_layer``: groups of at least 4 channels
     (at most 32 groups), BatchNorm-only arguments (momentum) ignored."""
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if num_channels % g == 0
                   and (num_channels // g >= 4 or g == 1))
-    return nn.GroupNorm(groups, num_channels, eps=float(kwargs.get("eps", 1e-5)))
+    return GroupNorm(groups, num_channels, eps=float(kwargs.get("eps", 1e-5)))
 
 
 class PatchClassifier(nn.Module):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -29,7 +30,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.roi_heads import RoIHeads, expand_boxes, expand_masks
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
@@ -38,6 +39,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from ..structures.instances import Instances
 from ..structures.masks import CropMask, masks_from_crops
+from .layers import GroupNorm
 from .modality import normalise_modality
 
 
@@ -50,7 +52,7 @@ def norm_layers(norm: str, channels: int = 256) -> Tuple[Callable[..., nn.Module
     with ``nn.SyncBatchNorm.convert_sync_batchnorm`` when training on several processes).
     """
     if norm == "GN":
-        gn = functools.partial(nn.GroupNorm, 32)
+        gn = functools.partial(GroupNorm, 32)
         return gn, gn
     if norm == "FrozenBN":
         return misc_nn_ops.FrozenBatchNorm2d, nn.BatchNorm2d
@@ -200,14 +202,14 @@ class ParallelRoIAlign(MultiScaleRoIAlign):
     step). Each box's output depends on that box alone, so contiguous parts of the boxes pooled
     in parallel threads give the same tensor, bit for bit (1.6-1.9x on 2 cores). In training
     the parts' gradients are computed in parallel threads too and summed (the same up to the
-    order of float additions). CUDA, a single torch thread, few boxes or ``parallel = False``
+    order of float additions). CUDA, a single torch thread, few boxes or ``fast = False``
     (what a plain torchvision model does, for baselines) run the original forward."""
 
     min_boxes_per_thread = 32
 
     def __init__(self, featmap_names: List[str], output_size: int, sampling_ratio: int) -> None:
         super().__init__(featmap_names, output_size, sampling_ratio)
-        self.parallel = True
+        self.fast = True
 
     def forward(self, x: Dict[str, Tensor], boxes: List[Tensor],
                 image_shapes: List[Tuple[int, int]]) -> Tensor:
@@ -215,7 +217,7 @@ class ParallelRoIAlign(MultiScaleRoIAlign):
         total = sum(sizes)
         threads = min(torch.get_num_threads(), total // self.min_boxes_per_thread)
         dev = next(iter(x.values())).device if x else torch.device("cpu")
-        if (not self.parallel or threads < 2 or dev.type != "cpu"
+        if (not self.fast or threads < 2 or dev.type != "cpu"
                 or self.scales is None):  # the first call sets the level scales, in this thread
             return super().forward(x, boxes, image_shapes)
         # contiguous ranges of the boxes in their concatenated order (image after image), so
@@ -346,6 +348,8 @@ def build_torchvision_rcnn(cfg: Any, num_classes: int) -> nn.Module:
         model = FasterRCNN(backbone, **kwargs)
     else:
         raise ValueError(f"build_torchvision_rcnn: {arch!r} is not an R-CNN")
+    # torchvision builds its RoIHeads inside; ours adds RCNN.predict's filters (same state)
+    model.roi_heads.__class__ = _RoIHeads
     model.transform = NativeResolutionTransform(
         cfg.INPUT.SCALE, list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD),
         invert_bright=bool(cfg.INPUT.INVERT_BRIGHT_BACKGROUND), grey=bool(cfg.INPUT.GREY))
@@ -409,13 +413,9 @@ class RCNN(nn.Module):
         neighbour: no mask is computed for them)."""
         m = self.model
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        heads = m.roi_heads
-        saved = heads.score_thresh
-        # torchvision keeps scores > thresh; a caller's threshold keeps scores >= it
-        heads.score_thresh = max(saved, float(np.nextafter(np.float32(score_thresh), -1)))
-        if drop is not None and any(f is not None for f in drop):
-            heads.postprocess_detections = _dropping(heads.postprocess_detections, list(drop),
-                                                     sizes)
+        # the threshold and drops reach RoIHeads through this thread's state, not the module's:
+        # several threads may predict with one model at once (the slide runner's CPU streams)
+        _PREDICT.call = (float(score_thresh), list(drop) if drop is not None else None, sizes)
         try:
             batch, _ = m.transform([im.as_subclass(Tensor) for im in images])
             x = batch.tensors
@@ -425,10 +425,9 @@ class RCNN(nn.Module):
             proposals, _ = m.rpn(batch, features)
             if self.channels_last:  # RoIAlign reads NCHW: one copy per level, not one per head
                 features = OrderedDict((k, v.contiguous()) for k, v in features.items())
-            detections, _ = heads(features, proposals, batch.image_sizes)
+            detections, _ = m.roi_heads(features, proposals, batch.image_sizes)
         finally:
-            heads.score_thresh = saved
-            heads.__dict__.pop("postprocess_detections", None)  # the class's method again
+            _PREDICT.call = None
         out = []
         for det, resized, size in zip(detections, batch.image_sizes, sizes):
             det["boxes"] = resize_boxes(det["boxes"], resized, size)
@@ -453,27 +452,38 @@ class RCNN(nn.Module):
 #: ``f(boxes (N, 4) float32 XYXY image px, (height, width)) -> (N,) bool``: detections to drop.
 DropFn = Callable[[np.ndarray, Tuple[int, int]], np.ndarray]
 
+#: ``call``: ``(score_thresh, drops or None, image sizes)`` of the :meth:`RCNN.predict` running
+#: in this thread, else None.
+_PREDICT = threading.local()
 
-def _dropping(postprocess: Callable[..., Any], drop: List[Optional[DropFn]],
-              sizes: List[Tuple[int, int]]) -> Callable[..., Any]:
-    """torchvision's ``RoIHeads.postprocess_detections`` followed by ``drop`` of each image,
-    applied to the boxes as :meth:`RCNN.predict` returns them (back in the image's px), so that
-    the mask head never sees the detections dropped."""
 
-    def run(class_logits: Tensor, box_regression: Tensor, proposals: List[Tensor],
-            image_shapes: List[Tuple[int, int]]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
-        boxes, scores, labels = postprocess(class_logits, box_regression, proposals, image_shapes)
-        for i, (f, resized, size) in enumerate(zip(drop, image_shapes, sizes)):
-            if f is None or len(boxes[i]) == 0:
-                continue
-            shown = resize_boxes(boxes[i], resized, size).detach().float().cpu().numpy()
-            cut = np.asarray(f(shown, size), bool)
-            if cut.any():
-                keep = torch.from_numpy(~cut).to(boxes[i].device)
+class _RoIHeads(RoIHeads):
+    """torchvision's ``RoIHeads`` whose eval-mode detections also pass the score threshold and
+    the drops of the :meth:`RCNN.predict` call in this thread (none outside one), before the
+    mask head. Applied after torchvision's own filtering (its ``SCORE_THRESH_TEST``, NMS per
+    class, top ``DETECTIONS_PER_IMAGE``), which gives the same detections as a higher
+    threshold before it: greedy NMS keeps a box by the boxes scoring above it alone, and the
+    top-k keeps the highest scores."""
+
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor,
+                               proposals: List[Tensor], image_shapes: List[Tuple[int, int]]
+                               ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        boxes, scores, labels = super().postprocess_detections(class_logits, box_regression,
+                                                               proposals, image_shapes)
+        call = getattr(_PREDICT, "call", None)
+        if call is None:
+            return boxes, scores, labels
+        thresh, drop, sizes = call
+        for i, (resized, size) in enumerate(zip(image_shapes, sizes)):
+            keep = scores[i] >= thresh
+            f = drop[i] if drop is not None else None
+            if f is not None and len(boxes[i]):
+                # the boxes as RCNN.predict returns them, back in the image's px
+                shown = resize_boxes(boxes[i], resized, size).detach().float().cpu().numpy()
+                keep &= torch.from_numpy(~np.asarray(f(shown, size), bool)).to(keep.device)
+            if not bool(keep.all()):
                 boxes[i], scores[i], labels[i] = boxes[i][keep], scores[i][keep], labels[i][keep]
         return boxes, scores, labels
-
-    return run
 
 
 def build_rcnn(cfg: Any, classes: List[Dict[str, Any]]) -> RCNN:
