@@ -204,7 +204,11 @@ def test_summarize_mitotic_index_and_class_flags():
     assert s["mitotic_index"] is None
 
 
-def test_resume_after_kill_skips_done_tiles(tmp_path):
+@pytest.mark.parametrize("streams", [1, 2])
+def test_resume_after_kill_skips_done_tiles(tmp_path, streams):
+    """A run killed during a batch keeps the batches journalled before it (with two CPU
+    streams, those finished in order before the failing one); --resume predicts only the rest
+    and gives the uninterrupted run's result."""
     path = str(shared_path(*MONUSEG))
 
     class Killed(ClassicalNucleusDetector):
@@ -213,18 +217,23 @@ def test_resume_after_kill_skips_done_tiles(tmp_path):
                 raise KeyboardInterrupt  # the run is killed during the 4th batch
             return super().forward(images, targets)
 
-    opts = _opts(tile_size=256, overlap=64, batch_size=4)
+    opts = _opts(tile_size=256, overlap=64, batch_size=4, streams=streams)
     with pytest.raises(KeyboardInterrupt):
         infer_slide(Killed(), CLASSES, 0.25, path, str(tmp_path), opts)
     folder = tmp_path / "TCGA-2Z-A9J9-01A-01-TS1"
     assert (folder / JOURNAL_NAME).exists() and not (folder / "summary.json").exists()
+    with open(folder / JOURNAL_NAME) as f:
+        done = sum(len(json.loads(line).get("tiles", [])) for line in f.read().splitlines()[1:])
+    # one stream: three batches of 4 were done before the kill; two: the 4th or 5th call
+    # failed (whichever thread came first), the batches before it in order were kept
+    assert done == 12 if streams == 1 else done in (12, 16)
     # a torn last line (killed mid-write) is ignored
     with open(folder / JOURNAL_NAME, "a") as f:
         f.write('{"tiles": [99], "boxes": [[1, 2')
     model = ClassicalNucleusDetector()
     opts.resume = True
     s = infer_slide(model, CLASSES, 0.25, path, str(tmp_path), opts)
-    assert model.tiles == 25 - 12  # three batches of 4 were done before the kill
+    assert model.tiles == 25 - done
     ref = infer_slide(ClassicalNucleusDetector(), CLASSES, 0.25, path, str(tmp_path / "ref"),
                       _opts(tile_size=256, overlap=64))
     assert s["total_detections"] == ref["total_detections"]
