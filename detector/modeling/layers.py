@@ -10,7 +10,8 @@ class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters and state dict) with a faster CPU path for the case
     torch's own CPU kernel handles slowly: channels-last float32 input with groups of at most
     2 channels on small maps, as in the R-CNN heads (1,000 RoIs x 64 channels x 7 x 7 px:
-    8 ms in torch's kernel, 2.5 ms here on 2 cores; an NCHW copy costs more than it saves).
+    8 ms a call in torch's kernel, 2-6 ms here on 2 cores; an NCHW copy costs more than it
+    saves).
     There one pass over the map sums each channel and its squares, and one multiply-add makes
     the output, in the input's layout (as accurate as torch's channels-last kernel: both take
     the variance as E[x^2] - E[x]^2). Elsewhere, and with ``fast = False`` (what

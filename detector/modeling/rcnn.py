@@ -14,8 +14,8 @@ native resolution (times ``INPUT.SCALE``) instead of being resized to 800 px.
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
