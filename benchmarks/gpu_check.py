@@ -32,6 +32,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,10 @@ def main() -> int:
         raise SystemExit("no CUDA device (set GPU_CHECK_TINY=1 for a CPU dry run)")
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU (dry run)"
     log(f"{gpu}; torch {torch.__version__}; out {out}; tiny={TINY}")
+    # an earlier check's outputs in the same folder would stop the training (it refuses to
+    # overwrite a run) and let the slide run skip a finished slide: start afresh
+    for old in ("train", "tool", "tool_p", "infer"):
+        shutil.rmtree(os.path.join(out, old), ignore_errors=True)
 
     # 1. data
     from detector.data.synthetic import render_field, write_dataset
@@ -206,7 +211,8 @@ def main() -> int:
     with torch.inference_mode():
         model([torch.rand(3, tile, tile, device=device)])
     args = argparse.Namespace(tile_size=tile, overlap=64, batch_size=8 if not TINY else 2,
-                              num_workers=int(workers), score_thresh=0.3, fp32=False)
+                              num_workers=int(workers), streams=None, score_thresh=0.3,
+                              fp32=False)
     dt_tool, boxes_tool, tissue_mpx = B.run_tool(model, classes, mpp, small,
                                                  os.path.join(out, "tool"), args)
     dt_naive, boxes_naive = B.run_naive(model, classes, mpp, small, args)
