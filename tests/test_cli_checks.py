@@ -39,6 +39,7 @@ def unet_checkpoint(tmp_path_factory):
     (["--tile-size", "0"], "--tile-size must be > 0"),
     (["--tile-size", "-64"], "--tile-size must be > 0"),
     (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--streams", "0"], "--streams must be > 0"),
     (["--tile-size", "256", "--overlap", "256"], "--overlap must be >= 0 and < --tile-size"),
     (["--overlap", "-1"], "--overlap must be >= 0"),
     (["--mpp", "0"], "--mpp must be > 0"),

@@ -144,7 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not slides:
         log.error("no slides to analyse")
         return 2
-    for name, v in (("--tile-size", args.tile_size), ("--batch-size", args.batch_size)):
+    for name, v in (("--tile-size", args.tile_size), ("--batch-size", args.batch_size),
+                    ("--streams", args.streams)):
         if v is not None and v <= 0:
             log.error("%s must be > 0, got %s", name, v)
             return 2
