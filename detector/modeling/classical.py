@@ -72,7 +72,6 @@ def segment_nuclei(rgb: np.ndarray, modality: str = "auto", smooth_sigma: float 
         ``(labels, scores, modality)``: ``(H, W)`` int32 labels 0 = background, 1..N;
         ``(N + 1,)`` float scores (index 0 unused); the modality used.
     """
-    from skimage.feature import peak_local_max
     from skimage.filters import threshold_otsu
 
     if modality == "auto":
@@ -91,15 +90,7 @@ def segment_nuclei(rgb: np.ndarray, modality: str = "auto", smooth_sigma: float 
         fg = ndi.binary_fill_holes(fg)
     if not fg.any():
         return empty
-    dist = ndi.distance_transform_edt(fg)
-    comps, _ = ndi.label(fg, structure=_EIGHT)
-    f = max(1, int(peak_footprint))
-    peaks = peak_local_max(dist, footprint=np.ones((f, f), bool), labels=comps,
-                           exclude_border=False)
-    mask = np.zeros(fg.shape, bool)
-    mask[tuple(peaks.T)] = True
-    seeds, _ = ndi.label(mask, structure=_EIGHT)  # one seed per plateau
-    labels, _ = grow_seeds(-dist, seeds, fg, min_size)
+    labels = split_foreground(fg, peak_footprint, min_size)
     n = int(labels.max())
     scores = np.zeros(n + 1, np.float64)
     if n:
@@ -110,6 +101,29 @@ def segment_nuclei(rgb: np.ndarray, modality: str = "auto", smooth_sigma: float 
         scores = 0.5 + 0.5 * np.clip((mean - t) / (top - t), 0.0, 1.0)
         scores[0] = 0.0
     return labels, scores, modality
+
+
+def split_foreground(fg: np.ndarray, peak_footprint: int = 17, min_size: int = 20
+                     ) -> np.ndarray:
+    """Instances of a binary nucleus mask (steps 4 and 5 of the module docstring): one seed
+    per maximum of the distance transform within ``peak_footprint`` px, grown by watershed
+    over the mask; instances under ``min_size`` px dropped. Returns ``(H, W)`` int32 labels
+    (0 = background, 1..N)."""
+    from skimage.feature import peak_local_max
+
+    fg = np.asarray(fg, bool)
+    if not fg.any():
+        return np.zeros(fg.shape, np.int32)
+    dist = ndi.distance_transform_edt(fg)
+    comps, _ = ndi.label(fg, structure=_EIGHT)
+    f = max(1, int(peak_footprint))
+    peaks = peak_local_max(dist, footprint=np.ones((f, f), bool), labels=comps,
+                           exclude_border=False)
+    mask = np.zeros(fg.shape, bool)
+    mask[tuple(peaks.T)] = True
+    seeds, _ = ndi.label(mask, structure=_EIGHT)  # one seed per plateau
+    labels, _ = grow_seeds(-dist, seeds, fg, min_size)
+    return labels.astype(np.int32, copy=False)
 
 
 class ClassicalModel(nn.Module):

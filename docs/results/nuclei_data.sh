@@ -8,8 +8,9 @@
 #   (monuseg_val.json: TCGA-50-5931, TCGA-AR-A1AK, TCGA-E2-A1B5), which the DSB2018 validation
 #   does not hold; all 13 in monuseg_train.json (the recipe up to the ninth session);
 # - val.json: dsb_val + monuseg_val, the validation every choice is made on;
-# - the 4 ../shared/data/monuseg tiles only for the test (monuseg_test.json).
-#   bash docs/results/nuclei_data.sh OUT   -> OUT/data/{dsb_*,monuseg_{fit,val,train,test},val}.json
+# - the 4 ../shared/data/monuseg tiles only for the test (monuseg_test.json);
+# - the 17 semantic-only MoNuSeg training tiles with pseudo-instances (monuseg_pseudo.json).
+#   bash docs/results/nuclei_data.sh OUT   -> OUT/data/{dsb_*,monuseg_{fit,val,train,test,pseudo},val}.json
 # A file that exists is not made again. A model already in OUT that was trained on all 13 tiles
 # (monuseg_train.json: OUT folders of the ninth session and before) has seen the validation
 # tiles: the script stops, and with it every script that calls it, rather than evaluate it.
@@ -36,3 +37,9 @@ conv() { "$PY" tools/convert_to_coco.py --quiet "$@" | grep -E "^wrote|^skipped|
     --output "$D/val.json"
 [ -f "$D/monuseg_test.json" ] || conv --format xml --input "$SHARED/monuseg" \
     --categories nucleus --modality he --output "$D/monuseg_test.json"
+# the 17 semantic-only MoNuSeg training tiles, their masks split into pseudo-instances
+# (configs/nuclei/mask_rcnn_R_18_FPN_mixed_pseudo_cpu.yaml)
+[ -f "$D/monuseg_pseudo.json" ] || { "$PY" docs/results/monuseg_pseudo_instances.py \
+    "$SHARED/monuseg_train/unlabelled" "$D/monuseg_pseudo" | tail -1
+    conv --format labels --input "$D/monuseg_pseudo" --modality he --mpp 0.2527 \
+        --output "$D/monuseg_pseudo.json"; }

@@ -12,7 +12,8 @@
 # augmentation (TEST.AUG: the flips, or the flips and 90-degree rotations, merged), reported as
 # <model>_tta<N> beside it (N x the prediction time).
 # "maskrcnn_grey" is the Mask R-CNN with the grey modality normalisation (INPUT.GREY), the
-# candidate compared with "maskrcnn" on validation.
+# candidate compared with "maskrcnn" on validation; "maskrcnn_pseudo" the same recipe plus the
+# 17 semantic-only MoNuSeg tiles with pseudo-instances (the other candidate).
 # "cellpose" is the peer (Cellpose 3.x from scratch, benchmarks/bench_cellpose.py; needs
 # `pip install -c constraints.txt -e '.[peer]'`): the same data, split, draw weights and 45
 # minutes, its predictions evaluated beside the others.
@@ -54,7 +55,7 @@ say "2. training (45 min cap each, all at once)"
 train() {  # name config
     local name=$1 cfg=$2
     [ -f "$OUT/$name/model_final.pth" ] || OMP_NUM_THREADS=${TRAIN_THREADS:-1} "$PY" tools/train_net.py --resume \
-        --config-file "$cfg" DATASETS.TRAIN "[$D/dsb_train.json, $D/monuseg_fit.json]" \
+        --config-file "$cfg" DATASETS.TRAIN "[$D/dsb_train.json, $D/monuseg_fit.json${EXTRA[$name]:-}]" \
         DATASETS.TEST "[$D/val.json]" OUTPUT_DIR "$OUT/$name" > "$OUT/$name.train.log" 2>&1
     cp "$OUT/$name/model_final.pth" "$OUT/$name.pth"
 }
@@ -67,15 +68,18 @@ cellpose() {  # the peer: same training files, MoNuSeg drawn 10x as in the mixed
         --out "$OUT/cellpose" --minutes 45 --threads "${TRAIN_THREADS:-1}" \
         --images-per-epoch 16 --train-weights 1 10 > "$OUT/cellpose.train.log" 2>&1
 }
+# training files beyond DSB2018 and the 10 labelled MoNuSeg tiles (the config's TRAIN_WEIGHTS)
+declare -A EXTRA=([maskrcnn_pseudo]=", $D/monuseg_pseudo.json")
 declare -A CFG=([maskrcnn]=configs/nuclei/mask_rcnn_R_18_FPN_mixed_cpu.yaml
                 [maskrcnn_grey]=configs/nuclei/mask_rcnn_R_18_FPN_mixed_grey_cpu.yaml
+                [maskrcnn_pseudo]=configs/nuclei/mask_rcnn_R_18_FPN_mixed_pseudo_cpu.yaml
                 [unet]=configs/nuclei/unet_mixed_cpu.yaml
                 [unet_contact]=configs/nuclei/unet_contact_mixed_cpu.yaml)
 read -r -a models <<< "${MODELS:-maskrcnn unet unet_contact}"
 pids=()
 for m in "${models[@]}"; do
     if [ "$m" = cellpose ]; then cellpose & pids+=($!); continue; fi
-    [ -n "${CFG[$m]:-}" ] || { echo "MODELS: unknown model $m (maskrcnn, maskrcnn_grey, unet, unet_contact, cellpose)"; exit 2; }
+    [ -n "${CFG[$m]:-}" ] || { echo "MODELS: unknown model $m (maskrcnn, maskrcnn_grey, maskrcnn_pseudo, unet, unet_contact, cellpose)"; exit 2; }
     train "$m" "${CFG[$m]}" &
     pids+=($!)
 done
