@@ -179,13 +179,20 @@ def plain_torchvision(model):
             m.fast = True
 
 
-def run_tool(model, classes, mpp, path, out, args) -> Tuple[float, np.ndarray, float]:
-    from detector.inference.runner import InferenceOptions, infer_slide
+def tool_options(args):
+    """This tool's :class:`InferenceOptions` from the benchmark's flags (speed and memory runs)."""
+    from detector.inference.runner import InferenceOptions
 
-    opts = InferenceOptions(tile_size=args.tile_size, overlap=args.overlap,
+    return InferenceOptions(tile_size=args.tile_size, overlap=args.overlap,
                             batch_size=args.batch_size, num_workers=args.num_workers,
                             streams=args.streams, score_thresh=args.score_thresh,
                             progress=False, amp=not args.fp32)
+
+
+def run_tool(model, classes, mpp, path, out, args) -> Tuple[float, np.ndarray, float]:
+    from detector.inference.runner import infer_slide
+
+    opts = tool_options(args)
     t = time.perf_counter()
     s = infer_slide(model, classes, mpp, path, out, opts)
     dt = time.perf_counter() - t
@@ -327,13 +334,10 @@ def memory_child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from detector.inference.runner import InferenceOptions, infer_slide
+    from detector.inference.runner import infer_slide
 
     model, classes, mpp, _ = get_model(args.weights, args.device)
-    opts = InferenceOptions(tile_size=args.tile_size, overlap=args.overlap,
-                            batch_size=args.batch_size, num_workers=args.num_workers,
-                            streams=args.streams, score_thresh=args.score_thresh,
-                            progress=False, amp=not args.fp32)
+    opts = tool_options(args)
     t = time.perf_counter()
     s = infer_slide(model, classes, mpp, args.memory_child, args.out, opts)
     dt = time.perf_counter() - t
@@ -402,12 +406,11 @@ def speed_table(model, classes, mpp, name, tmp, args) -> None:
     write_pyramid(path, img, mpp)
     from detector.inference.predictor import autocast_dtype
 
-    from detector.inference.runner import InferenceOptions, loader_layout
+    from detector.inference.runner import loader_layout
 
     amp = autocast_dtype(torch.device(args.device), not args.fp32)
-    batch, workers, streams = loader_layout(
-        InferenceOptions(batch_size=args.batch_size, num_workers=args.num_workers,
-                         streams=args.streams), torch.device(args.device).type == "cuda")
+    batch, workers, streams = loader_layout(tool_options(args),
+                                            torch.device(args.device).type == "cuda")
     log(f"model: {name}; image {args.size}x{args.size} px at {mpp} um/px; device {args.device}; "
         f"{args.threads} torch threads; tiles {args.tile_size} overlap {args.overlap}; "
         f"this tool: batches of {batch}, {workers} reader workers, {streams} streams; "
