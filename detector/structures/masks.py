@@ -327,16 +327,20 @@ def _crop_runs(masks: Sequence[CropMask]) -> _Runs:
         z = np.zeros(0, np.int64)
         return _Runs(z, z, z, z)
     c = np.concatenate(counts).astype(np.int64, copy=False)
-    seg = np.repeat(np.arange(n), lens)
-    first = np.cumsum(lens) - lens
-    cum = np.cumsum(c)
-    base = np.concatenate(([0], cum))[first]  # run-length total before each mask
-    local = np.arange(len(c)) - first[seg]
-    fg = (local % 2 == 1) & (c > 0)  # runs alternate background, object, ...
-    e = cum[fg] - base[seg[fg]]
-    length = c[fg]
+    odd = np.flatnonzero(lens % 2)
+    if len(odd):  # a 0 after each odd-length sequence: every mask's counts in (background,
+        c = np.insert(c, np.cumsum(lens)[odd], 0)  # object) pairs, the pairs of all in a row
+        lens = lens + lens % 2
+    npairs = lens // 2
+    pair_end = np.cumsum(c)[1::2]  # where each pair ends, counted from the first mask's start
+    first = np.cumsum(npairs) - npairs
+    base = np.r_[0, pair_end][first]  # run-length total before each mask
+    length = c[1::2]
+    fg = length > 0
+    obj = np.repeat(np.arange(n), npairs)[fg]
+    length = length[fg]
+    e = pair_end[fg] - base[obj]
     s = e - length
-    obj = seg[fg]
     h = _ints_pair(masks)[0][obj]
     c0, c1 = s // h, (e - 1) // h
     if np.array_equal(c0, c1):
