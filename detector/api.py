@@ -69,7 +69,8 @@ class Detector:
         if arr.ndim != 3 or arr.shape[2] < 3 or arr.dtype != np.uint8:
             raise DetectorError(f"predict: expected an (H, W, 3) uint8 RGB image, got "
                                 f"{arr.dtype} {arr.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1)
+        # a copy only when needed: torch warns on read-only arrays (e.g. read_image's)
+        x = torch.from_numpy(np.require(arr[..., :3], requirements=["C", "W"])).permute(2, 0, 1)
         canonical = model_nucleus_diameter(self.model)
         if canonical > 0:  # size normalisation: the scale found from a first pass
             inst, _ = predict_normalised(lambda t: predict_batch(self.model, [t], amp)[0], x,

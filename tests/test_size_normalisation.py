@@ -195,3 +195,33 @@ def test_grey_modality_normalisation_removes_colour_before_the_inversion():
         off = build_model(get_cfg(None, opts), NUCLEUS)
         assert torch.allclose(_model_input(arch, on, rgb), _model_input(arch, off, grey))
         assert not torch.allclose(_model_input(arch, off, rgb), _model_input(arch, off, grey))
+
+
+def test_fluorescence_in_colour_looks_grey_to_both_models():
+    """INPUT.GREY_FLUORESCENCE: a DAPI field shown as blue (as slide scanners write it) looks
+    to both models like the same field in grey, the fluorescence they were trained on; grey
+    fluorescence and bright-background images are left as they were (so a model trained
+    without the key sees its training images unchanged), and the key is a test-time key."""
+    from detector.modeling.build import TEST_TIME_KEYS, build_model
+    from detector.modeling.modality import normalise_modality
+
+    grey = torch.full((3, 32, 32), 0.05)
+    grey[:, 8:16, 8:16] = 0.7  # a bright nucleus on a dark background
+    blue = torch.zeros_like(grey)
+    blue[2] = grey[0]
+    assert torch.equal(normalise_modality(blue, grey_fluorescence=True), grey)
+    assert torch.equal(normalise_modality(grey, grey_fluorescence=True), grey)
+    bright = torch.empty((3, 32, 32))
+    bright[0], bright[1], bright[2] = 0.9, 0.7, 0.85  # H&E: left to the inversion
+    assert torch.equal(normalise_modality(bright, grey_fluorescence=True), bright)
+    assert torch.equal(normalise_modality(bright, invert_bright=True, grey_fluorescence=True),
+                       1.0 - bright)
+    assert "INPUT.GREY_FLUORESCENCE" in TEST_TIME_KEYS
+    for arch in ("MaskRCNN", "UNet"):
+        opts = ["MODEL.META_ARCHITECTURE", arch, "MODEL.BACKBONE.NAME", "resnet18",
+                "INPUT.INVERT_BRIGHT_BACKGROUND", "true"]
+        on = build_model(get_cfg(None, opts + ["INPUT.GREY_FLUORESCENCE", "true"]), NUCLEUS)
+        off = build_model(get_cfg(None, opts), NUCLEUS)
+        assert torch.allclose(_model_input(arch, on, blue), _model_input(arch, off, grey))
+        assert torch.allclose(_model_input(arch, on, grey), _model_input(arch, off, grey))
+        assert not torch.allclose(_model_input(arch, off, blue), _model_input(arch, off, grey))

@@ -2,6 +2,7 @@
 region filter."""
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -131,6 +132,11 @@ def test_api_load_and_predict_an_image_array(tmp_path):
         ref = model([torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0])[0]
     np.testing.assert_allclose(inst.boxes, ref.boxes, atol=1e-4)
     assert inst.masks == ref.masks
+    frozen = rgb.copy()
+    frozen.flags.writeable = False  # as read_image returns some files: no warning, same result
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert det.predict(frozen, amp=False).masks == inst.masks
     with pytest.raises(DetectorError):
         det.predict(rgb.astype(np.float32))
     with pytest.raises(DetectorError, match="unknown option"):

@@ -238,6 +238,11 @@ class InputConfig:
     # Modality normalisation: every image replaced by its grey (mean of R, G, B) in all three
     # channels, before the inversion, so colour does not tell modalities apart either.
     GREY: bool = False
+    # Modality normalisation: an image with a dark background (fluorescence) replaced by its
+    # brightest channel in all three, so that a stain shown in colour (DAPI as blue) looks
+    # like grey fluorescence. Changes nothing on grey fluorescence (all of DSB2018's), so a
+    # model trained without it may be exported with it (train_net.py --export).
+    GREY_FLUORESCENCE: bool = False
     AUG: AugmentationConfig = field(default_factory=AugmentationConfig)
 
 

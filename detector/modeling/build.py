@@ -167,6 +167,7 @@ def load_weights(model: nn.Module, weights: str) -> None:
 # time (``--eval-only``) may override the checkpoint's values of these.
 TEST_TIME_KEYS = (
     "INPUT.SCALE",
+    "INPUT.GREY_FLUORESCENCE",
     "MODEL.RPN.PRE_NMS_TOPK_TEST",
     "MODEL.RPN.POST_NMS_TOPK_TEST",
     "MODEL.ROI_HEADS.SCORE_THRESH_TEST",

@@ -67,17 +67,19 @@ class NativeResolutionTransform(GeneralizedRCNNTransform):
     mapped back to the input image's pixels by the parent's ``postprocess``."""
 
     def __init__(self, scale: float, image_mean: List[float], image_std: List[float],
-                 size_divisible: int = 32, invert_bright: bool = False, grey: bool = False
-                 ) -> None:
+                 size_divisible: int = 32, invert_bright: bool = False, grey: bool = False,
+                 grey_fluorescence: bool = False) -> None:
         super().__init__(min_size=1, max_size=1, image_mean=image_mean, image_std=image_std,
                          size_divisible=size_divisible)
         self.scale = float(scale)
         self.invert_bright = bool(invert_bright)
         self.grey = bool(grey)
+        self.grey_fluorescence = bool(grey_fluorescence)
 
     def normalize(self, image: Tensor) -> Tensor:
-        # INPUT.GREY, INPUT.INVERT_BRIGHT_BACKGROUND: one appearance for all modalities
-        image = normalise_modality(image, self.invert_bright, self.grey)
+        # INPUT.GREY, INPUT.GREY_FLUORESCENCE, INPUT.INVERT_BRIGHT_BACKGROUND: one appearance
+        # for all modalities
+        image = normalise_modality(image, self.invert_bright, self.grey, self.grey_fluorescence)
         return super().normalize(image)
 
     def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None
@@ -352,7 +354,8 @@ def build_torchvision_rcnn(cfg: Any, num_classes: int) -> nn.Module:
     model.roi_heads.__class__ = _RoIHeads
     model.transform = NativeResolutionTransform(
         cfg.INPUT.SCALE, list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD),
-        invert_bright=bool(cfg.INPUT.INVERT_BRIGHT_BACKGROUND), grey=bool(cfg.INPUT.GREY))
+        invert_bright=bool(cfg.INPUT.INVERT_BRIGHT_BACKGROUND), grey=bool(cfg.INPUT.GREY),
+        grey_fluorescence=bool(cfg.INPUT.GREY_FLUORESCENCE))
     return model
 
 

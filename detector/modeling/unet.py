@@ -235,6 +235,7 @@ class UNetModel(nn.Module):
         self.nucleus_diameter = float(cfg.INPUT.NUCLEUS_DIAMETER)
         self.invert_bright = bool(cfg.INPUT.INVERT_BRIGHT_BACKGROUND)
         self.grey = bool(cfg.INPUT.GREY)
+        self.grey_fluorescence = bool(cfg.INPUT.GREY_FLUORESCENCE)
         if self.scale <= 0:
             raise ValueError(f"INPUT.SCALE must be > 0, got {cfg.INPUT.SCALE}")
         self.targets_fn = UNetTargets(cfg)
@@ -250,7 +251,7 @@ class UNetModel(nn.Module):
         image = image.to(device=device, dtype=dtype)
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"U-Net expects images of shape (3, H, W), got {tuple(image.shape)}")
-        image = normalise_modality(image, self.invert_bright, self.grey)
+        image = normalise_modality(image, self.invert_bright, self.grey, self.grey_fluorescence)
         mean = self.pixel_mean.to(dtype)
         std = self.pixel_std.to(dtype)
         return (image - mean) / std
