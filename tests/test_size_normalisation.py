@@ -175,10 +175,20 @@ def test_bright_background_images_are_inverted_before_both_models():
         assert torch.allclose(_model_input(arch, on, dark), _model_input(arch, off, dark))
 
 
+def _on_and_off(arch: str, key: str):
+    """The nuclei model ``arch`` with bright backgrounds inverted, built with the boolean
+    config ``key`` on and off."""
+    from detector.modeling.build import build_model
+
+    opts = ["MODEL.META_ARCHITECTURE", arch, "MODEL.BACKBONE.NAME", "resnet18",
+            "INPUT.INVERT_BRIGHT_BACKGROUND", "true"]
+    return (build_model(get_cfg(None, opts + [key, "true"]), NUCLEUS),
+            build_model(get_cfg(None, opts), NUCLEUS))
+
+
 def test_grey_modality_normalisation_removes_colour_before_the_inversion():
     """INPUT.GREY: an H&E-coloured field and its grey version look the same to both models
     (colour no longer tells modalities apart); the bright background is inverted after."""
-    from detector.modeling.build import build_model
     from detector.modeling.modality import normalise_modality
 
     rgb = torch.empty((3, 32, 32))
@@ -189,10 +199,7 @@ def test_grey_modality_normalisation_removes_colour_before_the_inversion():
     assert torch.allclose(normalise_modality(rgb, invert_bright=True, grey=True), 1.0 - grey)
     assert normalise_modality(rgb) is rgb
     for arch in ("MaskRCNN", "UNet"):
-        opts = ["MODEL.META_ARCHITECTURE", arch, "MODEL.BACKBONE.NAME", "resnet18",
-                "INPUT.INVERT_BRIGHT_BACKGROUND", "true"]
-        on = build_model(get_cfg(None, opts + ["INPUT.GREY", "true"]), NUCLEUS)
-        off = build_model(get_cfg(None, opts), NUCLEUS)
+        on, off = _on_and_off(arch, "INPUT.GREY")
         assert torch.allclose(_model_input(arch, on, rgb), _model_input(arch, off, grey))
         assert not torch.allclose(_model_input(arch, off, rgb), _model_input(arch, off, grey))
 
@@ -202,7 +209,7 @@ def test_fluorescence_in_colour_looks_grey_to_both_models():
     to both models like the same field in grey, the fluorescence they were trained on; grey
     fluorescence and bright-background images are left as they were (so a model trained
     without the key sees its training images unchanged), and the key is a test-time key."""
-    from detector.modeling.build import TEST_TIME_KEYS, build_model
+    from detector.modeling.build import TEST_TIME_KEYS
     from detector.modeling.modality import normalise_modality
 
     grey = torch.full((3, 32, 32), 0.05)
@@ -218,10 +225,7 @@ def test_fluorescence_in_colour_looks_grey_to_both_models():
                        1.0 - bright)
     assert "INPUT.GREY_FLUORESCENCE" in TEST_TIME_KEYS
     for arch in ("MaskRCNN", "UNet"):
-        opts = ["MODEL.META_ARCHITECTURE", arch, "MODEL.BACKBONE.NAME", "resnet18",
-                "INPUT.INVERT_BRIGHT_BACKGROUND", "true"]
-        on = build_model(get_cfg(None, opts + ["INPUT.GREY_FLUORESCENCE", "true"]), NUCLEUS)
-        off = build_model(get_cfg(None, opts), NUCLEUS)
+        on, off = _on_and_off(arch, "INPUT.GREY_FLUORESCENCE")
         assert torch.allclose(_model_input(arch, on, blue), _model_input(arch, off, grey))
         assert torch.allclose(_model_input(arch, on, grey), _model_input(arch, off, grey))
         assert not torch.allclose(_model_input(arch, off, blue), _model_input(arch, off, grey))
