@@ -160,13 +160,13 @@ def test_bright_background_images_are_inverted_before_both_models():
     """INPUT.INVERT_BRIGHT_BACKGROUND: brightfield/H&E look like fluorescence (bright nuclei
     on dark) to the R-CNN and the U-Net; fluorescence is left as it is."""
     from detector.modeling.build import build_model
-    from detector.modeling.modality import invert_bright_background
+    from detector.modeling.modality import normalise_modality
 
     bright = torch.full((3, 32, 32), 0.8)
     bright[:, 8:16, 8:16] = 0.2  # a dark nucleus
     dark = 1.0 - bright
-    assert torch.allclose(invert_bright_background(bright), dark)
-    assert invert_bright_background(dark) is dark
+    assert torch.allclose(normalise_modality(bright, invert_bright=True), dark)
+    assert normalise_modality(dark, invert_bright=True) is dark
     for arch in ("MaskRCNN", "UNet"):
         opts = ["MODEL.META_ARCHITECTURE", arch, "MODEL.BACKBONE.NAME", "resnet18"]
         on = build_model(get_cfg(None, opts + ["INPUT.INVERT_BRIGHT_BACKGROUND", "true"]), NUCLEUS)

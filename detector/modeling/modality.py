@@ -30,11 +30,6 @@ def is_bright(image: Tensor) -> bool:
     return bool(grey.numel()) and float(grey.median()) > BRIGHT_MEDIAN
 
 
-def invert_bright_background(image: Tensor) -> Tensor:
-    """``[3, H, W]`` float image in 0..1, inverted when its background is bright."""
-    return 1.0 - image if is_bright(image) else image
-
-
 def normalise_modality(image: Tensor, invert_bright: bool = False, grey: bool = False,
                        grey_fluorescence: bool = False) -> Tensor:
     """``[3, H, W]`` float image in 0..1 with the config's modality normalisation: grey first

@@ -143,9 +143,10 @@ def main() -> None:
     on_ckpt = os.path.join(args.out, "weights_grey_fluorescence.pth")
     export_checkpoint(args.weights, on_ckpt, {KEY: True})
     weights = {"as trained": args.weights, f"{KEY} on": on_ckpt}
-    preds = []
+    preds, thresh = [], {}
     for label, w in weights.items():
         det = load(w, device="cpu")
+        thresh[label] = float(det.cfg.TEST.SCORE_THRESH)  # chosen on validation
         for kind, coco in (("grey", grey_json), ("blue", blue_json)):
             dst = os.path.join(args.out, f"pred_{kind}_{'on' if 'on' in label else 'off'}.json")
             if not os.path.isfile(dst):  # kept from an earlier run
@@ -161,7 +162,7 @@ def main() -> None:
         ev = os.path.join(args.out, "eval_" + os.path.basename(dst)[5:-5])
         subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--gt", gt,
                         "--pred", dst, "--out", ev, "--no-report",
-                        "--score-thresh", str(load_thresh(args.weights))],
+                        "--score-thresh", str(thresh[label])],
                        check=True, capture_output=True)
         s = json.load(open(os.path.join(ev, "metrics.json")))["models"][0]["summary"]
         lines.append(f"| {kind} | {label} | {s['f1']:.3f} | {s['dsb_score']:.3f} | "
@@ -193,13 +194,6 @@ def main() -> None:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def load_thresh(weights: str) -> float:
-    from detector.checkpoint import load_checkpoint
-    from detector.config.config import cfg_from_string
-
-    return float(cfg_from_string(load_checkpoint(weights)["config"]).TEST.SCORE_THRESH)
 
 
 if __name__ == "__main__":
